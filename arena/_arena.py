@@ -1,0 +1,736 @@
+"""The arena: a fixed region mapped once, never grown, from which aligned blocks are handed out.
+
+This module is glue: argument checking, the user's handles (:class:`Block`), locking, statistics
+and checks. The allocator itself is :mod:`arena._tlsf` (pure); the OS effects are
+:mod:`arena._osmem` and :mod:`arena._locks`.
+
+Invariants
+----------
+1. Everything the allocator knows lives inside the mapping (header, tags, free links), so a
+   file-backed arena is one allocator shared by every process that maps it.
+2. Every operation runs under one lock: a thread lock plus, for a shared arena, an OFD lock on
+   byte 0 of the file (released by the kernel if the holder dies). ``W_OP`` marks an operation
+   in progress; the next holder that finds it set repairs the index (see ``_tlsf``).
+3. A :class:`Block` is valid while this process's ``_live`` table maps its granule to that very
+   object. ``free`` checks identity, so a double free, a copied/forged handle or a stale one is
+   refused before anything is changed.
+4. After ``Arena(...)`` returns, the whole mapping is resident (prefaulted) and, when locking
+   succeeded, locked: allocating and using blocks never page-faults.
+
+Threads and fork: every public method is thread-safe. A child after ``fork`` reopens the file
+of a shared arena (a fresh open file description, so its locks are its own) and resets the
+thread lock that a parent thread may have held at the fork.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+import weakref
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Literal, TypeAlias
+
+from . import _osmem
+from ._errors import (
+    ArenaClosed,
+    ArenaExhausted,
+    BadArenaFile,
+    DoubleFree,
+    ForeignBlock,
+    InvalidArgument,
+    InvalidType,
+    MemlockError,
+    StaleBlock,
+)
+from ._layout import (
+    MAGIC,
+    MAX_GRANULE,
+    MAX_GRANULES,
+    MIN_GRANULE,
+    PAGE_SIZE,
+    TAG_SIZE_MASK,
+    TAG_USED,
+    VERSION,
+    W_ALLOCS,
+    W_CREATOR,
+    W_FAILED,
+    W_FREES,
+    W_GRANULE,
+    W_HEAP,
+    W_MAGIC,
+    W_NGRAN,
+    W_OP,
+    W_RECOVERIES,
+    W_ROOT,
+    W_TAGS,
+    W_TOTAL,
+    W_USED,
+    W_VERSION,
+    Layout,
+    is_power_of_two,
+    layout_for,
+    validate_header,
+)
+from ._locks import SharedLock, reopen_fd
+from ._tlsf import CorruptArena, Tlsf
+
+LockPolicy: TypeAlias = Literal["auto", "require"] | bool
+ARENA_LOCK_BYTE = 0  # OFD lock byte of the allocator; other layers lock other bytes
+_LOCK_POLICIES = ("auto", "require", True, False)
+_BLOCK_LIVE, _BLOCK_FREED = 0, 1
+# A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES on
+# a per-size list and hands them out again without the allocator (as glibc's tcache does).
+# Shared arenas do not: a block cached by one process would be invisible to the others.
+QUICK_MAX_GRANULES = 16
+QUICK_DEPTH = 64
+
+_warned_unlocked = False  # "auto" warns once per process, then stays quiet
+_arenas: weakref.WeakSet[Arena] = weakref.WeakSet()  # every open arena, for fork
+
+
+class Block:
+    """A block handed out by :meth:`Arena.alloc`: ``offset`` and ``size`` in bytes, ``view``.
+
+    ``offset`` counts from the start of the arena's heap and is aligned as asked. ``view`` is a
+    zero-copy ``memoryview`` of exactly ``size`` bytes, released when the block is freed (so a
+    freed block's memory cannot be reached through it). Handles are made only by the arena.
+    """
+
+    __slots__ = ("_state", "_view", "arena", "offset", "size")
+
+    arena: Arena
+    offset: int
+    size: int
+    _state: int
+    _view: memoryview | None
+
+    def __init__(self) -> None:
+        raise TypeError("blocks are made by Arena.alloc, not directly")
+
+    @property
+    def view(self) -> memoryview:
+        """Zero-copy view of the block's bytes (writable)."""
+        if self._state != _BLOCK_LIVE:
+            raise DoubleFree(f"block at offset {self.offset} was freed; its view is gone")
+        v = self._view
+        if v is None:
+            v = self._view = self.arena._heap[self.offset : self.offset + self.size]
+        return v
+
+    @property
+    def freed(self) -> bool:
+        """True once the block has been freed through this handle."""
+        return self._state == _BLOCK_FREED
+
+    def __repr__(self) -> str:
+        state = "freed" if self._state == _BLOCK_FREED else "live"
+        return f"<Block offset={self.offset} size={self.size} {state}>"
+
+
+@dataclass(frozen=True)
+class ArenaStats:
+    """Health figures of an arena (shared ones count every process's operations)."""
+
+    size: int  #: heap bytes
+    block_size: int  #: granule: every block is a multiple of it
+    used_bytes: int  #: bytes in allocated blocks (granule-rounded)
+    free_bytes: int  #: bytes in free blocks
+    largest_free: int  #: bytes in the largest free run: the largest block alloc can return now
+    fragmentation: float  #: 1 - largest_free / free_bytes (0 = all free space in one run)
+    allocations: int  #: successful allocations, ever
+    frees: int  #: frees, ever
+    failed_allocations: int  #: allocations refused for want of a large enough free run
+    recoveries: int  #: repairs after a process died inside an operation
+    locked: bool  #: the mapping is locked in RAM (mlock)
+    prefaulted: bool  #: every page was faulted in at start-up
+    shared: bool  #: mapped MAP_SHARED (a file or a memfd inherited across fork)
+    minor_faults: int  #: minor page faults of this process since the arena was ready
+    major_faults: int  #: major page faults of this process since the arena was ready
+
+
+@dataclass(frozen=True)
+class LeakedBlock:
+    """An allocated block whose owning process is dead and which nothing kept."""
+
+    offset: int
+    size: int  #: bytes (granule-rounded)
+    owner_pid: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """What :meth:`Arena.check` found (and repaired or reclaimed when asked)."""
+
+    ok: bool  #: no structural problem and no leak left behind
+    blocks: int
+    used_blocks: int
+    free_blocks: int
+    problems: tuple[str, ...]  #: disagreements found in the index (each was repaired)
+    leaked: tuple[LeakedBlock, ...]  #: blocks owned by dead processes
+    reclaimed_bytes: int  #: bytes freed because ``reclaim=True``
+
+
+def _check_size(name: str, value: object) -> int:
+    if value.__class__ is not int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise InvalidType(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    assert isinstance(value, int)
+    if value <= 0:
+        raise InvalidArgument(f"{name} must be > 0, got {value}")
+    return int(value)
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as dead: it can no longer use its blocks)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in (b"Z", b"X")
+
+
+class Arena:
+    """A fixed-size arena of aligned blocks, page-fault-free after start-up.
+
+    ``Arena(size)`` maps a private anonymous region of at least ``size`` heap bytes, cut in
+    granules of ``block_size`` bytes (a power of two, 16 B..1 MiB). ``shared=True`` backs it
+    with a memfd instead, so children forked later share it (create it before forking).
+    :meth:`create` and :meth:`open` use a file (for example under ``/dev/shm``) that several
+    processes map at once.
+
+    ``prefault=True`` faults every page in before returning. ``lock`` decides ``mlock``:
+    ``"require"`` (or True) raises :class:`MemlockError` when the kernel refuses (usually
+    RLIMIT_MEMLOCK), ``"auto"`` warns once and carries on unlocked, ``False`` does not lock.
+    """
+
+    def __init__(self, size: int, *, block_size: int = 64, lock: LockPolicy = "auto",
+                 prefault: bool = True, shared: bool = False) -> None:
+        layout = _layout_from_args(size, block_size)
+        _check_lock_policy(lock)
+        if shared:
+            fd = _osmem.memfd("arena", layout.total)
+            try:
+                mm = _osmem.map_shared(fd, layout.total, prefault)
+                self._setup(mm, fd, None, layout, lock, prefault, fresh=True)
+            except BaseException:
+                os.close(fd)
+                raise
+        else:
+            mm = _osmem.map_private(layout.total, prefault)
+            self._setup(mm, None, None, layout, lock, prefault, fresh=True)
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], size: int, *, block_size: int = 64,
+               lock: LockPolicy = "auto", prefault: bool = True) -> Arena:
+        """Create a new shared arena file at ``path`` (0600, O_EXCL: never an existing file)."""
+        layout = _layout_from_args(size, block_size)
+        _check_lock_policy(lock)
+        spath = os.fspath(path)
+        fd = _osmem.create_file(spath, layout.total)
+        try:
+            mm = _osmem.map_shared(fd, layout.total, prefault)
+            self = cls.__new__(cls)
+            self._setup(mm, fd, spath, layout, lock, prefault, fresh=True)
+        except BaseException:
+            os.close(fd)
+            os.unlink(spath)
+            raise
+        return self
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, lock: LockPolicy = "auto",
+             prefault: bool = True) -> Arena:
+        """Map an existing shared arena file after checking owner, mode and header."""
+        _check_lock_policy(lock)
+        spath = os.fspath(path)
+        fd, file_size = _osmem.open_file(spath)
+        try:
+            if file_size < PAGE_SIZE:
+                raise BadArenaFile(22, f"{spath}: {file_size} bytes is too small for an arena")
+            import mmap
+
+            with mmap.mmap(fd, PAGE_SIZE, flags=mmap.MAP_SHARED) as head:
+                words = memoryview(head).cast("Q")
+                try:
+                    layout = validate_header(words, file_size)
+                except ValueError as exc:
+                    raise BadArenaFile(22, f"{spath}: {exc}") from None
+                finally:
+                    words.release()
+            mm = _osmem.map_shared(fd, layout.total, prefault)
+            self = cls.__new__(cls)
+            self._setup(mm, fd, spath, layout, lock, prefault, fresh=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return self
+
+    # -- set-up ------------------------------------------------------------------------
+
+    def _setup(self, mm: object, fd: int | None, path: str | None, layout: Layout,
+               lock: LockPolicy, prefault: bool, fresh: bool) -> None:
+        import mmap
+
+        assert isinstance(mm, mmap.mmap)
+        self._mm = mm
+        self._fd = fd
+        self.path = path
+        self._layout = layout
+        self.shared = fd is not None
+        self._pid = os.getpid()
+        self._closed = False
+        self._lock = SharedLock(fd, ARENA_LOCK_BYTE)
+        self._words = memoryview(mm).cast("Q")
+        self._heap = memoryview(mm)[layout.heap_offset : layout.heap_offset + layout.heap_size]
+        self._gshift = layout.granule.bit_length() - 1
+        self._gmask = layout.granule - 1
+        self._core = Tlsf(self._words, layout.tags_offset // 8, layout.heap_offset // 8,
+                          layout.granule, layout.n_granules)
+        self._live: dict[int, Block] = {}  # granule -> the one valid handle (invariant 3)
+        # Quick lists (private arenas): freed small blocks kept allocated for reuse, per size.
+        self._quick: dict[int, list[int]] = (
+            {} if self.shared else {n: [] for n in range(1, QUICK_MAX_GRANULES + 1)})
+        if fresh:
+            with self._lock:
+                self._format(layout)
+        if prefault:
+            _osmem.touch_pages(mm, write=not self.shared)
+        self.locked = False
+        if lock:
+            err = _osmem.mlock(mm)
+            if err == 0:
+                self.locked = True
+            else:
+                self._refuse_or_warn_unlocked(lock, layout.total, err)
+        self.prefaulted = prefault
+        _arenas.add(self)
+        self._faults_at_ready = _osmem.fault_counts()
+
+    def _refuse_or_warn_unlocked(self, lock: LockPolicy, total: int, err: int) -> None:
+        global _warned_unlocked
+        limit = _osmem.format_limit(_osmem.memlock_limit())
+        msg = (f"could not lock the arena in memory: mlock of {total} bytes failed with "
+               f"{os.strerror(err)}; RLIMIT_MEMLOCK is {limit}. Raise it (`ulimit -l "
+               f"{(total + 1023) // 1024}` or more in the shell, LimitMEMLOCK= in a systemd "
+               "unit, memlock in /etc/security/limits.conf) or grant CAP_IPC_LOCK")
+        if lock == "auto":
+            if not _warned_unlocked:
+                _warned_unlocked = True
+                warnings.warn(msg + "; carrying on unlocked", RuntimeWarning, stacklevel=4)
+            return
+        self._release_mapping()
+        self._mm.close()  # the caller closes the descriptor
+        raise MemlockError(err, msg)
+
+    def _format(self, layout: Layout) -> None:
+        w = self._words
+        w[W_MAGIC] = 0  # the magic goes in last: an opener never trusts a half-made header
+        w[W_VERSION] = VERSION
+        w[W_TOTAL] = layout.total
+        w[W_GRANULE] = layout.granule
+        w[W_NGRAN] = layout.n_granules
+        w[W_TAGS] = layout.tags_offset
+        w[W_HEAP] = layout.heap_offset
+        w[W_CREATOR] = os.getpid()
+        self._core.format()
+        w[W_MAGIC] = MAGIC
+
+    # -- properties --------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """Heap bytes (the sum of all block sizes can never exceed it)."""
+        return self._layout.heap_size
+
+    @property
+    def block_size(self) -> int:
+        """Granule in bytes: allocations are rounded up to a multiple of it."""
+        return self._layout.granule
+
+    @property
+    def mapped_bytes(self) -> int:
+        """Bytes mapped in all: header + tags (8 bytes a granule) + heap."""
+        return self._layout.total
+
+    @property
+    def closed(self) -> bool:
+        """True after :meth:`close`."""
+        return self._closed
+
+    @property
+    def heap(self) -> memoryview:
+        """Zero-copy view of the whole heap; a block's bytes are ``heap[offset:offset+size]``."""
+        self._check_open()
+        return self._heap
+
+    @property
+    def fd(self) -> int | None:
+        """Descriptor of the backing file (None for a private arena). Changes after fork."""
+        return self._fd
+
+    def locked_section(self) -> SharedLock:
+        """The arena's lock, re-entrant, for layers that group operations atomically."""
+        return self._lock
+
+    # -- the operations ----------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        if self._lock.acquire() and self._words[W_OP]:
+            self._repair()
+
+    def _repair(self) -> None:
+        """A holder died (or raised) inside an operation: rebuild the index (Rule 2)."""
+        try:
+            self._core.rebuild()
+        except CorruptArena as exc:
+            self._lock.release()
+            raise BadArenaFile(117, f"arena is corrupt and cannot be repaired: {exc}") from None
+
+    def alloc(self, size: int, align: int | None = None) -> Block:
+        """A block of ``size`` bytes at an offset that is a multiple of ``align``.
+
+        ``align`` is any power of two up to the arena size (None: the block size). Raises
+        :class:`ArenaExhausted` (a MemoryError) when no free run can hold it; bad arguments
+        raise :class:`InvalidArgument` / :class:`InvalidType`. Either way nothing changes.
+        """
+        if size.__class__ is not int or size <= 0:
+            _check_size("size", size)
+        n = (size + self._gmask) >> self._gshift
+        if align is None:
+            quick = self._quick.get(n)
+            if quick:
+                try:
+                    g = quick.pop()  # atomic under the GIL: two threads never get one block
+                except IndexError:
+                    pass
+                else:
+                    self._words[W_ALLOCS] += 1
+                    return self._new_handle(g, size)
+            ag = 1
+        else:
+            ag = self._align_granules(align)
+        if self._closed:
+            raise ArenaClosed("the arena is closed")
+        g = self._alloc_locked(n, ag)
+        if g < 0 and self._quick_count():
+            self._drain_quick()  # cached blocks may coalesce into a fit
+            g = self._alloc_locked(n, ag)
+        if g < 0:
+            raise self._exhausted(size, align)
+        return self._new_handle(g, size)
+
+    def _alloc_locked(self, n: int, ag: int) -> int:
+        w = self._words
+        self._acquire()
+        try:
+            w[W_OP] = self._pid
+            g = self._core.alloc(n, ag, self._pid) if n <= self._layout.n_granules else -1
+            if g < 0:
+                w[W_FAILED] += 1
+            else:
+                w[W_ALLOCS] += 1
+            w[W_OP] = 0
+        finally:
+            self._lock.release()
+        return g
+
+    def _new_handle(self, g: int, size: int) -> Block:
+        block = Block.__new__(Block)
+        block.arena = self
+        block.offset = g << self._gshift
+        block.size = size
+        block._state = _BLOCK_LIVE
+        block._view = None
+        self._live[g] = block
+        return block
+
+    def _quick_count(self) -> int:
+        return sum(map(len, self._quick.values()))
+
+    def _drain_quick(self) -> None:
+        """Give every block cached on the quick lists back to the allocator (coalescing)."""
+        w = self._words
+        with self._lock:
+            for quick in self._quick.values():
+                while quick:
+                    try:
+                        g = quick.pop()
+                    except IndexError:
+                        break
+                    w[W_OP] = self._pid
+                    self._core.free(g)
+                    w[W_OP] = 0
+
+    def _align_granules(self, align: object) -> int:
+        if align.__class__ is not int:
+            raise InvalidType(f"align must be an int or None, got {type(align).__name__}")
+        assert isinstance(align, int)
+        if not is_power_of_two(align):
+            raise InvalidArgument(f"align must be a power of two, got {align}")
+        if align > self.size:
+            raise InvalidArgument(f"align {align} is larger than the arena ({self.size} bytes)")
+        return max(1, align >> self._gshift)
+
+    def _exhausted(self, size: int, align: int | None) -> ArenaExhausted:
+        st = self.stats()
+        return ArenaExhausted(
+            f"no free run for {size} bytes (align {align or self.block_size}): "
+            f"{st.free_bytes} bytes free, largest free run {st.largest_free} bytes, "
+            f"arena {st.size} bytes; free blocks or create a larger arena")
+
+    def free(self, block: Block) -> None:
+        """Return ``block`` to the arena; its view is released.
+
+        Refuses, changing nothing, a block already freed (:class:`DoubleFree`), of another
+        arena (:class:`ForeignBlock`), or a copied, forged or stale handle (:class:`StaleBlock`).
+        """
+        if block.__class__ is not Block:
+            raise InvalidType(f"free() takes a Block, got {type(block).__name__}")
+        if block.arena is not self:
+            raise ForeignBlock(f"{block!r} belongs to another arena")
+        g = block.offset >> self._gshift
+        live = self._live
+        current = live.pop(g, None)  # atomic under the GIL: one of two racing frees wins
+        if current is not block:
+            if current is not None:
+                live[g] = current
+            raise self._bad_handle(block)
+        block._state = _BLOCK_FREED
+        view = block._view
+        if view is not None:
+            block._view = None
+            try:  # noqa: SIM105 - hot path: contextlib.suppress costs a call
+                view.release()
+            except BufferError:
+                pass  # the user exported it further (e.g. numpy); it stays valid memory
+        n = (block.size + self._gmask) >> self._gshift
+        quick = self._quick.get(n)
+        if quick is not None and len(quick) < QUICK_DEPTH:
+            quick.append(g)
+            self._words[W_FREES] += 1
+            return
+        self._free_locked(g, n, block)
+
+    def _free_locked(self, g: int, n: int, block: Block) -> None:
+        w = self._words
+        self._acquire()
+        try:
+            tag = self._core.tag(g)
+            if not tag & TAG_USED or tag & TAG_SIZE_MASK != n:
+                # Another process freed it (through its own handle) since we allocated.
+                raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
+            w[W_OP] = self._pid
+            self._core.free(g)
+            w[W_FREES] += 1
+            w[W_OP] = 0
+        finally:
+            self._lock.release()
+
+    def _bad_handle(self, block: Block) -> Exception:
+        if block._state == _BLOCK_FREED:
+            return DoubleFree(f"{block!r} was already freed")
+        return StaleBlock(f"{block!r} is not a live block of this arena (forged or stale)")
+
+    def block_at(self, offset: int) -> Block:
+        """A handle on the allocated block that starts at ``offset`` (allocated by any process).
+
+        Used by layers above to free blocks another process allocated. Returns the existing
+        handle if this process has one.
+        """
+        if offset.__class__ is not int or offset < 0 or offset & self._gmask:
+            raise InvalidArgument(f"offset {offset!r} is not a granule boundary of this arena")
+        g = offset >> self._gshift
+        if g >= self._layout.n_granules:
+            raise InvalidArgument(f"offset {offset} is outside the arena ({self.size} bytes)")
+        with self._lock:
+            known = self._live.get(g)
+            if known is not None:
+                return known
+            tag = self._core.tag(g)
+            n = tag & TAG_SIZE_MASK
+            if not tag & TAG_USED or self._core.tag(g + n - 1) != tag:
+                raise StaleBlock(f"no allocated block starts at offset {offset}")
+            return self._new_handle(g, n << self._gshift)
+
+    def keep(self, block: Block) -> None:
+        """Mark ``block`` as owned by the shared structure rather than by this process.
+
+        :meth:`check` reports blocks whose owner died; a layer that has recorded a block in
+        its own shared tables calls ``keep`` so the block survives its allocator's death.
+        """
+        if block.__class__ is not Block or block.arena is not self:
+            raise ForeignBlock(f"{block!r} is not a block of this arena")
+        with self._lock:
+            g = block.offset >> self._gshift
+            if self._live.get(g) is not block:
+                raise self._bad_handle(block)
+            self._core.set_owner(g, 0)
+
+    # -- health ------------------------------------------------------------------------
+
+    def stats(self) -> ArenaStats:
+        """Health figures (see :class:`ArenaStats`); takes the lock briefly."""
+        self._check_open()
+        self._drain_quick()  # cached blocks count as free, and may coalesce
+        w = self._words
+        self._acquire()
+        try:
+            used = int(w[W_USED]) << self._gshift
+            largest = self._core.largest_free() << self._gshift
+            counts = int(w[W_ALLOCS]), int(w[W_FREES]), int(w[W_FAILED]), int(w[W_RECOVERIES])
+        finally:
+            self._lock.release()
+        free = self.size - used
+        faults = _osmem.fault_counts()
+        return ArenaStats(
+            size=self.size, block_size=self.block_size, used_bytes=used, free_bytes=free,
+            largest_free=largest,
+            fragmentation=(1.0 - largest / free) if free else 0.0,
+            allocations=counts[0], frees=counts[1], failed_allocations=counts[2],
+            recoveries=counts[3], locked=self.locked, prefaulted=self.prefaulted,
+            shared=self.shared,
+            minor_faults=faults.minor - self._faults_at_ready.minor,
+            major_faults=faults.major - self._faults_at_ready.major)
+
+    def check(self, reclaim: bool = False) -> CheckReport:
+        """Verify the whole structure, repair its index if needed, and report leaked blocks.
+
+        A leaked block is allocated, owned by a process that is dead, and not kept. With
+        ``reclaim=True`` they are freed. Costs a full walk: an operator's tool, not a hot path.
+        """
+        self._check_open()
+        self._drain_quick()
+        self._acquire()
+        try:
+            problems = tuple(self._core.problems())
+            if problems:
+                self._words[W_OP] = self._pid
+                self._repair()
+            blocks = list(self._core.blocks())
+            leaked = []
+            for b in blocks:
+                if b.used and b.owner and b.owner != self._pid and not _pid_alive(b.owner):
+                    leaked.append(LeakedBlock(b.start << self._gshift, b.size << self._gshift,
+                                              b.owner))
+            reclaimed = 0
+            if reclaim and leaked:
+                w = self._words
+                for leak in leaked:
+                    w[W_OP] = self._pid
+                    self._core.free(leak.offset >> self._gshift)
+                    w[W_FREES] += 1
+                    w[W_OP] = 0
+                    reclaimed += leak.size
+        finally:
+            self._lock.release()
+        used = sum(1 for b in blocks if b.used)
+        return CheckReport(
+            ok=not problems and (not leaked or reclaim), blocks=len(blocks), used_blocks=used,
+            free_blocks=len(blocks) - used, problems=problems, leaked=tuple(leaked),
+            reclaimed_bytes=reclaimed)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the index disagrees with the tags (for tests)."""
+        with self._lock:
+            problems = self._core.problems()
+        assert not problems, problems
+
+    @property
+    def root_offset(self) -> int | None:
+        """Offset of the root block of the layer above (e.g. a percpu domain), or None."""
+        value = int(self._words[W_ROOT])
+        return value - 1 if value else None
+
+    @root_offset.setter
+    def root_offset(self, offset: int | None) -> None:
+        self._words[W_ROOT] = 0 if offset is None else offset + 1
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ArenaClosed("the arena is closed")
+
+    def _release_mapping(self) -> None:
+        for block in self._live.values():
+            view = block._view
+            if view is not None:
+                block._view = None
+                with contextlib.suppress(BufferError):
+                    view.release()
+        self._words.release()
+        self._heap.release()
+
+    def close(self) -> None:
+        """Unmap the arena and close its file. Blocks become unusable. Idempotent.
+
+        If the caller still holds views derived from block views, the mapping itself stays
+        until the last of them is dropped (it cannot be unmapped under them).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._release_mapping()
+        for block in self._live.values():
+            block._state = _BLOCK_FREED
+        self._live.clear()
+        self._quick = {}
+        with contextlib.suppress(BufferError):
+            self._mm.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        _arenas.discard(self)
+
+    def __enter__(self) -> Arena:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.path or ("shared memfd" if self.shared else "private")
+        return f"<Arena {where} size={self._layout.heap_size} block_size={self.block_size}>"
+
+    def _after_fork_in_child(self) -> None:
+        self._pid = os.getpid()
+        if self._fd is not None and not self._closed:
+            old = self._fd
+            self._fd = reopen_fd(old, self.path)
+            os.close(old)
+        self._lock.set_fd(self._fd)
+
+
+def _layout_from_args(size: object, block_size: object) -> Layout:
+    nbytes = _check_size("size", size)
+    granule = _check_size("block_size", block_size)
+    if not is_power_of_two(granule) or not MIN_GRANULE <= granule <= MAX_GRANULE:
+        raise InvalidArgument(f"block_size must be a power of two in [{MIN_GRANULE}, "
+                              f"{MAX_GRANULE}], got {granule}")
+    n = (nbytes + granule - 1) // granule
+    if n > MAX_GRANULES:
+        raise InvalidArgument(f"size {nbytes} needs {n} blocks of {granule} bytes; at most "
+                              f"{MAX_GRANULES} are supported: use a larger block_size")
+    return layout_for(n, granule)
+
+
+def _check_lock_policy(lock: object) -> None:
+    if lock not in _LOCK_POLICIES or (lock.__class__ is int):
+        raise InvalidArgument(f"lock must be 'auto', 'require', True or False, got {lock!r}")
+
+
+def _reset_after_fork() -> None:
+    for a in list(_arenas):
+        a._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -1,0 +1,127 @@
+"""Cross-process locks on byte ranges of a file: Linux open-file-description (OFD) locks.
+
+Why OFD locks: the kernel drops them when the last descriptor of the open file description
+closes, which includes the death of the holder by SIGKILL, so a lock can never be left held by a
+dead process. They belong to the open file description, not to the process, so:
+
+- two threads sharing one descriptor do NOT exclude each other: :class:`SharedLock` adds a
+  thread lock in front;
+- a child after ``fork`` shares its parent's description and therefore its locks: the owner of a
+  descriptor must open the file again in the child (``reopen_fd``) before locking.
+
+Invariant: while a thread is inside ``with shared_lock:``, no other thread of any process
+holding the same file (through its own description) is inside it for the same byte.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import threading
+from types import TracebackType
+
+# struct flock on Linux 64-bit: short type, short whence, off_t start, off_t len, pid_t pid.
+_FLOCK = struct.Struct("hhqqi4x")
+
+
+def _flock(kind: int, start: int, length: int) -> bytes:
+    return _FLOCK.pack(kind, os.SEEK_SET, start, length, 0)  # pid must be 0 for OFD locks
+
+
+def try_lock(fd: int, start: int, length: int = 1) -> bool:
+    """Take an exclusive OFD lock on ``length`` bytes at ``start`` without waiting."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_WRLCK, start, length))
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def lock(fd: int, start: int, length: int = 1) -> None:
+    """Take an exclusive OFD lock, waiting for it (EINTR is retried by Python)."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, start, length))
+
+
+def unlock(fd: int, start: int, length: int = 1) -> None:
+    """Release an OFD lock held through ``fd``'s open file description."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, start, length))
+
+
+def is_locked(fd: int, start: int, length: int = 1) -> bool:
+    """True when another open file description holds a lock overlapping the range."""
+    out = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, _flock(fcntl.F_WRLCK, start, length))
+    return bool(_FLOCK.unpack(out)[0] != fcntl.F_UNLCK)
+
+
+def reopen_fd(fd: int, path: str | None) -> int:
+    """A new open file description of the same file as ``fd`` (for a child after fork).
+
+    A path-backed file is reopened by path and checked to be the same inode; a memfd (no path)
+    through ``/proc/self/fd``, which creates a fresh description.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC
+    before = os.fstat(fd)
+    new = os.open(path, flags | os.O_NOFOLLOW) if path else os.open(f"/proc/self/fd/{fd}", flags)
+    after = os.fstat(new)
+    if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
+        os.close(new)
+        raise OSError(f"{path} was replaced after it was opened; refusing to lock another file")
+    return new
+
+
+class SharedLock:
+    """A re-entrant lock over threads of this process and processes sharing the file.
+
+    Lock order: the thread lock first, then the OFD lock; released in reverse. ``fd`` may be
+    None for a private structure, and is replaced after fork by its owner (``set_fd``).
+    ``on_acquire`` runs each time the outermost acquisition completes (the arena uses it to
+    repair an operation that a dead holder left half done).
+    """
+
+    __slots__ = ("_depth", "_fd", "_mutex", "_start")
+
+    def __init__(self, fd: int | None, start: int) -> None:
+        self._fd = fd
+        self._start = start
+        # Guards _depth and, with the OFD lock, whatever the owner protects; held by one thread.
+        self._mutex = threading.RLock()
+        self._depth = 0
+
+    def set_fd(self, fd: int | None) -> None:
+        """Point at a new descriptor (after fork); resets the thread state of the dead parent."""
+        self._fd = fd
+        self._mutex = threading.RLock()
+        self._depth = 0
+
+    def acquire(self) -> bool:
+        """Take the lock; True when this is the outermost acquisition."""
+        self._mutex.acquire()
+        if self._depth == 0 and self._fd is not None:
+            try:
+                lock(self._fd, self._start)
+            except BaseException:
+                self._mutex.release()
+                raise
+        self._depth += 1
+        return self._depth == 1
+
+    def release(self) -> None:
+        """Release one level; the OFD lock goes with the outermost level."""
+        self._depth -= 1
+        if self._depth == 0 and self._fd is not None:
+            unlock(self._fd, self._start)
+        self._mutex.release()
+
+    @property
+    def held(self) -> bool:
+        """True when the calling thread holds the lock (for assertions)."""
+        return self._depth > 0 and self._mutex._is_owned()  # type: ignore[attr-defined]
+
+    def __enter__(self) -> SharedLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()

@@ -1,0 +1,40 @@
+"""Per-cpu counters indexed by vcpu ids: compact concurrency ids leased across processes.
+
+A :class:`Domain` is an arena plus a root block holding the vcpu-id leases, the pageset
+directory and the registry of named metrics. Each holder (a process on a GIL build, a thread on
+a free-threaded one) leases the lowest free id and updates only its own copy of each slot, so the
+hot path is one straight-line statement with no lock and no syscall. Reads sum every id's copy.
+See docs/architecture.md.
+"""
+
+from ._domain import Domain, DomainCheck, DomainStats, MetricValue
+from ._errors import (
+    BadDomainFile,
+    DomainClosed,
+    DomainFull,
+    InvalidArgument,
+    InvalidType,
+    KindMismatch,
+    MetricRemoved,
+    PercpuError,
+)
+from ._handles import Counter, Gauge, PerCpu, Summary
+
+__all__ = [
+    "BadDomainFile",
+    "Counter",
+    "Domain",
+    "DomainCheck",
+    "DomainClosed",
+    "DomainFull",
+    "DomainStats",
+    "Gauge",
+    "InvalidArgument",
+    "InvalidType",
+    "KindMismatch",
+    "MetricRemoved",
+    "MetricValue",
+    "PerCpu",
+    "PercpuError",
+    "Summary",
+]

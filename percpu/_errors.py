@@ -1,0 +1,45 @@
+"""Every exception the ``percpu`` package raises.
+
+One root, :class:`PercpuError`; each leaf also subclasses the builtin a caller would naturally
+catch. Rule: an operation that raises one of these has changed nothing.
+"""
+
+from __future__ import annotations
+
+
+class PercpuError(Exception):
+    """Root of every error raised by the ``percpu`` package."""
+
+
+class InvalidArgument(PercpuError, ValueError):
+    """An argument has an unusable value (a negative add to a Counter, a metric name that is not
+    a valid identifier, a size above the largest class...). The message names the argument, the
+    value and what is accepted. Nothing was changed."""
+
+
+class InvalidType(PercpuError, TypeError):
+    """An argument has the wrong type (a float added to a Counter...). Nothing was changed."""
+
+
+class MetricRemoved(PercpuError, LookupError):
+    """The counter was removed with ``Domain.remove``; its handle no longer refers to a slot.
+    Register it again with ``Domain.counter`` to count again (from zero)."""
+
+
+class KindMismatch(PercpuError, ValueError):
+    """A name and labels already registered as one kind (say a Gauge) were asked for as another
+    (say a Counter)."""
+
+
+class DomainFull(PercpuError, MemoryError):
+    """The domain's arena has no room for another pageset, page or registry entry. Create the
+    domain with a larger ``size``; the message gives what was asked and what is free."""
+
+
+class BadDomainFile(PercpuError, OSError):
+    """A shared domain file was refused on ``open``: its arena or its domain header does not
+    validate (magic, version, sizes), or it is not owned by this user / is writable by others."""
+
+
+class DomainClosed(PercpuError, ValueError):
+    """The domain was closed; its handles no longer refer to mapped memory."""

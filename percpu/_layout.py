@@ -1,0 +1,142 @@
+"""Where a domain keeps its shared state inside its arena: pure arithmetic, no OS calls.
+
+A domain's *root block* (its offset is the arena's ``root_offset``) is an array of u64 words:
+
+    [ domain header | lease records: one per vcpu id, plus the overflow id |
+      pageset chunk table | pending-free queue ]
+
+Pagesets are described in *chunks* of ``PS_PER_CHUNK`` entries, allocated on demand and never
+moved, so an entry's offset is stable for the life of the domain. The registry (name + labels ->
+slot) is an open-addressing hash table in its own block, re-allocated when it grows. Every word
+of these structures is read and written under the domain lock (the arena's lock), except the
+counter *slots* themselves, which are the hot path.
+
+Size classes: 4, 8, 16, 32 and 64 bytes. Slot ``k`` of a pageset is the same object in every
+vcpu id's page; a *ref* names it as ``pageset << REF_SHIFT | k``.
+"""
+
+from __future__ import annotations
+
+PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
+MAGIC = int.from_bytes(b"PCDOMAN1", "little")
+VERSION = 1
+
+SIZE_CLASSES = (4, 8, 16, 32, 64)  # bytes; seed 002's FreeBSD-style per-cpu zones
+MAX_OBJECT_SIZE = SIZE_CLASSES[-1]
+REF_SHIFT = 16  # slot index bits in a ref (a 4-byte class has 1024 slots a page)
+SLOT_MASK = (1 << REF_SHIFT) - 1
+
+# Root header words.
+D_MAGIC = 0
+D_VERSION = 1
+D_MAX_VCPUS = 2  # ids 0..max-1 are leased; id max is the shared overflow id
+D_EPOCH = 3  # bumped by every change that live holders must acknowledge (grace periods)
+D_REG_TABLE = 4  # offset of the registry table block
+D_REG_CAP = 5  # entries in the registry table (a power of two)
+D_REG_USED = 6  # live + tombstone entries (drives growth)
+D_REG_LIVE = 7  # live entries
+D_REG_GEN = 8  # bumped when the registry changes (lets readers cache their decoding)
+D_PS_COUNT = 9  # pageset entries ever created (high-water mark)
+D_FRESH = 10  # path counters (seed 001's schedstat table): ids leased for the first time
+D_REUSED = 11  # ids leased again after a clean release (inheriting their values)
+D_RECLAIMED = 12  # ids taken over from a holder that died holding them
+D_SHARED_OPS = 13  # operations on the overflow id (more holders than ids), under a lock
+D_HIGHEST = 14  # 1 + the highest id ever leased
+D_OVERFLOW_HOLDERS = 15  # holders that got no id of their own, ever
+D_PENDING = 16  # entries in the pending-free queue
+D_PAGES = 17  # pages allocated to pagesets, now
+D_MOVES = 18  # slots moved by compaction, ever
+D_RECLAIMED_PAGESETS = 19  # pagesets emptied and given back by compaction, ever
+D_RECOVERED_SLOTS = 20  # cache slots recovered from dead holders, ever
+HEADER_WORDS = 32
+
+# One lease record per id (max_vcpus + 1 of them: the last is the overflow id).
+L_PID = 0  # holder pid; 0 when released cleanly (non-zero with no lock held = holder died)
+L_LEASES = 1  # times this id was leased
+L_ACK = 2  # the epoch this holder has acknowledged (it no longer uses anything older)
+L_SEQ = 3  # sequence count: odd while a move of this id's values is in flight
+L_CACHE = 4  # per size class: [count, refs...]
+CACHE_CAP = 16  # refs a per-vcpu cache holds per class
+CACHE_REFILL = 8  # refs moved from the pageset layer in one batch
+CACHE_WORDS = 1 + CACHE_CAP
+LEASE_WORDS = L_CACHE + len(SIZE_CLASSES) * CACHE_WORDS
+
+# Pageset entries.
+P_CLASS = 0  # size class index + 1; 0 = entry unused or given back
+P_TAKEN = 1  # slots taken from this pageset (by caches or objects)
+P_BITMAP = 2  # BITMAP_WORDS words: bit k set = slot k taken
+BITMAP_WORDS = PAGE // SIZE_CLASSES[0] // 64
+P_PAGES = P_BITMAP + BITMAP_WORDS  # one word per id: offset + 1 of its page, 0 = none yet
+PS_PER_CHUNK = 64
+MAX_CHUNKS = 1024  # so at most 65536 pagesets in one domain
+
+# Pending frees: slots waiting for a grace period before they are zeroed and reused.
+PENDING_CAP = 4096
+PE_REF = 0
+PE_EPOCH = 1
+PENDING_WORDS = 2
+
+# Registry entries (open addressing, linear probing).
+E_HASH = 0  # 0 = empty, 1 = tombstone, else the key's hash (>= 2)
+E_KEY = 1  # offset of the key's block
+E_META = 2  # kind | class << 8 | key length << 16
+E_REF = 3  # the slot (ref) of the metric
+ENTRY_WORDS = 4
+HASH_EMPTY, HASH_TOMBSTONE = 0, 1
+REG_MIN_CAP = 64
+
+KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY = 1, 2, 3
+KIND_NAMES = {KIND_COUNTER: "counter", KIND_GAUGE: "gauge", KIND_SUMMARY: "summary"}
+KIND_SIZES = {KIND_COUNTER: 8, KIND_GAUGE: 8, KIND_SUMMARY: 16}
+
+LEASE_LOCK_BASE = 1 << 20  # OFD lock byte of id k: LEASE_LOCK_BASE + k (beyond the data)
+OVERFLOW_LOCK = LEASE_LOCK_BASE - 1  # serialises operations on the overflow id
+
+
+def class_index(size: int) -> int:
+    """Index of the smallest size class holding ``size`` bytes (1 <= size <= 64)."""
+    for i, c in enumerate(SIZE_CLASSES):
+        if size <= c:
+            return i
+    raise ValueError(f"size {size} is above the largest class ({MAX_OBJECT_SIZE} bytes)")
+
+
+def slots_per_page(cls: int) -> int:
+    """Slots in one page of a pageset of class index ``cls``."""
+    return PAGE // SIZE_CLASSES[cls]
+
+
+def lease_base(max_vcpus: int, vcpu: int) -> int:
+    """Word index (in the root block) of id ``vcpu``'s lease record."""
+    del max_vcpus
+    return HEADER_WORDS + vcpu * LEASE_WORDS
+
+
+def chunk_table(max_vcpus: int) -> int:
+    """Word index of the pageset chunk table."""
+    return HEADER_WORDS + (max_vcpus + 1) * LEASE_WORDS
+
+
+def pending_base(max_vcpus: int) -> int:
+    """Word index of the pending-free queue."""
+    return chunk_table(max_vcpus) + MAX_CHUNKS
+
+
+def root_words(max_vcpus: int) -> int:
+    """Words in the root block of a domain with ``max_vcpus`` ids."""
+    return pending_base(max_vcpus) + PENDING_CAP * PENDING_WORDS
+
+
+def pageset_words(max_vcpus: int) -> int:
+    """Words in one pageset entry."""
+    return P_PAGES + max_vcpus + 1
+
+
+def make_ref(pageset: int, slot: int) -> int:
+    """The ref of slot ``slot`` of pageset ``pageset``."""
+    return pageset << REF_SHIFT | slot
+
+
+def split_ref(ref: int) -> tuple[int, int]:
+    """(pageset, slot) of a ref."""
+    return ref >> REF_SHIFT, ref & SLOT_MASK
