@@ -23,6 +23,7 @@ from ._errors import (
     StaleBlock,
 )
 from ._osmem import memlock_limit, mlockall, munlockall
+from ._pool import Pool, PoolStats
 
 __all__ = [
     "Arena",
@@ -40,8 +41,10 @@ __all__ = [
     "InvalidType",
     "LeakedBlock",
     "MemlockError",
+    "Pool",
     "PoolEmpty",
     "PoolForkError",
+    "PoolStats",
     "StaleBlock",
     "memlock_limit",
     "mlockall",
