@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 
-from . import Arena, ArenaExhausted, Block
+from . import Arena, ArenaExhausted, Block, _cli
 
 
 def demo(size: int, operations: int, seed: int) -> int:
@@ -69,12 +69,16 @@ def demo(size: int, operations: int, seed: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m arena``."""
+    """Entry point of ``python -m arena``: the demo, or ``stats PATH`` / ``check PATH``."""
+    args_in = sys.argv[1:] if argv is None else argv
+    if args_in and args_in[0] in _cli.COMMANDS:
+        return _cli.main(args_in)
     p = argparse.ArgumentParser(prog="python -m arena", description=__doc__)
     p.add_argument("--size", type=int, default=64 << 20, help="arena bytes (default 64 MiB)")
     p.add_argument("--operations", type=int, default=1_000_000, help="alloc/free operations")
     p.add_argument("--seed", type=int, default=1, help="random seed")
-    args = p.parse_args(argv)
+    p.epilog = "other commands: 'stats PATH' and 'check PATH' of a shared arena file"
+    args = p.parse_args(args_in)
     return demo(args.size, args.operations, args.seed)
 
 

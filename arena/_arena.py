@@ -10,16 +10,22 @@ Invariants
    file-backed arena is one allocator shared by every process that maps it.
 2. Every operation runs under one lock: a thread lock plus, for a shared arena, an OFD lock on
    byte 0 of the file (released by the kernel if the holder dies). ``W_OP`` marks an operation
-   in progress; the next holder that finds it set repairs the index (see ``_tlsf``).
+   in progress; whoever next takes the lock (an arena method or a layer above through
+   :meth:`Arena.locked_section`) and finds it set repairs the index first (see ``_tlsf``).
 3. A :class:`Block` is valid while this process's ``_live`` table maps its granule to that very
    object. ``free`` checks identity, so a double free, a copied/forged handle or a stale one is
-   refused before anything is changed.
+   refused before anything is changed. Offsets that come from outside (``block_at``) and frees
+   of blocks another process may have freed are checked against the tags (``Tlsf.used_size``,
+   and in a shared arena the owner pid the handle saw, so a block freed and allocated again by
+   another process is not freed through an old handle).
 4. After ``Arena(...)`` returns, the whole mapping is resident (prefaulted) and, when locking
    succeeded, locked: allocating and using blocks never page-faults.
 
 Threads and fork: every public method is thread-safe. A child after ``fork`` reopens the file
-of a shared arena (a fresh open file description, so its locks are its own) and resets the
-thread lock that a parent thread may have held at the fork.
+of a shared arena (a fresh open file description, so its locks are its own), resets the thread
+lock that a parent thread may have held at the fork, locks the mapping again when the parent's
+was locked (memory locks are not inherited; for a private arena this also copies its pages, so
+the child does not take copy-on-write faults later) and restarts its fault counts.
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ from ._layout import (
     MAX_GRANULES,
     MIN_GRANULE,
     PAGE_SIZE,
-    TAG_SIZE_MASK,
-    TAG_USED,
+    TAG_OWNER_MAX,
+    TAG_OWNER_SHIFT,
     VERSION,
     W_ALLOCS,
     W_CREATOR,
@@ -86,6 +92,7 @@ _BLOCK_LIVE, _BLOCK_FREED = 0, 1
 QUICK_MAX_GRANULES = 16
 QUICK_DEPTH = 64
 
+_make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
 _warned_unlocked = False  # "auto" warns once per process, then stays quiet
 _arenas: weakref.WeakSet[Arena] = weakref.WeakSet()  # every open arena, for fork
 
@@ -98,13 +105,14 @@ class Block:
     freed block's memory cannot be reached through it). Handles are made only by the arena.
     """
 
-    __slots__ = ("_state", "_view", "arena", "offset", "size")
+    __slots__ = ("_owner", "_state", "_view", "arena", "offset", "size")
 
     arena: Arena
     offset: int
     size: int
     _state: int
     _view: memoryview | None
+    _owner: int  # the owner pid its tag had when this handle was made (0 once kept)
 
     def __init__(self) -> None:
         raise TypeError("blocks are made by Arena.alloc, not directly")
@@ -113,6 +121,8 @@ class Block:
     def view(self) -> memoryview:
         """Zero-copy view of the block's bytes (writable)."""
         if self._state != _BLOCK_LIVE:
+            if self.arena._closed:
+                raise ArenaClosed(f"block at offset {self.offset}: the arena is closed")
             raise DoubleFree(f"block at offset {self.offset} was freed; its view is gone")
         v = self._view
         if v is None:
@@ -287,7 +297,7 @@ class Arena:
         self.shared = fd is not None
         self._pid = os.getpid()
         self._closed = False
-        self._lock = SharedLock(fd, ARENA_LOCK_BYTE)
+        self._lock = SharedLock(fd, ARENA_LOCK_BYTE, self._repair_if_interrupted)
         self._words = memoryview(mm).cast("Q")
         self._heap = memoryview(mm)[layout.heap_offset : layout.heap_offset + layout.heap_size]
         self._gshift = layout.granule.bit_length() - 1
@@ -298,6 +308,11 @@ class Arena:
         # Quick lists (private arenas): freed small blocks kept allocated for reuse, per size.
         self._quick: dict[int, list[int]] = (
             {} if self.shared else {n: [] for n in range(1, QUICK_MAX_GRANULES + 1)})
+        # Operations served by the quick lists, counted in Python ints (cheaper than the shared
+        # words) and added to the shared counts by stats(). Threads may lose an increment of
+        # these statistics (load, add, store); blocks themselves are never lost or doubled.
+        self._quick_allocs = 0
+        self._quick_frees = 0
         if fresh:
             with self._lock:
                 self._format(layout)
@@ -309,15 +324,17 @@ class Arena:
             if err == 0:
                 self.locked = True
             else:
-                self._refuse_or_warn_unlocked(lock, layout.total, err)
+                self._refuse_or_warn_unlocked(lock, layout, err)
         self.prefaulted = prefault
         _arenas.add(self)
         self._faults_at_ready = _osmem.fault_counts()
 
-    def _refuse_or_warn_unlocked(self, lock: LockPolicy, total: int, err: int) -> None:
+    def _refuse_or_warn_unlocked(self, lock: LockPolicy, layout: Layout, err: int) -> None:
         global _warned_unlocked
         limit = _osmem.format_limit(_osmem.memlock_limit())
-        msg = (f"could not lock the arena in memory: mlock of {total} bytes failed with "
+        total = layout.total
+        msg = (f"could not lock the arena in memory: mlock of {total} bytes (a "
+               f"{layout.heap_size}-byte heap plus its header and tags) failed with "
                f"{os.strerror(err)}; RLIMIT_MEMLOCK is {limit}. Raise it (`ulimit -l "
                f"{(total + 1023) // 1024}` or more in the shell, LimitMEMLOCK= in a systemd "
                "unit, memlock in /etc/security/limits.conf) or grant CAP_IPC_LOCK")
@@ -382,16 +399,17 @@ class Arena:
 
     # -- the operations ----------------------------------------------------------------
 
-    def _acquire(self) -> None:
-        if self._lock.acquire() and self._words[W_OP]:
-            self._repair()
+    def _repair_if_interrupted(self) -> None:
+        """Run by the lock on each outermost acquisition: if a holder died (or raised) inside
+        an operation, rebuild the index (Rule 2) before anything else reads it."""
+        if self._words[W_OP]:
+            self._rebuild()
 
-    def _repair(self) -> None:
-        """A holder died (or raised) inside an operation: rebuild the index (Rule 2)."""
+    def _rebuild(self) -> None:
+        """Rebuild the index from the start tags (lock held); BadArenaFile if they are broken."""
         try:
             self._core.rebuild()
         except CorruptArena as exc:
-            self._lock.release()
             raise BadArenaFile(117, f"arena is corrupt and cannot be repaired: {exc}") from None
 
     def alloc(self, size: int, align: int | None = None) -> Block:
@@ -412,43 +430,60 @@ class Arena:
                 except IndexError:
                     pass
                 else:
-                    self._words[W_ALLOCS] += 1
-                    return self._new_handle(g, size)
+                    # _new_handle, inlined: this is the path the benchmarks measure.
+                    self._quick_allocs += 1
+                    block = _make_block(Block)
+                    block.arena = self
+                    block.offset = g << self._gshift
+                    block.size = size
+                    block._state = _BLOCK_LIVE
+                    block._view = None
+                    block._owner = self._pid
+                    self._live[g] = block
+                    return block
             ag = 1
         else:
             ag = self._align_granules(align)
         if self._closed:
             raise ArenaClosed("the arena is closed")
         g = self._alloc_locked(n, ag)
-        if g < 0 and self._quick_count():
-            self._drain_quick()  # cached blocks may coalesce into a fit
-            g = self._alloc_locked(n, ag)
         if g < 0:
             raise self._exhausted(size, align)
-        return self._new_handle(g, size)
+        return self._new_handle(g, size, self._pid)
 
     def _alloc_locked(self, n: int, ag: int) -> int:
-        w = self._words
-        self._acquire()
+        """Granule of a new block, or -1 (counted once as a failure) when nothing fits even
+        after the quick lists were given back (cached blocks may coalesce into a fit)."""
+        w, lock = self._words, self._lock
+        lock.acquire()
         try:
-            w[W_OP] = self._pid
-            g = self._core.alloc(n, ag, self._pid) if n <= self._layout.n_granules else -1
+            if n > self._layout.n_granules:
+                g = -1
+            else:
+                w[W_OP] = self._pid
+                g = self._core.alloc(n, ag, self._pid)
+                w[W_OP] = 0
+                if g < 0 and self._quick_count():
+                    self._drain_quick()
+                    w[W_OP] = self._pid
+                    g = self._core.alloc(n, ag, self._pid)
+                    w[W_OP] = 0
             if g < 0:
                 w[W_FAILED] += 1
             else:
                 w[W_ALLOCS] += 1
-            w[W_OP] = 0
         finally:
-            self._lock.release()
+            lock.release()
         return g
 
-    def _new_handle(self, g: int, size: int) -> Block:
+    def _new_handle(self, g: int, size: int, owner: int) -> Block:
         block = Block.__new__(Block)
         block.arena = self
         block.offset = g << self._gshift
         block.size = size
         block._state = _BLOCK_LIVE
         block._view = None
+        block._owner = owner
         self._live[g] = block
         return block
 
@@ -457,6 +492,8 @@ class Arena:
 
     def _drain_quick(self) -> None:
         """Give every block cached on the quick lists back to the allocator (coalescing)."""
+        if not self._quick_count():
+            return
         w = self._words
         with self._lock:
             for quick in self._quick.values():
@@ -515,17 +552,20 @@ class Arena:
         quick = self._quick.get(n)
         if quick is not None and len(quick) < QUICK_DEPTH:
             quick.append(g)
-            self._words[W_FREES] += 1
+            self._quick_frees += 1
             return
         self._free_locked(g, n, block)
 
     def _free_locked(self, g: int, n: int, block: Block) -> None:
         w = self._words
-        self._acquire()
+        self._lock.acquire()
         try:
-            tag = self._core.tag(g)
-            if not tag & TAG_USED or tag & TAG_SIZE_MASK != n:
-                # Another process freed it (through its own handle) since we allocated.
+            core = self._core
+            if core.used_size(g) != n or (
+                    self.shared and core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX != block._owner):
+                # Another process freed it (through its own handle) since, and maybe another
+                # one allocated it again (a new owner). The handle is already retired from
+                # _live: it is stale for good. Only a block re-kept since escapes this check.
                 raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
             w[W_OP] = self._pid
             self._core.free(g)
@@ -535,6 +575,8 @@ class Arena:
             self._lock.release()
 
     def _bad_handle(self, block: Block) -> Exception:
+        if self._closed:
+            return ArenaClosed(f"{block!r}: the arena is closed")
         if block._state == _BLOCK_FREED:
             return DoubleFree(f"{block!r} was already freed")
         return StaleBlock(f"{block!r} is not a live block of this arena (forged or stale)")
@@ -543,10 +585,13 @@ class Arena:
         """A handle on the allocated block that starts at ``offset`` (allocated by any process).
 
         Used by layers above to free blocks another process allocated. Returns the existing
-        handle if this process has one.
+        handle if this process has one. Raises :class:`StaleBlock` when no allocated block
+        starts at ``offset`` (inside a block, a free block, a block freed since),
+        :class:`InvalidArgument` for an offset off the granule grid or outside the heap.
         """
         if offset.__class__ is not int or offset < 0 or offset & self._gmask:
             raise InvalidArgument(f"offset {offset!r} is not a granule boundary of this arena")
+        self._check_open()
         g = offset >> self._gshift
         if g >= self._layout.n_granules:
             raise InvalidArgument(f"offset {offset} is outside the arena ({self.size} bytes)")
@@ -554,11 +599,13 @@ class Arena:
             known = self._live.get(g)
             if known is not None:
                 return known
-            tag = self._core.tag(g)
-            n = tag & TAG_SIZE_MASK
-            if not tag & TAG_USED or self._core.tag(g + n - 1) != tag:
+            if any(g in quick for quick in self._quick.values()):
+                raise StaleBlock(f"no allocated block starts at offset {offset} (it was freed)")
+            n = self._core.used_size(g)
+            if not n:
                 raise StaleBlock(f"no allocated block starts at offset {offset}")
-            return self._new_handle(g, n << self._gshift)
+            owner = self._core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
+            return self._new_handle(g, n << self._gshift, owner)
 
     def keep(self, block: Block) -> None:
         """Mark ``block`` as owned by the shared structure rather than by this process.
@@ -566,13 +613,17 @@ class Arena:
         :meth:`check` reports blocks whose owner died; a layer that has recorded a block in
         its own shared tables calls ``keep`` so the block survives its allocator's death.
         """
-        if block.__class__ is not Block or block.arena is not self:
+        if block.__class__ is not Block:
+            raise InvalidType(f"keep() takes a Block, got {type(block).__name__}")
+        if block.arena is not self:
             raise ForeignBlock(f"{block!r} is not a block of this arena")
+        self._check_open()
         with self._lock:
             g = block.offset >> self._gshift
             if self._live.get(g) is not block:
                 raise self._bad_handle(block)
             self._core.set_owner(g, 0)
+            block._owner = 0
 
     # -- health ------------------------------------------------------------------------
 
@@ -581,11 +632,12 @@ class Arena:
         self._check_open()
         self._drain_quick()  # cached blocks count as free, and may coalesce
         w = self._words
-        self._acquire()
+        self._lock.acquire()
         try:
             used = int(w[W_USED]) << self._gshift
             largest = self._core.largest_free() << self._gshift
-            counts = int(w[W_ALLOCS]), int(w[W_FREES]), int(w[W_FAILED]), int(w[W_RECOVERIES])
+            counts = (int(w[W_ALLOCS]) + self._quick_allocs, int(w[W_FREES]) + self._quick_frees,
+                      int(w[W_FAILED]), int(w[W_RECOVERIES]))
         finally:
             self._lock.release()
         free = self.size - used
@@ -603,21 +655,24 @@ class Arena:
     def check(self, reclaim: bool = False) -> CheckReport:
         """Verify the whole structure, repair its index if needed, and report leaked blocks.
 
-        A leaked block is allocated, owned by a process that is dead, and not kept. With
+        A leaked block is allocated, owned by a process that is dead, not kept, and not held
+        by this process (a handle from :meth:`block_at`, or one inherited across fork). With
         ``reclaim=True`` they are freed. Costs a full walk: an operator's tool, not a hot path.
         """
         self._check_open()
         self._drain_quick()
-        self._acquire()
+        self._lock.acquire()
         try:
             problems = tuple(self._core.problems())
             if problems:
                 self._words[W_OP] = self._pid
-                self._repair()
+                self._rebuild()
             blocks = list(self._core.blocks())
             leaked = []
+            live = self._live
             for b in blocks:
-                if b.used and b.owner and b.owner != self._pid and not _pid_alive(b.owner):
+                if (b.used and b.owner and b.owner != self._pid and b.start not in live
+                        and not _pid_alive(b.owner)):
                     leaked.append(LeakedBlock(b.start << self._gshift, b.size << self._gshift,
                                               b.owner))
             reclaimed = 0
@@ -639,6 +694,7 @@ class Arena:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the index disagrees with the tags (for tests)."""
+        self._check_open()
         with self._lock:
             problems = self._core.problems()
         assert not problems, problems
@@ -646,11 +702,13 @@ class Arena:
     @property
     def root_offset(self) -> int | None:
         """Offset of the root block of the layer above (e.g. a percpu domain), or None."""
+        self._check_open()
         value = int(self._words[W_ROOT])
         return value - 1 if value else None
 
     @root_offset.setter
     def root_offset(self, offset: int | None) -> None:
+        self._check_open()
         self._words[W_ROOT] = 0 if offset is None else offset + 1
 
     # -- life cycle --------------------------------------------------------------------
@@ -703,11 +761,28 @@ class Arena:
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
-        if self._fd is not None and not self._closed:
+        self._lock.set_fd(None)  # a fresh thread lock; no OFD lock until the fd is our own
+        if self._closed:
+            return
+        if self._fd is not None:
             old = self._fd
-            self._fd = reopen_fd(old, self.path)
+            try:
+                self._fd = reopen_fd(old, self.path)
+            except OSError as exc:
+                # Locking through the parent's open file description would not exclude the
+                # parent: refuse to run unlocked, close the child's copy instead.
+                warnings.warn(f"{self!r}: cannot reopen its file in the child after fork "
+                              f"({exc}); the arena is closed in this process", RuntimeWarning,
+                              stacklevel=2)
+                self.close()
+                return
             os.close(old)
-        self._lock.set_fd(self._fd)
+            self._lock.set_fd(self._fd)
+        if self.locked and _osmem.mlock(self._mm) != 0:
+            self.locked = False  # not inherited, and the child's limit refused it
+            warnings.warn(f"{self!r}: could not lock the arena again in the child after fork; "
+                          "it runs unlocked", RuntimeWarning, stacklevel=2)
+        self._faults_at_ready = _osmem.fault_counts()  # a child's counts start at zero
 
 
 def _layout_from_args(size: object, block_size: object) -> Layout:
@@ -724,13 +799,17 @@ def _layout_from_args(size: object, block_size: object) -> Layout:
 
 
 def _check_lock_policy(lock: object) -> None:
-    if lock not in _LOCK_POLICIES or (lock.__class__ is int):
+    if lock.__class__ not in (str, bool) or lock not in _LOCK_POLICIES:
         raise InvalidArgument(f"lock must be 'auto', 'require', True or False, got {lock!r}")
 
 
 def _reset_after_fork() -> None:
     for a in list(_arenas):
-        a._after_fork_in_child()
+        try:
+            a._after_fork_in_child()
+        except Exception as exc:  # one arena's trouble must not leave the others unreset
+            warnings.warn(f"{a!r}: reset after fork failed: {exc!r}", RuntimeWarning,
+                          stacklevel=1)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

@@ -22,7 +22,7 @@ from typing import Any
 
 PAGE_SIZE = 4096  # bytes; the unit of prefaulting and locking (mmap.PAGESIZE on x86-64)
 MAGIC = int.from_bytes(b"PCARENA1", "little")
-VERSION = 1
+VERSION = 2  # 2: end tags carry TAG_END and words inside a block are zero (see below)
 
 # Two-level segregated fit (TLSF): a first level per power of two, SL_COUNT lists per level.
 SL_LOG2 = 4
@@ -52,11 +52,15 @@ W_SL = 16  # FL_COUNT second-level bitmaps
 W_HEADS = W_SL + FL_COUNT  # FL_COUNT * SL_COUNT free-list heads
 HEADER_WORDS = W_HEADS + FL_COUNT * SL_COUNT
 
-# A tag word describes the block that starts (and, repeated, the block that ends) at a granule.
+# A tag word describes the block that starts (and, repeated with TAG_END, the block that ends)
+# at a granule. Invariant: a tag word is a block's start tag, its end tag (blocks of two granules
+# or more) or zero (every granule strictly inside a block), so "is there a block starting at g?"
+# is answered by two words, and a forged or stale offset is told apart from a real block.
 TAG_SIZE_MASK = 0xFFFFFFFF  # bits 0..31: size in granules (>= 1)
 TAG_USED = 1 << 32  # bit 32: the block is allocated
-TAG_OWNER_SHIFT = 33  # bits 33..63: pid of the allocating process; 0 = kept by the structure
-TAG_OWNER_MAX = (1 << 31) - 1
+TAG_OWNER_SHIFT = 33  # bits 33..62: pid of the allocating process; 0 = kept by the structure
+TAG_OWNER_MAX = (1 << 30) - 1  # Linux pids stay below 2**22 (PID_MAX_LIMIT)
+TAG_END = 1 << 63  # bit 63: this word is the end tag of a block of two granules or more
 
 MIN_GRANULE = 16  # bytes: a free block keeps its two 32-bit links in its first word
 MAX_GRANULE = 1 << 20

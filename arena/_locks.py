@@ -19,6 +19,7 @@ import fcntl
 import os
 import struct
 import threading
+from collections.abc import Callable
 from types import TracebackType
 
 # struct flock on Linux 64-bit: short type, short whence, off_t start, off_t len, pid_t pid.
@@ -57,12 +58,19 @@ def is_locked(fd: int, start: int, length: int = 1) -> bool:
 def reopen_fd(fd: int, path: str | None) -> int:
     """A new open file description of the same file as ``fd`` (for a child after fork).
 
-    A path-backed file is reopened by path and checked to be the same inode; a memfd (no path)
-    through ``/proc/self/fd``, which creates a fresh description.
+    Opened through ``/proc/self/fd/<fd>``, which reaches the very inode even when its name was
+    unlinked or replaced since (a memfd has no name at all); where /proc is missing, a
+    path-backed file is reopened by ``path`` (O_NOFOLLOW). Either way the result is checked to
+    be the same inode.
     """
     flags = os.O_RDWR | os.O_CLOEXEC
     before = os.fstat(fd)
-    new = os.open(path, flags | os.O_NOFOLLOW) if path else os.open(f"/proc/self/fd/{fd}", flags)
+    try:
+        new = os.open(f"/proc/self/fd/{fd}", flags)
+    except OSError:
+        if not path:
+            raise
+        new = os.open(path, flags | os.O_NOFOLLOW)
     after = os.fstat(new)
     if (after.st_dev, after.st_ino) != (before.st_dev, before.st_ino):
         os.close(new)
@@ -75,15 +83,19 @@ class SharedLock:
 
     Lock order: the thread lock first, then the OFD lock; released in reverse. ``fd`` may be
     None for a private structure, and is replaced after fork by its owner (``set_fd``).
-    ``on_acquire`` runs each time the outermost acquisition completes (the arena uses it to
-    repair an operation that a dead holder left half done).
+    ``on_acquire`` runs each time the outermost acquisition completes, whoever takes the lock
+    (the arena's own methods or a layer above through ``Arena.locked_section``): the arena uses
+    it to repair an operation that a dead holder left half done. If it raises, the lock is
+    released again and the exception propagates.
     """
 
-    __slots__ = ("_depth", "_fd", "_mutex", "_start")
+    __slots__ = ("_depth", "_fd", "_mutex", "_on_acquire", "_start")
 
-    def __init__(self, fd: int | None, start: int) -> None:
+    def __init__(self, fd: int | None, start: int,
+                 on_acquire: Callable[[], object] | None = None) -> None:
         self._fd = fd
         self._start = start
+        self._on_acquire = on_acquire
         # Guards _depth and, with the OFD lock, whatever the owner protects; held by one thread.
         self._mutex = threading.RLock()
         self._depth = 0
@@ -104,7 +116,15 @@ class SharedLock:
                 self._mutex.release()
                 raise
         self._depth += 1
-        return self._depth == 1
+        if self._depth == 1:
+            if self._on_acquire is not None:
+                try:
+                    self._on_acquire()
+                except BaseException:
+                    self.release()
+                    raise
+            return True
+        return False
 
     def release(self) -> None:
         """Release one level; the OFD lock goes with the outermost level."""

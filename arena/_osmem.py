@@ -5,14 +5,17 @@ Platform look-ups happen once, at import; a missing facility is None and callers
 
 Security rules for shared files (the data in them is never trusted before validation):
 created with O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600 (fchmod'ed too, whatever the umask);
-opened with O_NOFOLLOW, then refused unless it is a regular file owned by this user and not
-writable by group or others.
+opened with O_NOFOLLOW|O_NONBLOCK|O_NOCTTY (a FIFO or a terminal planted at the path can neither
+block the opener nor become its terminal), then refused unless it is a regular file owned by
+this user and not writable by group or others.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
+import fcntl
 import mmap
 import os
 import resource
@@ -174,18 +177,25 @@ def create_file(path: str, size: int) -> int:
 
 
 def open_file(path: str) -> tuple[int, int]:
-    """Open an existing shared file after the ownership and mode checks; (fd, size)."""
+    """Open an existing shared file after the ownership and mode checks; (fd, size).
+
+    Refusals raise :class:`BadArenaFile`; a path that does not exist raises FileNotFoundError.
+    """
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, flags)
     except OSError as exc:
-        if exc.errno == 40:  # ELOOP: the last component is a symbolic link
+        if exc.errno == errno.ELOOP:  # the last component is a symbolic link
             raise BadArenaFile(exc.errno, f"{path} is a symbolic link; refusing it") from None
+        if exc.errno in (errno.EISDIR, errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):
+            raise BadArenaFile(exc.errno, f"{path}: not a regular file") from None
         raise
     try:
         st = os.fstat(fd)
         problem = file_problem(st, os.geteuid())
         if problem:
-            raise BadArenaFile(1, f"{path}: {problem}")
+            raise BadArenaFile(errno.EPERM, f"{path}: {problem}")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)
         raise

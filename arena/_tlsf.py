@@ -14,16 +14,32 @@ lists are non-empty, so a fit is found with two ``lowest set bit`` operations on
 whatever the fill: no scan. Links live in the first word of the free block itself (free memory
 is the allocator's), as two 32-bit granule indexes.
 
+That good-fit search skips the request's own list (some of its blocks are smaller than the
+request), so when it finds nothing ``alloc`` walks that one list for a block large enough, and
+an aligned request the padded search cannot serve visits the free blocks large enough. Only a
+nearly exhausted arena pays these walks, and they make the promise exact: ``alloc`` returns -1
+only when no free block can hold the request (so ``largest_free`` granules can always be had).
+
 Crash safety
 ------------
 Rule 1: the *start* tags, walked from granule 0 by their sizes, always describe a partition of
-the heap into blocks. Every mutation prepares the tags it needs inside the old extent first and
-then makes one aligned 8-byte store, the *commit* (the start tag of the leftmost block it
-changes). A process killed before the commit leaves the old partition, after it the new one.
+the heap into blocks. Every mutation prepares the start tags it needs strictly inside the old
+extent first and then makes one aligned 8-byte store, the *commit* (the start tag of the
+leftmost block it changes). A process killed before the commit leaves the old partition, after
+it the new one. No word that is a start tag of the old partition changes before the commit:
+in particular a merge writes its new end tag after it, because that word may be the start tag
+of a one-granule block being absorbed.
 
 Rule 2: everything else (end tags, lists, bitmaps, the used count) is derived. ``W_OP`` holds the
 pid of the operation in progress; the next lock holder that finds it non-zero calls
 :meth:`Tlsf.rebuild`, which recomputes the derived state from the start tags in one pass.
+
+Rule 3: a tag word is a start tag, an end tag (marked ``TAG_END``; a one-granule block has only
+its start tag) or zero. ``free`` zeroes the boundary words it absorbs *after* its commit (before
+it they are still start tags of the old partition), and ``rebuild`` zeroes every word inside a
+block, so an interrupted operation cannot leave a stale tag behind. Hence :meth:`Tlsf.used_size`
+tells in O(1) whether an offset is the start of a live block: a forged or stale offset (inside a
+block, on an end tag, on a block freed and coalesced since) is refused, not freed.
 
 Hence a process SIGKILLed inside ``alloc`` or ``free`` costs at most the block it was handling
 (which then shows as a used block with a dead owner: ``Arena.check`` finds it).
@@ -39,6 +55,8 @@ from ._layout import (
     NIL,
     SL_COUNT,
     SL_LOG2,
+    TAG_END,
+    TAG_OWNER_MAX,
     TAG_OWNER_SHIFT,
     TAG_SIZE_MASK,
     TAG_USED,
@@ -53,6 +71,7 @@ from ._layout import (
 _LOW32 = 0xFFFFFFFF
 _HIGH32 = 0xFFFFFFFF00000000
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_ZEROS = memoryview(bytes(8 * 4096)).cast("Q")  # source for zeroing runs of tag words
 
 
 def mapping_insert(n: int) -> tuple[int, int]:
@@ -126,14 +145,46 @@ class Tlsf:
     # -- tags and links ------------------------------------------------------------------
 
     def _set_tags(self, start: int, size: int, tag: int) -> None:
-        """Write the end tag, then the start tag (the start tag last: it may be a commit)."""
+        """Write the start tag (it may be the commit), then the end tag.
+
+        In this order because a merge's new end tag can land on a start tag of the old
+        partition (the last absorbed block is one granule long): that word may change only
+        once the commit has put it inside the new block. End tags are derived (Rule 2), so
+        one missing after a kill is rebuilt.
+        """
         w, t = self.words, self._tags
-        w[t + start + size - 1] = tag
         w[t + start] = tag
+        if size > 1:
+            w[t + start + size - 1] = tag | TAG_END
+
+    def _zero_tags(self, first: int, stop: int) -> None:
+        """Zero the tag words of granules ``first``..``stop - 1`` (inside one block: Rule 3)."""
+        w, t = self.words, self._tags
+        while first < stop:
+            k = min(stop - first, len(_ZEROS))
+            w[t + first : t + first + k] = _ZEROS[:k]
+            first += k
 
     def tag(self, g: int) -> int:
         """The tag word at granule ``g``."""
         return int(self.words[self._tags + g])
+
+    def used_size(self, g: int) -> int:
+        """Granules of the used block that starts at granule ``g``; 0 when none starts there.
+
+        O(1) by Rule 3: a start tag is non-zero without ``TAG_END``, and its block's last word
+        is the matching end tag. Valid while the index is consistent (``W_OP`` clear).
+        """
+        if not 0 <= g < self.n_granules:
+            return 0
+        w, t = self.words, self._tags
+        tag = w[t + g]
+        if not tag & TAG_USED or tag & TAG_END:
+            return 0
+        n = tag & TAG_SIZE_MASK
+        if g + n > self.n_granules or (n > 1 and w[t + g + n - 1] != tag | TAG_END):
+            return 0
+        return int(n)
 
     def _insert(self, g: int, n: int) -> None:
         """Push free block ``g`` of ``n`` granules on the head of its list."""
@@ -190,13 +241,17 @@ class Tlsf:
         """Allocate ``n`` granules at a granule index that is a multiple of ``align``.
 
         Returns the granule index, or -1 when no free run can hold the request. ``W_OP`` must
-        be set by the caller around the call.
+        be set by the caller around the call. ``owner`` is a pid (0..TAG_OWNER_MAX).
         """
+        if not 0 <= owner <= TAG_OWNER_MAX:
+            raise ValueError(f"owner {owner} does not fit a tag")
         w, t = self.words, self._tags
         if align <= 1:
             g = self._find(n)
             if g == NIL:
-                return -1
+                g = self._find_in_own_list(n)
+                if g == NIL:
+                    return -1
             gap = 0
         else:
             g, gap = self._find_aligned(n, align)
@@ -220,6 +275,22 @@ class Tlsf:
             self._insert(a + n, rest)
         w[W_USED] += n
         return a
+
+    def _find_in_own_list(self, n: int) -> int:
+        """A block of at least ``n`` granules on the list that ``n`` itself maps to, or NIL.
+
+        The good-fit search starts one list higher; this walk runs only when that failed.
+        """
+        w, t, heap, stride = self.words, self._tags, self._heap, self._stride
+        fl, sl = mapping_insert(n)
+        if fl >= FL_COUNT:
+            return NIL
+        g = w[W_HEADS + fl * SL_COUNT + sl]
+        while g != NIL:
+            if w[t + g] & TAG_SIZE_MASK >= n:
+                return int(g)
+            g = w[heap + g * stride] & _LOW32
+        return NIL
 
     def _find_aligned(self, n: int, align: int) -> tuple[int, int]:
         """A free block able to hold ``n`` granules at an ``align`` boundary: (start, gap).
@@ -257,12 +328,18 @@ class Tlsf:
                 self._remove(start, pn)
                 size += pn
         self._set_tags(start, size, size)  # commit
+        # Rule 3: the boundary words absorbed by the merge are now inside the block.
+        for c in (g - 1, g, g + n - 1, g + n):
+            if start < c < start + size - 1:
+                w[t + c] = 0
         self._insert(start, size)
         w[W_USED] -= n
         return int(n)
 
     def set_owner(self, g: int, owner: int) -> None:
         """Record ``owner`` in the used block at ``g`` (both tags; one store each)."""
+        if not 0 <= owner <= TAG_OWNER_MAX:
+            raise ValueError(f"owner {owner} does not fit a tag")
         w, t = self.words, self._tags
         tag = w[t + g]
         new = (tag & (TAG_USED | TAG_SIZE_MASK)) | (owner << TAG_OWNER_SHIFT)
@@ -277,9 +354,10 @@ class Tlsf:
         while g < end:
             tag = w[t + g]
             n = tag & TAG_SIZE_MASK
-            if n == 0 or g + n > end:
+            if n == 0 or g + n > end or tag & TAG_END:
                 raise CorruptArena(f"granule {g}: tag {tag:#x} does not fit the heap")
-            yield BlockInfo(g, int(n), bool(tag & TAG_USED), int(tag >> TAG_OWNER_SHIFT))
+            yield BlockInfo(g, int(n), bool(tag & TAG_USED),
+                            int(tag >> TAG_OWNER_SHIFT & TAG_OWNER_MAX))
             g += n
 
     def _free_blocks(self, min_size: int = 1) -> Iterator[tuple[int, int]]:
@@ -317,7 +395,9 @@ class Tlsf:
         return int(best)
 
     def rebuild(self) -> None:
-        """Recompute the derived state from the start tags (Rule 2); merges adjacent free runs.
+        """Recompute the derived state from the start tags (Rule 2); merges adjacent free runs
+        and zeroes every word inside a block (Rule 3). Itself safe to interrupt: it changes a
+        start tag only to commit a merge, and zeroes a word only once it is inside a block.
 
         Raises CorruptArena when the start tags themselves are broken.
         """
@@ -329,9 +409,11 @@ class Tlsf:
             if b.used:
                 if run_size:
                     self._set_tags(run_start, run_size, run_size)
+                    self._zero_tags(run_start + 1, run_start + run_size - 1)
                     self._insert(run_start, run_size)
                     run_size = 0
                 self._set_tags(b.start, b.size, self.tag(b.start))
+                self._zero_tags(b.start + 1, b.start + b.size - 1)
                 used += b.size
             elif run_size:
                 run_size += b.size
@@ -339,6 +421,7 @@ class Tlsf:
                 run_start, run_size = b.start, b.size
         if run_size:
             self._set_tags(run_start, run_size, run_size)
+            self._zero_tags(run_start + 1, run_start + run_size - 1)
             self._insert(run_start, run_size)
         self.words[W_USED] = used
         self.words[W_RECOVERIES] += 1
@@ -359,9 +442,15 @@ class Tlsf:
         used = 0
         prev_free = False
         for b in blocks:
+            start_tag = w[t + b.start]
             end_tag = w[t + b.start + b.size - 1]
-            if end_tag != w[t + b.start]:
-                out.append(f"block at granule {b.start}: end tag {end_tag:#x} != start tag")
+            if b.size > 1 and end_tag != start_tag | TAG_END:
+                out.append(f"block at granule {b.start}: end tag {end_tag:#x} does not match "
+                           f"start tag {start_tag:#x}")
+            if b.size > 2:
+                inside = w[t + b.start + 1 : t + b.start + b.size - 1].tobytes()
+                if inside.count(0) != len(inside):
+                    out.append(f"block at granule {b.start}: a stale tag inside it")
             if b.used:
                 used += b.size
                 prev_free = False

@@ -18,6 +18,7 @@ from ._errors import (
     MetricRemoved,
     PercpuError,
 )
+from ._exposition import exposition
 from ._handles import Counter, Gauge, PerCpu, Summary
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "PerCpu",
     "PercpuError",
     "Summary",
+    "exposition",
 ]

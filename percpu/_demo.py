@@ -175,7 +175,7 @@ def _run(dom: Domain, path: str, workers: int, batches: int, batch: int,
         mark = "exact" if got == want else "WRONG"
         ok &= got == want
         print(f"  {what:22} counted {got:>12,}  expected {want:>12,}  {mark}")
-    print(f"ids: max {s.max_vcpus}, in use now {s.holders_now}, peak {s.highest_id_used}, "
+    print(f"ids: max {s.max_vcpus}, in use now {s.holders_now}, peak {s.ids_ever_used}, "
           f"fresh {s.fresh_ids}, reused {s.reused_ids}, reclaimed from the dead "
           f"{s.reclaimed_ids}, shared-id operations {s.shared_id_operations}")
     print(f"memory: {s.metrics} metrics in {s.pagesets} pagesets, {s.pages} pages, "

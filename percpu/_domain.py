@@ -20,6 +20,9 @@ Invariants
 4. Crash safety: each shared update under the lock ends with one commit store (a registry entry
    becomes visible when its hash word is written; a cache pop commits its count before the ref
    is used), so a holder killed mid-update leaks at most a slot, which ``check`` finds.
+5. Compaction (``compact``; protocol and memory ordering in ``_compact``) moves a metric's
+   slot only through a batch that every live holder acknowledges; each id's values are copied
+   by that id's owner alone; readers pair old and new slots while a batch is in flight.
 
 Pagesets: one page per vcpu id, allocated from the arena the first time that id touches the
 pageset, so memory follows the ids in use, not the CPU count. Per-vcpu caches (in the lease
@@ -30,14 +33,17 @@ pageset layer in batches of ``CACHE_REFILL``.
 from __future__ import annotations
 
 import atexit
+import fcntl
 import hashlib
 import os
+import struct
 import sys
 import threading
+import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -45,7 +51,23 @@ from arena import Arena, ArenaError, ArenaExhausted
 from arena._arena import LockPolicy
 from arena._locks import is_locked, lock, try_lock, unlock
 
-from . import _cpuset
+from . import _cpuset, _membarrier
+from ._compact import (
+    DRIVE_AFTER,
+    GRACE_POLL,
+    POLICY_INTERVAL,
+    POLICY_TIMEOUT,
+    READ_TRIES,
+    CompactResult,
+    MoveBatch,
+    PagesetInfo,
+    Pair,
+    Plan,
+    copy_moves,
+    occupancy,
+    plan_compaction,
+    should_compact,
+)
 from ._errors import (
     BadDomainFile,
     DomainClosed,
@@ -64,6 +86,8 @@ from ._handles import (
     PerCpu,
     Summary,
     _Handle,
+    _Removed,
+    _Unbound,
     base_of,
 )
 from ._layout import (
@@ -73,14 +97,23 @@ from ._layout import (
     CACHE_WORDS,
     D_EPOCH,
     D_FRESH,
-    D_HIGHEST,
     D_MAGIC,
     D_MAX_VCPUS,
+    D_MOVES,
+    D_MV_BATCHES,
+    D_MV_COUNT,
+    D_MV_EPOCH,
+    D_MV_GEN,
+    D_MV_PAGES,
+    D_MV_REG_DONE,
+    D_MV_SOURCES,
+    D_MV_STARTED,
     D_OVERFLOW_HOLDERS,
     D_PAGES,
     D_PENDING,
     D_PS_COUNT,
     D_RECLAIMED,
+    D_RECLAIMED_PAGESETS,
     D_RECOVERED_SLOTS,
     D_REG_CAP,
     D_REG_GEN,
@@ -104,12 +137,21 @@ from ._layout import (
     KIND_SUMMARY,
     L_ACK,
     L_CACHE,
-    L_LEASES,
     L_PID,
+    L_SEQ,
     LEASE_LOCK_BASE,
+    LEASE_WORDS,
+    M_KIND,
+    M_NEW,
+    M_OLD,
     MAGIC,
     MAX_CHUNKS,
     MAX_OBJECT_SIZE,
+    MOVE_CAP,
+    MOVE_WORDS,
+    MS_DONE,
+    MS_STEP,
+    OVERFLOW_ACK_BASE,
     OVERFLOW_LOCK,
     P_BITMAP,
     P_CLASS,
@@ -128,24 +170,38 @@ from ._layout import (
     class_index,
     lease_base,
     make_ref,
+    move_records_base,
+    move_sources_base,
+    move_state_base,
     pageset_words,
     pending_base,
     root_words,
     slots_per_page,
     split_ref,
 )
-from ._leases import LeasePath, choose_lowest, classify
+from ._leases import (
+    LeasePath,
+    choose_lowest,
+    ids_ever_used,
+    live_ids,
+    oldest_mark,
+    record_lease,
+    record_release,
+)
 from ._names import decode_key, encode_key, validate_labels, validate_metric_name
 
 H = TypeVar("H", bound=_Handle)
+_T = TypeVar("_T")  # what a read returns (compaction: _mv_read)
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
+_SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
 _KIND_CLASS: dict[int, type[_Handle]] = {
     KIND_COUNTER: Counter, KIND_GAUGE: Gauge, KIND_SUMMARY: Summary,
 }
 _CLASS_KIND = {cls: kind for kind, cls in _KIND_CLASS.items()}
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
+_REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
 
 
 @dataclass(frozen=True)
@@ -154,15 +210,19 @@ class DomainStats:
 
     max_vcpus: int  #: ids that can be leased (plus the shared overflow id)
     vcpu_id: int | None  #: this process's id (None before its first use; max_vcpus = overflow)
-    holders_now: int  #: ids held by a live holder right now
-    ids_in_use: tuple[int, ...]  #: those ids (seed 000's "online" mask)
+    holders_now: int  #: ids held by a live holder right now (overflow holders not included)
+    ids_in_use: tuple[int, ...]  #: those ids, ascending (seed 000's "online" mask)
     holder_pids: dict[int, int]  #: id -> pid recorded by its live holder
-    highest_id_used: int  #: 1 + the highest id ever leased (the peak concurrency)
-    fresh_ids: int  #: ids leased for the first time
-    reused_ids: int  #: ids leased again after a clean release, inheriting values
-    reclaimed_ids: int  #: ids taken over from holders that died
-    overflow_holders: int  #: holders that found every id taken
-    shared_id_operations: int  #: operations done on the overflow id, under its lock
+    #: Ids ever leased in the domain. Ids go lowest first, so these are ids
+    #: 0..ids_ever_used - 1 (per-cpu memory follows this figure), and it is at most the peak
+    #: number of holders alive at once, however many processes came and went.
+    ids_ever_used: int
+    highest_id_used: int  #: the highest id ever leased: ids_ever_used - 1 (-1 before any)
+    fresh_ids: int  #: leases of an id never leased before (= distinct ids ever used)
+    reused_ids: int  #: leases of an id released cleanly before (its values carry on)
+    reclaimed_ids: int  #: leases of an id whose holder died holding it (its values carry on)
+    overflow_holders: int  #: holders, ever, that found every id taken and shared the overflow id
+    shared_id_operations: int  #: operations done on the overflow id, under its lock, ever
     metrics: int  #: named metrics registered
     pagesets: int  #: pagesets with at least one slot taken
     pages: int  #: pages allocated to pagesets (each is one id's page of one pageset)
@@ -174,6 +234,14 @@ class DomainStats:
     bytes_per_metric: float  #: pages * 4096 / metrics (0 when there are none)
     minor_faults: int  #: minor page faults of this process since its arena was ready
     major_faults: int
+    # Compaction (Domain.compact): memory given back, and the batch in flight if any.
+    arena_pages_used: int = 0  #: 4096-byte pages of the arena in use (used bytes, rounded up)
+    pending_moves: int = 0  #: moves published and waiting for a holder's quiescent point
+    pending_move_seconds: float = 0.0  #: how long they have waited (0 when none)
+    moved_slots: int = 0  #: slots moved by compaction, ever
+    compacted_pagesets: int = 0  #: pagesets emptied and given back by compaction, ever
+    compacted_pages: int = 0  #: their pages, returned to the arena, ever
+    compaction_batches: int = 0  #: compaction batches completed, ever
 
 
 @dataclass(frozen=True)
@@ -201,6 +269,20 @@ class DomainCheck:
 def _key_hash(key: bytes) -> int:
     h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
     return h if h > HASH_TOMBSTONE else h + 2  # 0 and 1 mean empty and tombstone
+
+
+_REG_TABLE_ALIGN = 64  # bytes; the low 6 bits of D_REG_TABLE hold log2(capacity)
+
+
+def _pack_table(off: int, cap: int) -> int:
+    """The D_REG_TABLE word of a registry table at ``off`` with ``cap`` entries."""
+    assert off % _REG_TABLE_ALIGN == 0 and cap > 0 and cap & (cap - 1) == 0
+    return off | (cap.bit_length() - 1)
+
+
+def _unpack_table(word: int) -> tuple[int, int]:
+    """(offset, capacity) of the registry table from its D_REG_TABLE word."""
+    return word & ~(_REG_TABLE_ALIGN - 1), 1 << (word & (_REG_TABLE_ALIGN - 1))
 
 
 class Domain:
@@ -259,6 +341,9 @@ class Domain:
         self._q = heap.cast("q")  # every slot, as int64 words
         self._d = heap.cast("d")  # the same words as float64 (summary sums)
         self._bytes = heap
+        # Where a retired handle points (see _retire): private scratch words, never read.
+        scratch = memoryview(bytearray(16))
+        self._trash_q, self._trash_d = scratch.cast("q"), scratch.cast("d")
         with self._lock:
             if fresh_bound is not None:
                 root = arena.alloc(root_words(fresh_bound) * 8, align=PAGE)
@@ -277,6 +362,8 @@ class Domain:
         # Guards this process's lease and cache state; never held across processes.
         self._plock = threading.RLock()
         self._vcpu: int | None = None
+        self._overflow_ack_byte: int | None = None  # our read lock while on the overflow id
+        self.last_lease_path: LeasePath | None = None  # how the current/last lease was taken
         self._ack = 0
         self._closed = False
         self._reg_cache: tuple[int, list[tuple[int, int, int, bytes]]] = (-1, [])
@@ -284,6 +371,7 @@ class Domain:
         self._quiescer: threading.Thread | None = None
         self._stop = threading.Event()
         self._pid = os.getpid()
+        self._mv_init()  # compaction's process-local state
         _domains.add(self)
 
     def _bind_root(self, offset: int, bound: int) -> None:
@@ -309,8 +397,8 @@ class Domain:
         if not 1 <= bound <= _cpuset.MAX_VCPUS_LIMIT or off + root_words(bound) * 8 > arena.size:
             raise BadDomainFile(22, f"bad max_vcpus {bound} in the domain header")
         self._bind_root(off, bound)
-        cap, table = self._root[D_REG_CAP], self._root[D_REG_TABLE]
-        if cap < REG_MIN_CAP or cap & (cap - 1) or table + cap * ENTRY_WORDS * 8 > arena.size:
+        table, cap = _unpack_table(int(self._root[D_REG_TABLE]))
+        if cap < REG_MIN_CAP or table + cap * ENTRY_WORDS * 8 > arena.size:
             raise BadDomainFile(22, "bad registry table in the domain header")
         return off
 
@@ -334,11 +422,25 @@ class Domain:
     # -- leases ------------------------------------------------------------------------
 
     def vcpu_id(self) -> int:
-        """This holder's vcpu id, taking the lease on first use (max_vcpus = overflow)."""
+        """This holder's vcpu id, taking the lease on first use: the lowest id no live holder
+        has. ``max_vcpus`` means every id was taken: this holder shares the overflow id, each
+        of its operations under a lock (counted in ``stats().shared_id_operations``)."""
         vcpu = self._vcpu
         if vcpu is None:
             vcpu = self._take_lease()
         return vcpu
+
+    def possible_vcpus(self) -> frozenset[int]:
+        """Every id a holder can lease (seed 000's "possible" mask): ``0..max_vcpus - 1``.
+        Fixed for the life of the domain; per-cpu memory is never sized beyond it."""
+        return frozenset(range(self._max))
+
+    def online_vcpus(self) -> frozenset[int]:
+        """The ids held by a live holder now, this process's included (seed 000's "online"
+        mask): a hint, stale as soon as it returns. Takes the domain lock."""
+        self._check_open()
+        with self._lock:
+            return frozenset(self._live_holders())
 
     def _take_lease(self) -> int:
         with self._plock:
@@ -352,31 +454,34 @@ class Domain:
                 vcpu = 0
             else:
                 vcpu = choose_lowest(self._max, lambda k: try_lock(fd, LEASE_LOCK_BASE + k))
-            with self._lock:
-                r = self._root
-                if vcpu is None:
-                    vcpu = self._max
-                    r[D_OVERFLOW_HOLDERS] += 1
-                    path = LeasePath.OVERFLOW
-                else:
-                    base = lease_base(self._max, vcpu)
-                    path = classify(int(r[base + L_LEASES]), int(r[base + L_PID]))
-                    if path is LeasePath.RECLAIMED:
-                        r[D_RECLAIMED] += 1
-                        r[D_RECOVERED_SLOTS] += self._cached_slots(vcpu)
-                    elif path is LeasePath.REUSED:
-                        r[D_REUSED] += 1
+            try:
+                with self._lock:
+                    r = self._root
+                    path = record_lease(r, self._max, vcpu, os.getpid())
+                    epoch = int(r[D_EPOCH])
+                    if vcpu is None:
+                        vcpu = self._max
+                        self._set_overflow_ack(epoch)
                     else:
-                        r[D_FRESH] += 1
-                    r[base + L_PID] = os.getpid()
-                    r[base + L_LEASES] += 1
-                    r[base + L_ACK] = r[D_EPOCH]
-                    if vcpu + 1 > r[D_HIGHEST]:
-                        r[D_HIGHEST] = vcpu + 1
-                self._ack = int(r[D_EPOCH])
+                        if path is LeasePath.RECLAIMED:
+                            r[D_RECOVERED_SLOTS] += self._cached_slots(vcpu)
+                        r[lease_base(self._max, vcpu) + L_ACK] = epoch
+                        self._mv_adopt(vcpu)  # compaction: the id's moves, before any bind
+                    # The new holder claims the current epoch, so under the same lock it retires
+                    # the handles of every slot that went pending since this process last
+                    # acknowledged (after a fork or a release they are unbound, and would
+                    # otherwise bind to a slot about to be reused).
+                    self._quiesce()
+            except BaseException:
+                if fd is not None and vcpu is not None:
+                    if vcpu < self._max:
+                        unlock(fd, LEASE_LOCK_BASE + vcpu)
+                    else:
+                        self._clear_overflow_ack()
+                raise
             self.last_lease_path = path
             self._vcpu = vcpu
-            if fd is not None and vcpu < self._max:
+            if fd is not None:  # overflow holders too: they acknowledge epochs like the rest
                 self._start_quiescer()
             return vcpu
 
@@ -386,20 +491,36 @@ class Domain:
 
     def release(self) -> None:
         """Give this process's id back now. Handles stay usable: each is bound again, to
-        whatever id the process then gets, on its next use (raw objects are freed)."""
+        whatever id the process then gets, on its next use (raw objects are freed).
+
+        Also run at interpreter exit and by :meth:`close`. A holder that dies without it
+        (``os._exit``, a signal) loses its id all the same (the kernel drops the lock); the
+        next holder of the id then counts it as reclaimed rather than reused.
+        """
         with self._plock:
             vcpu = self._vcpu
             if vcpu is None or self._closed:
                 return
-            self._stop_quiescer()
+            raw = [h for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)]
+            for h in raw:  # while the id is still ours: its cache takes the slots back
+                self._free_object(h)
+            # Stop the quiescer, but join it only after _plock is released: it may be waiting
+            # for _plock in _quiesce, and would never see the stop.
+            self._stop.set()
+            quiescer, self._quiescer = self._quiescer, None
             self._vcpu = None
             fd = self.arena.fd
-            if vcpu < self._max:
-                with self._lock:
-                    self._root[lease_base(self._max, vcpu) + L_PID] = 0
-                if fd is not None:
+            with self._lock:
+                record_release(self._root, self._max, vcpu)  # pid 0 before the lock goes
+            if fd is not None:
+                if vcpu < self._max:
                     unlock(fd, LEASE_LOCK_BASE + vcpu)
+                else:
+                    self._clear_overflow_ack()
             self._unbind_all()
+        nested = self._plock._is_owned()  # type: ignore[attr-defined]  # release() re-entered
+        if quiescer is not None and quiescer is not threading.current_thread() and not nested:
+            quiescer.join()
 
     def _unbind_all(self) -> None:
         """Make every handle take a lease and rebind on its next use (lock-free hot path
@@ -417,19 +538,56 @@ class Domain:
 
     @contextmanager
     def _overflow_op(self) -> Iterator[None]:
-        """The shared-id slow path: one lock per operation, counted."""
+        """The shared-id slow path: one lock per operation, counted.
+
+        Lock order: ``_plock``, then the overflow lock (never the other way round). It does not
+        acknowledge epochs itself: the quiescer does, under ``_plock``, so no acknowledgement
+        (and no retirement of the handle in use) can fall inside an operation.
+        """
         fd = self.arena.fd
         with self._plock:
             if fd is not None:
                 lock(fd, OVERFLOW_LOCK)
             try:
                 self._root[D_SHARED_OPS] += 1
-                if self._root[D_EPOCH] != self._ack:
-                    self._quiesce()
+                if self._q[self._mv_ovf_step]:  # compaction: a copier died mid-copy (rare)
+                    self._mv_finish_overflow()
                 yield
             finally:
                 if fd is not None:
                     unlock(fd, OVERFLOW_LOCK)
+
+    # Overflow holders acknowledge grace periods through OFD read locks, as they have no lease
+    # record of their own: a holder that has acknowledged epoch ``e`` holds a read lock on byte
+    # ``OVERFLOW_ACK_BASE + e`` (one byte, moved forward as it acknowledges). A slot pending
+    # since epoch ``E`` waits while any lock lies below ``OVERFLOW_ACK_BASE + E``. The kernel
+    # drops a dead holder's lock, so a dead overflow holder never blocks a grace period.
+
+    def _set_overflow_ack(self, epoch: int) -> None:
+        """Publish that this overflow holder has acknowledged ``epoch``. Domain lock held."""
+        fd = self.arena.fd
+        old, new = self._overflow_ack_byte, OVERFLOW_ACK_BASE + epoch
+        if fd is None or old == new:
+            return
+        _read_lock(fd, new)  # the new lock first: the published ack never jumps ahead
+        if old is not None:
+            unlock(fd, old)
+        self._overflow_ack_byte = new
+
+    def _clear_overflow_ack(self) -> None:
+        """This holder no longer holds the overflow id (release)."""
+        fd, old = self.arena.fd, self._overflow_ack_byte
+        self._overflow_ack_byte = None
+        if fd is not None and old is not None:
+            unlock(fd, old)
+
+    def _oldest_overflow_ack(self, limit: int) -> int:
+        """``min(limit, the oldest epoch acknowledged by another live overflow holder)``: a
+        binary search over lock queries, ~log2(limit) syscalls. Domain lock held."""
+        fd = self.arena.fd
+        if fd is None:
+            return limit
+        return oldest_mark(limit, lambda n: is_locked(fd, OVERFLOW_ACK_BASE, n))
 
     # -- pagesets and slots --------------------------------------------------------------
 
@@ -494,9 +652,11 @@ class Domain:
         """Up to ``want`` free refs of class ``cls``, densest pageset first. Lock held."""
         per_page = slots_per_page(cls)
         best, best_taken = -1, -1
+        draining = self._mv_draining()  # pagesets a compaction is emptying: closed
         for ps in range(int(self._root[D_PS_COUNT])):
             e = self._ps_entry(ps)
-            if e[P_CLASS] == cls + 1 and best_taken < e[P_TAKEN] < per_page:
+            if (e[P_CLASS] == cls + 1 and best_taken < e[P_TAKEN] < per_page
+                    and ps not in draining):
                 best, best_taken = ps, int(e[P_TAKEN])
         if best < 0:
             best = self._new_pageset(cls)
@@ -526,17 +686,21 @@ class Domain:
             e[P_TAKEN] -= 1
 
     def _cache_pop(self, cls: int) -> int:
-        """A ref from this holder's cache of class ``cls``, refilling it in bulk if empty."""
-        vcpu = self.vcpu_id()
+        """A ref from this holder's cache of class ``cls``, refilling it in bulk if empty.
+
+        The id is read under ``_plock``, so no other thread of ours releases it between
+        choosing the cache and writing it (the id's cache is shared memory: after a release
+        another process may own it)."""
         with self._plock:
+            vcpu = self.vcpu_id()
             base = lease_base(self._max, vcpu) + L_CACHE + cls * CACHE_WORDS
             r = self._root
-            if vcpu == self._max or r[base] == 0:
+            if vcpu == self._max:  # the overflow id keeps no cache: one slot, under the lock
+                with self._lock:
+                    return self._take_from_pagesets(cls, 1)[0]
+            if r[base] == 0:
                 with self._lock:
                     refs = self._take_from_pagesets(cls, CACHE_REFILL)
-                    if vcpu == self._max:  # the overflow id keeps no cache
-                        self._return_to_pagesets(refs[1:])
-                        return refs[0]
                     for i, ref in enumerate(refs):
                         r[base + 1 + i] = ref
                     r[base] = len(refs)  # commit
@@ -547,8 +711,8 @@ class Domain:
 
     def _cache_push(self, cls: int, ref: int) -> None:
         """Return a zeroed ref to this holder's cache, draining a batch when it is full."""
-        vcpu = self.vcpu_id()
         with self._plock:
+            vcpu = self.vcpu_id()
             r = self._root
             if vcpu == self._max:
                 with self._lock:
@@ -581,14 +745,35 @@ class Domain:
     # -- handles -------------------------------------------------------------------------
 
     def _bind(self, h: _Handle) -> None:
-        """Point ``h`` at this holder's copy of its slot (allocating the page if needed)."""
-        vcpu = self.vcpu_id()
-        ps, slot = split_ref(h._ref)
-        size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
-        page = self._page(ps, vcpu)
-        h._index = (page + slot * size) // 8
-        base = base_of(type(h))
-        h.__class__ = SHARED_VARIANT[base] if vcpu == self._max else base
+        """Point ``h`` at this holder's copy of its slot (allocating the page if needed).
+
+        Under ``_plock``, so that a lease taken, released or acknowledged by another thread
+        cannot fall between choosing the id and storing the class: 1. thread A calls
+        ``vcpu_id()`` and gets k; 2. thread B releases k (or retires ``h``); 3. A would bind
+        ``h`` to id k's copy, which another process may now hold (or resurrect ``h``).
+        """
+        while True:
+            vcpu = self.vcpu_id()
+            with self._plock:
+                if self._vcpu != vcpu:
+                    continue  # released meanwhile: take a lease again
+                if type(h) in _REMOVED_CLASSES:
+                    return  # retired meanwhile: its next use raises MetricRemoved
+                self._mv_follow(h)  # compaction: bind to where the metric lives now
+                if isinstance(h, _Unbound) and not self._still_registered(h):
+                    # Removed while this process held no lease (released, or a forked child):
+                    # its slot may be reused already, so the registry decides, not the queue.
+                    self._drop_handle(h)
+                    return
+                ps, slot = split_ref(h._ref)
+                size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
+                page = self._page(ps, vcpu)
+                if isinstance(h, PerCpu):
+                    h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
+                h._index = (page + slot * size) // 8
+                base = base_of(type(h))
+                h.__class__ = SHARED_VARIANT[base] if vcpu == self._max else base
+                return
 
     def _make_handle(self, cls_: type[H], ref: int, name: str,
                      labels: tuple[tuple[str, str], ...]) -> H:
@@ -601,7 +786,7 @@ class Domain:
         if isinstance(h, Summary):
             h._floats = self._d
         self._bind(h)
-        self._by_ref.setdefault(ref, []).append(h)
+        self._by_ref.setdefault(h._ref, []).append(h)  # _bind may follow a move
         return h
 
     def counter(self, name: str, labels: dict[str, str] | None = None) -> Counter:
@@ -625,12 +810,17 @@ class Domain:
         lab = validate_labels(labels)
         key = encode_key(name, lab)
         found = self._local.get((kind, key))
-        if found is not None:
+        if (found is not None and not isinstance(found, _Unbound)
+                and self._root[D_EPOCH] == self._ack):
             return found  # type: ignore[return-value]
         self._check_open()
         with self._plock:
+            if self._root[D_EPOCH] != self._ack:
+                self._quiesce()  # retire what was removed since: never hand out a stale handle
             found = self._local.get((kind, key))
-            if found is not None:
+            if found is not None and isinstance(found, _Unbound):
+                self._bind(found)  # checks the registry: it may have been removed meanwhile
+            if found is not None and not isinstance(found, _Removed):
                 return found  # type: ignore[return-value]
             ref = self._register(kind, key)
             h = self._make_handle(cls_, ref, name, lab)
@@ -639,18 +829,29 @@ class Domain:
 
     # -- the registry (shared hash table, lock held) --------------------------------------
 
+    # The table's offset and capacity are one word, D_REG_TABLE (see _pack_table), so that
+    # growing the table commits with one store: a holder killed while growing it leaves the
+    # old table in place (and a kept block leaked), never a table read with the wrong size.
+    # D_REG_CAP mirrors the capacity for people reading the header; nothing relies on it.
+
+    def _new_table(self, cap: int) -> int:
+        """A zeroed registry table block of ``cap`` entries, not yet published; its offset."""
+        nbytes = cap * ENTRY_WORDS * 8
+        off = self._alloc_block(nbytes, "the metric registry", align=_REG_TABLE_ALIGN)
+        self._bytes[off : off + nbytes] = bytes(nbytes)
+        return off
+
     def _init_registry(self, cap: int) -> None:
-        off = self._alloc_block(cap * ENTRY_WORDS * 8, "the metric registry")
-        self._bytes[off : off + cap * ENTRY_WORDS * 8] = bytes(cap * ENTRY_WORDS * 8)
+        off = self._new_table(cap)
         r = self._root
-        r[D_REG_TABLE] = off
+        r[D_REG_TABLE] = _pack_table(off, cap)  # commit
         r[D_REG_CAP] = cap
         r[D_REG_USED] = 0
         r[D_REG_LIVE] = 0
         r[D_REG_GEN] += 1
 
     def _table(self) -> memoryview:
-        off, cap = int(self._root[D_REG_TABLE]), int(self._root[D_REG_CAP])
+        off, cap = _unpack_table(int(self._root[D_REG_TABLE]))
         return self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
 
     def _read_key(self, t: memoryview, i: int) -> bytes:
@@ -682,58 +883,71 @@ class Domain:
         h = _key_hash(key)
         size = KIND_SIZES[kind]
         cls = class_index(size)
-        # Take the slot before the lock is held for the registry: the cache may need it too.
-        spare = self._cache_pop(cls)
         with self._lock:
-            idx, free = self._lookup(key, h)
-            if idx >= 0:
+            # The spare slot is taken under the lock (re-entrant: a refill takes it too), so a
+            # check() in another process never sees it in transit and takes it for a leak.
+            spare = self._cache_pop(cls)
+            committed = False
+            try:
+                idx, free = self._lookup(key, h)
+                if idx >= 0:
+                    t = self._table()
+                    meta = int(t[idx * ENTRY_WORDS + E_META])
+                    if meta & 0xFF != kind:
+                        raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
+                                           f"{KIND_NAMES[meta & 0xFF]}, not a "
+                                           f"{KIND_NAMES[kind]}")
+                    return int(t[idx * ENTRY_WORDS + E_REF])
+                r = self._root
+                if (r[D_REG_USED] + 1) * 2 > _unpack_table(int(r[D_REG_TABLE]))[1]:
+                    self._grow_registry()
+                    _, free = self._lookup(key, h)
+                key_off = self._alloc_block(max(len(key), 1), "a metric name")
+                self._bytes[key_off : key_off + len(key)] = key
                 t = self._table()
-                meta = int(t[idx * ENTRY_WORDS + E_META])
-                self._cache_push(cls, spare)
-                if meta & 0xFF != kind:
-                    raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
-                                       f"{KIND_NAMES[meta & 0xFF]}, not a {KIND_NAMES[kind]}")
-                return int(t[idx * ENTRY_WORDS + E_REF])
-            if (self._root[D_REG_USED] + 1) * 2 > self._root[D_REG_CAP]:
-                self._grow_registry()
-                _, free = self._lookup(key, h)
-            key_off = self._alloc_block(max(len(key), 1), "a metric name")
-            self._bytes[key_off : key_off + len(key)] = key
-            t = self._table()
-            e = free * ENTRY_WORDS
-            was_empty = t[e + E_HASH] == HASH_EMPTY
-            t[e + E_KEY] = key_off
-            t[e + E_META] = kind | cls << 8 | len(key) << 16
-            t[e + E_REF] = spare
-            t[e + E_HASH] = h  # commit
-            r = self._root
-            r[D_REG_USED] += 1 if was_empty else 0
-            r[D_REG_LIVE] += 1
-            r[D_REG_GEN] += 1
-            return spare
+                e = free * ENTRY_WORDS
+                was_empty = t[e + E_HASH] == HASH_EMPTY
+                t[e + E_KEY] = key_off
+                t[e + E_META] = kind | cls << 8 | len(key) << 16
+                t[e + E_REF] = spare
+                t[e + E_HASH] = h  # commit
+                committed = True
+                r[D_REG_USED] += 1 if was_empty else 0
+                r[D_REG_LIVE] += 1
+                r[D_REG_GEN] += 1
+                return spare
+            finally:
+                if not committed:  # found, refused (KindMismatch) or failed (DomainFull)
+                    self._cache_push(cls, spare)
 
     def _grow_registry(self) -> None:
+        """Rehash the live entries into a new table (dropping tombstones). Lock held.
+
+        The new table is filled completely before the one-word commit that publishes it."""
         old = self._table()
-        old_off = int(self._root[D_REG_TABLE])
+        old_off, old_cap = _unpack_table(int(self._root[D_REG_TABLE]))
         entries = [tuple(int(old[i * ENTRY_WORDS + j]) for j in range(ENTRY_WORDS))
                    for i in range(len(old) // ENTRY_WORDS)]
+        old.release()
         live = [e for e in entries if e[E_HASH] > HASH_TOMBSTONE]
-        cap = max(REG_MIN_CAP, int(self._root[D_REG_CAP]))
+        cap = max(REG_MIN_CAP, old_cap)
         while len(live) * 4 >= cap:
             cap *= 2
-        old.release()
-        gen = int(self._root[D_REG_GEN])
-        self._init_registry(cap)
-        t = self._table()
+        off = self._new_table(cap)
+        t = self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
         for e in live:
             i = e[E_HASH] & (cap - 1)
             while t[i * ENTRY_WORDS + E_HASH] != HASH_EMPTY:
                 i = (i + 1) & (cap - 1)
             for j in (E_KEY, E_META, E_REF, E_HASH):
                 t[i * ENTRY_WORDS + j] = e[j]
-        self._root[D_REG_USED] = len(live)
-        self._root[D_REG_LIVE] = len(live)
-        self._root[D_REG_GEN] = gen + 1
+        t.release()
+        r = self._root
+        r[D_REG_TABLE] = _pack_table(off, cap)  # commit
+        r[D_REG_CAP] = cap
+        r[D_REG_USED] = len(live)
+        r[D_REG_LIVE] = len(live)
+        r[D_REG_GEN] += 1
         self.arena.free(self.arena.block_at(old_off))
 
     def _entries(self) -> list[tuple[int, int, int, bytes]]:
@@ -799,6 +1013,7 @@ class Domain:
         """Acknowledge the current epoch: retire handles of every pending slot. The caller
         holds the GIL (it runs Python), so no thread of this process is mid-update."""
         with self._plock, self._lock:
+            self._mv_sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = int(r[D_EPOCH])
             for i in range(int(r[D_PENDING])):
@@ -810,26 +1025,60 @@ class Domain:
             vcpu = self._vcpu
             if vcpu is not None and vcpu < self._max:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
+            elif vcpu == self._max:
+                self._set_overflow_ack(epoch)
             if r[D_PENDING]:
                 self._reclaim_pending(wait=False)
 
     def _retire(self, h: _Handle) -> None:
+        """Make every later use of ``h`` raise. The GIL is held (we run Python): a thread of
+        this process that was switched out at the entry of ``h.add`` (already dispatched to the
+        live class) resumes after these stores and reads the scratch ``_cells``/``_index``, so
+        its update lands in private scratch, never in the slot about to be reused. The stores
+        are consecutive, with no call between them: no thread switch can split them."""
         base = base_of(type(h))
-        h.__class__ = REMOVED_VARIANT[base]
+        removed, summary = REMOVED_VARIANT[base], isinstance(h, Summary)
+        h._cells = self._trash_q
+        h._index = 0
+        if summary:
+            h._floats = self._trash_d  # type: ignore[attr-defined]
+        h.__class__ = removed
         kind = _CLASS_KIND.get(base)
         if kind is not None:
-            self._local.pop((kind, encode_key(h.name, h.labels)), None)
+            k = (kind, encode_key(h.name, h.labels))
+            if self._local.get(k) is h:  # not a newer registration of the same name
+                del self._local[k]
+
+    def _drop_handle(self, h: _Handle) -> None:
+        """Retire ``h`` and forget it (it is no longer in the registry). ``_plock`` held."""
+        handles = self._by_ref.get(h._ref)
+        if handles is not None and h in handles:
+            handles.remove(h)
+            if not handles:
+                del self._by_ref[h._ref]
+        self._retire(h)
+
+    def _still_registered(self, h: _Handle) -> bool:
+        """True when ``h``'s name and labels still map to ``h``'s slot and kind."""
+        kind = _CLASS_KIND.get(base_of(type(h)))
+        if kind is None:
+            return True  # a raw object: not in the registry
+        key = encode_key(h.name, h.labels)
+        with self._lock:
+            idx, _ = self._lookup(key, _key_hash(key))
+            if idx < 0:
+                return False
+            t = self._table()
+            e = idx * ENTRY_WORDS
+            ref = self._mv_current(int(t[e + E_REF]))  # a registry entry may lag a move
+            return bool(ref == h._ref and int(t[e + E_META]) & 0xFF == kind)
 
     def _live_holders(self) -> list[int]:
-        """Ids whose holder is alive (their lock is held). Lock held."""
-        fd = self.arena.fd
-        ids = []
-        for k in range(self._max):
-            recorded = self._root[lease_base(self._max, k) + L_PID]
-            if k == self._vcpu or (fd is not None and recorded and is_locked(
-                    fd, LEASE_LOCK_BASE + k)):
-                ids.append(k)
-        return ids
+        """Ids whose holder is alive: a pid recorded and the lock held (ours, or another open
+        file description's). Lock held."""
+        fd, mine = self.arena.fd, self._vcpu
+        return live_ids(self._root, self._max, lambda k: k == mine or (
+            fd is not None and is_locked(fd, LEASE_LOCK_BASE + k)))
 
     def _reclaim_pending(self, wait: bool) -> int:
         """Zero and return every pending slot whose grace period is over. Lock held."""
@@ -837,11 +1086,13 @@ class Domain:
         while True:
             acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in self._live_holders()]
             oldest = min(acks, default=int(r[D_EPOCH]))
+            oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
+            moving = self._mv_moving_refs()  # a compaction still copies into/out of these
             done = 0
             i = 0
             while i < int(r[D_PENDING]):
                 p = self._pending + i * PENDING_WORDS
-                if r[p + PE_EPOCH] <= oldest:
+                if r[p + PE_EPOCH] <= oldest and int(r[p + PE_REF]) not in moving:
                     ref = int(r[p + PE_REF])
                     self._zero_slot(ref)
                     self._return_to_pagesets([ref])
@@ -859,7 +1110,14 @@ class Domain:
             finally:
                 self._lock.acquire()
 
+    #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
+    #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
+    #: without a quiescer acknowledges epochs only when it takes a lease or removes.
+    _background_quiescer = True
+
     def _start_quiescer(self) -> None:
+        if not self._background_quiescer:
+            return
         if self._quiescer is not None and self._quiescer.is_alive():
             return
         self._stop = threading.Event()
@@ -883,6 +1141,8 @@ class Domain:
             try:
                 if root[D_EPOCH] != self._ack or root[D_PENDING]:
                     self._quiesce()
+                if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._mv_seen:
+                    self._mv_tick()  # compaction: follow and drive the batch in flight
             except (ValueError, PercpuError, ArenaError):
                 return  # the domain was closed under us
 
@@ -903,6 +1163,683 @@ class Domain:
                 return False
             self._stop.wait(QUIESCE_INTERVAL)
 
+    # -- compaction (the protocol and its memory-ordering argument: percpu/_compact.py) -----
+    #
+    # Shared words: D_MV_* in the header, L_SEQ in each lease record, the move region (per-id
+    # move states and journals, sources, move records); all written under the domain lock,
+    # except that readers load D_MV_GEN, L_SEQ and the slots without it (``_mv_read``).
+    # Process-local: _mv_seen (the batch generation our handles follow), _mv_info (the
+    # decoded batch in flight), the policy thread. Lock order: _plock, the domain lock, then
+    # only try_lock on a lease byte or the overflow lock (never a wait while holding the
+    # domain lock).
+
+    #: Handle classes bound to a slot of this holder (their ``_index`` follows a move).
+    _MV_BOUND: frozenset[type] = frozenset(
+        {Counter, Gauge, Summary, *(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))})
+
+    def _mv_init(self) -> None:
+        """Process-local compaction state (from ``_attach``; nothing is bound yet)."""
+        self._root_q = self._root_off // 8  # index in self._q of the root block's word 0
+        self._mv_seen = int(self._root[D_MV_GEN])
+        self._mv_info = MoveBatch(-1)
+        self._mv_need: tuple[int, frozenset[int]] = (-1, frozenset())
+        # old ref -> new ref of handles rebound by the last two syncs: a read that loaded a
+        # handle's _ref just before a sync rebound it still finds its metric (_mv_read).
+        self._mv_fwd: dict[int, int] = {}
+        self._mv_fwd_prev: dict[int, int] = {}
+        self._mv_ovf_step = self._root_q + move_state_base(self._max, self._max) + MS_STEP
+        self._policy: threading.Thread | None = None
+        self._policy_stop = threading.Event()
+        self._policy_runs = 0  # compactions the background policy started in this process
+        _membarrier.register()
+
+    def compact(self, timeout: float | None = 5.0, *, max_moves: int = MOVE_CAP) -> CompactResult:
+        """Move live metrics out of sparse pagesets into dense ones, through a grace period,
+        and give the emptied pagesets' pages back to the arena (seed 002).
+
+        Runs batches of at most ``max_moves`` moves until nothing more can be given back.
+        Counting goes on meanwhile, in every process, with no extra work per update; values
+        stay exact and never go backwards. Each batch waits for every live holder to rebind at
+        its next quiescent point (milliseconds). A holder that does not (stopped, stuck in a
+        long C call) keeps its batch in flight past ``timeout`` seconds (None: no limit): the
+        call then returns with ``pending_moves > 0`` and the batch completes in the background
+        when the holder resumes or dies. Raw ``PerCpu`` objects are never moved (their
+        pageset is kept), nor slots waiting for a grace period.
+        """
+        if timeout is not None and (timeout.__class__ not in (int, float)
+                                    or not 0 <= timeout < float("inf")):
+            raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, "
+                                  f"got {timeout!r}")
+        if max_moves.__class__ is not int or not 1 <= max_moves <= MOVE_CAP:
+            raise InvalidArgument(f"max_moves must be an int in 1..{MOVE_CAP}, got {max_moves!r}")
+        self._check_open()
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        with self._lock:
+            before = self._mv_totals()
+        graces: list[float] = []
+        ideal = 0
+        while self._mv_wait(deadline):
+            self._mv_wait_pending(deadline)  # slots freed just before: movable, not pinned
+            with self._plock, self._lock:
+                r = self._root
+                if int(r[D_MV_GEN]) & 1:
+                    continue  # another compactor published meanwhile
+                self._quiesce()  # our acknowledgement, and the pending frees that are due
+                infos, live = self._mv_inventory()
+                plan = plan_compaction(infos, max_moves)
+                ideal = plan.ideal_pages
+                if plan.empty:
+                    break
+                self._mv_publish(plan, live)
+                self._mv_sync()  # our own handles and id at once
+                published = time.monotonic()
+                reclaimed = int(r[D_RECLAIMED_PAGESETS])
+            if not self._mv_wait(deadline):
+                break
+            graces.append(time.monotonic() - published)
+            if int(self._root[D_RECLAIMED_PAGESETS]) == reclaimed:
+                break  # nothing came back (slots were taken meanwhile): stop here
+        with self._lock:
+            after = self._mv_totals()
+            r = self._root
+            pending = int(r[D_MV_COUNT]) if int(r[D_MV_GEN]) & 1 else 0
+        return CompactResult(
+            moved=after[1] - before[1], reclaimed_pagesets=after[2] - before[2],
+            reclaimed_pages=after[3] - before[3], pages_before=before[0], pages_after=after[0],
+            ideal_pages=ideal, pending_moves=pending, batches=after[4] - before[4],
+            seconds=time.monotonic() - start, grace_seconds=tuple(graces))
+
+    def set_compaction(self, threshold: float | None, *, interval: float = POLICY_INTERVAL,
+                       timeout: float = POLICY_TIMEOUT) -> None:
+        """The background policy (off by default): every ``interval`` seconds a daemon thread
+        of this process runs :meth:`compact` (with ``timeout``) when the occupancy of the
+        pagesets that cost memory (taken slots / their capacity) is below ``threshold``, a
+        fraction in (0, 1]. ``None`` stops it. One process of a domain is enough."""
+        if threshold is not None and (threshold.__class__ not in (int, float)
+                                      or not 0 < threshold <= 1):
+            raise InvalidArgument(f"threshold must be None or a fraction in (0, 1], "
+                                  f"got {threshold!r}")
+        for name, value in (("interval", interval), ("timeout", timeout)):
+            if value.__class__ not in (int, float) or not 0 < value < float("inf"):
+                raise InvalidArgument(f"{name} must be a number of seconds > 0, got {value!r}")
+        self._check_open()
+        self._mv_stop_policy()
+        if threshold is None:
+            return
+        stop = self._policy_stop = threading.Event()
+        t = threading.Thread(target=self._mv_policy_loop,
+                             args=(stop, float(threshold), float(interval), float(timeout)),
+                             name="percpu-compactor", daemon=True)
+        self._policy = t
+        t.start()
+
+    def _mv_policy_loop(self, stop: threading.Event, threshold: float, interval: float,
+                        timeout: float) -> None:
+        while not stop.wait(interval):
+            try:
+                with self._lock:
+                    occ = self._mv_occupancy()
+                if should_compact(occ, threshold):
+                    self._policy_runs += 1
+                    self.compact(timeout)
+            except (ValueError, PercpuError, ArenaError):
+                return  # the domain was closed under us
+
+    def _mv_stop_policy(self) -> None:
+        self._policy_stop.set()
+        t, self._policy = self._policy, None
+        if t is not None and t is not threading.current_thread() and t.is_alive():
+            t.join()
+
+    def _mv_occupancy(self) -> float:
+        """Taken slots over the capacity of the pagesets that cost memory. Lock held."""
+        n = self._max + 1
+        rows = []
+        for ps in range(int(self._root[D_PS_COUNT])):
+            e = self._ps_entry(ps)
+            if e[P_CLASS]:
+                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]),
+                             any(e[P_PAGES : P_PAGES + n].tolist())))
+        return occupancy(rows)
+
+    def _mv_totals(self) -> tuple[int, int, int, int, int]:
+        """(pages, moves, pagesets given back, pages given back, batches). Lock held."""
+        r = self._root
+        return (int(r[D_PAGES]), int(r[D_MOVES]), int(r[D_RECLAIMED_PAGESETS]),
+                int(r[D_MV_PAGES]), int(r[D_MV_BATCHES]))
+
+    def _mv_stats(self, arena_used: int) -> dict[str, Any]:
+        """The compaction figures of :meth:`stats`. Lock held."""
+        r = self._root
+        flight = int(r[D_MV_GEN]) & 1
+        age = (time.monotonic_ns() - int(r[D_MV_STARTED])) / 1e9 if flight else 0.0
+        return {"arena_pages_used": -(-arena_used // PAGE),
+                "pending_moves": int(r[D_MV_COUNT]) if flight else 0,
+                "pending_move_seconds": max(age, 0.0), "moved_slots": int(r[D_MOVES]),
+                "compacted_pagesets": int(r[D_RECLAIMED_PAGESETS]),
+                "compacted_pages": int(r[D_MV_PAGES]),
+                "compaction_batches": int(r[D_MV_BATCHES])}
+
+    def _mv_wait(self, deadline: float | None) -> bool:
+        """Drive the batch in flight until it completes (True) or ``deadline`` passes."""
+        while True:
+            with self._plock, self._lock:
+                if self._mv_advance():
+                    return True
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(GRACE_POLL)
+
+    def _mv_wait_pending(self, deadline: float | None) -> None:
+        """Let the pending frees' grace period pass (until ``deadline``): a slot waiting for
+        one pins its pageset."""
+        while True:
+            self._quiesce()
+            if not self._root[D_PENDING] or (deadline is not None
+                                             and time.monotonic() >= deadline):
+                return
+            time.sleep(GRACE_POLL)
+
+    def _mv_tick(self) -> None:
+        """The quiescer's part: follow the batch in flight; and drive it once it is older than
+        ``DRIVE_AFTER`` (its compactor gave up waiting, or died), so that it completes anyway.
+        Takes no lock when there is nothing to do."""
+        r = self._root
+        gen = int(r[D_MV_GEN])
+        vcpu = self._vcpu
+        stale = bool(gen & 1) and (time.monotonic_ns() - int(r[D_MV_STARTED])
+                                   > DRIVE_AFTER * 1e9)
+        if not stale and gen == self._mv_seen and (
+                not gen & 1 or vcpu is None or vcpu >= self._max
+                or int(r[move_state_base(self._max, vcpu) + MS_DONE]) == gen):
+            return
+        with self._plock, self._lock:
+            if stale:
+                self._mv_advance()
+            else:
+                self._mv_sync()
+
+    # Planning and publishing (protocol steps 1-2).
+
+    def _mv_inventory(self) -> tuple[list[PagesetInfo], dict[int, tuple[int, int]]]:
+        """Every pageset's slots by role for the planner, and the registry's live refs ->
+        (entry index, kind). Lock held, no batch in flight."""
+        r = self._root
+        t = self._table()
+        live = {ref: (i, meta & 0xFF) for i, (h, meta, ref) in enumerate(zip(
+            t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
+            t[E_REF::ENTRY_WORDS].tolist(), strict=True)) if h > HASH_TOMBSTONE}
+        cached: set[int] = set()
+        for k in range(self._max):
+            base = lease_base(self._max, k) + L_CACHE
+            for c in range(len(SIZE_CLASSES)):
+                cb = base + c * CACHE_WORDS
+                n = int(r[cb])
+                if 0 < n <= CACHE_CAP:
+                    cached.update(r[cb + 1 : cb + 1 + n].tolist())
+        infos = []
+        for ps in range(int(r[D_PS_COUNT])):
+            e = self._ps_entry(ps)
+            cls = int(e[P_CLASS]) - 1
+            if cls < 0:
+                continue
+            bits = e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()
+            pages = e[P_PAGES : P_PAGES + self._max + 1].tolist()
+            lv: list[int] = []
+            ca: list[int] = []
+            free: list[int] = []
+            pinned = 0
+            for s in range(slots_per_page(cls)):
+                if bits[s >> 6] >> (s & 63) & 1:
+                    ref = make_ref(ps, s)
+                    if ref in live:
+                        lv.append(s)
+                    elif ref in cached:
+                        ca.append(s)
+                    else:
+                        pinned += 1  # a raw object, a slot waiting for a grace period, a leak
+                else:
+                    free.append(s)
+            infos.append(PagesetInfo(ps, cls, tuple(lv), tuple(ca), pinned, tuple(free),
+                                     frozenset(k for k, p in enumerate(pages) if p)))
+        return infos, live
+
+    def _mv_publish(self, plan: Plan, live: dict[int, tuple[int, int]]) -> None:
+        """Protocol step 2. ``_plock`` and the domain lock held, no batch in flight."""
+        r = self._root
+        for ps, k in plan.new_pages:
+            self._page(ps, k)  # may raise DomainFull: nothing is published yet
+        base = move_records_base(self._max)
+        for j, m in enumerate(plan.moves):
+            w = base + j * MOVE_WORDS
+            r[w + M_OLD], r[w + M_NEW], r[w + M_KIND] = m.old, m.new, live[m.old][1]
+        sb = move_sources_base(self._max)
+        for i, ps in enumerate(plan.sources):
+            r[sb + i] = ps
+        r[D_MV_COUNT] = len(plan.moves)
+        r[D_MV_SOURCES] = len(plan.sources)
+        for m in plan.moves:  # reserve the targets (a crash before the commit leaks them)
+            ps, slot = split_ref(m.new)
+            e = self._ps_entry(ps)
+            self._zero_slot(m.new)
+            e[P_BITMAP + slot // 64] |= 1 << (slot % 64)
+            e[P_TAKEN] += 1
+        r[D_EPOCH] += 1  # every quiescer looks at the batch within QUIESCE_INTERVAL
+        r[D_MV_EPOCH] = r[D_EPOCH]
+        r[D_MV_STARTED] = time.monotonic_ns()
+        r[D_MV_GEN] += 1  # commit: the batch is in flight
+        t = self._table()
+        for m in plan.moves:
+            t[live[m.old][0] * ENTRY_WORDS + E_REF] = m.new
+        r[D_MV_REG_DONE] = r[D_MV_GEN]
+        r[D_REG_GEN] += 1
+
+    # Following the batch (protocol steps 3-4).
+
+    def _mv_batch(self, gen: int) -> MoveBatch:
+        """The batch in flight as of ``gen`` (decoded under the lock once per batch)."""
+        info = self._mv_info
+        if info.gen == gen:
+            return info
+        with self._lock:
+            r = self._root
+            gen = int(r[D_MV_GEN])
+            mb, sb = move_records_base(self._max), move_sources_base(self._max)
+            info = MoveBatch.decode(gen, r[mb : mb + int(r[D_MV_COUNT]) * MOVE_WORDS].tolist(),
+                                    r[sb : sb + int(r[D_MV_SOURCES])].tolist())
+            self._mv_info = info
+            return info
+
+    def _mv_current(self, ref: int) -> int:
+        """``ref``, or its new ref when a batch in flight moves it."""
+        gen = int(self._root[D_MV_GEN])
+        return self._mv_batch(gen).current(ref) if gen & 1 else ref
+
+    def _mv_moving_refs(self) -> frozenset[int]:
+        """Old and new refs of the batch in flight (taken; not to be reused). Lock held."""
+        gen = int(self._root[D_MV_GEN])
+        return frozenset(self._mv_batch(gen).pairs) if gen & 1 else frozenset()
+
+    def _mv_draining(self) -> frozenset[int]:
+        """Pagesets the batch in flight empties: closed to allocation. Lock held."""
+        gen = int(self._root[D_MV_GEN])
+        return self._mv_batch(gen).sources if gen & 1 else frozenset()
+
+    def _mv_follow(self, h: _Handle) -> None:
+        """Before binding ``h``: follow the batches (``_plock`` held)."""
+        if self._root[D_MV_GEN] != self._mv_seen:
+            with self._lock:
+                self._mv_sync()
+        h._ref = self._mv_current(h._ref)
+
+    def _mv_sync(self) -> None:
+        """Apply the batch in flight to this process (protocol step 3): rebind our handles,
+        copy the values of the id we hold, give back our cached slots in sources. ``_plock``,
+        the domain lock and the GIL are held: a quiescent point for our other threads."""
+        r = self._root
+        gen = int(r[D_MV_GEN])
+        seen = self._mv_seen
+        if seen != gen:
+            followed = seen + (seen & 1)  # a batch we rebound for is as good as complete
+            fwd: dict[int, int] = {}
+            if gen != followed:
+                if not (gen & 1 and gen == followed + 1):
+                    self._mv_resync(fwd)  # a whole batch went by while we held no lease
+                for old, new, _kind in self._mv_batch(gen).moves:
+                    handles = self._by_ref.pop(old, None)
+                    if handles:
+                        self._mv_attach(handles, new)
+                        fwd[old] = new
+            if fwd:
+                self._mv_fwd_prev, self._mv_fwd = self._mv_fwd, fwd
+            self._mv_seen = gen
+        vcpu = self._vcpu
+        if gen & 1 and vcpu is not None and vcpu < self._max:
+            self._mv_adopt(vcpu)
+
+    def _mv_attach(self, handles: list[_Handle], new: int) -> None:
+        """Point ``handles`` at ref ``new``: one attribute store each for ``_ref`` and, if
+        bound, ``_index`` (the hot path reads ``_index`` once per update: old or new slot,
+        never a mix)."""
+        ps, slot = split_ref(new)
+        size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
+        vcpu = self._vcpu
+        index = -1
+        for h in handles:
+            h._ref = new
+            if vcpu is not None and type(h) in self._MV_BOUND:
+                if index < 0:
+                    index = (self._page(ps, vcpu) + slot * size) // 8
+                h._index = index
+        self._by_ref.setdefault(new, []).extend(handles)
+
+    def _mv_resync(self, fwd: dict[int, int]) -> None:
+        """Point every named handle at the ref the registry has for it. Only after a batch
+        completed while this process held no lease (its handles were unbound); a handle whose
+        metric is gone is left to ``_bind``'s registry check. Locks held."""
+        t = self._table()
+        for (kind, key), h in list(self._local.items()):
+            idx, _ = self._lookup(key, _key_hash(key))
+            if idx < 0:
+                continue
+            e = idx * ENTRY_WORDS
+            ref = int(t[e + E_REF])
+            if int(t[e + E_META]) & 0xFF != kind or ref == h._ref:
+                continue
+            old = h._ref
+            handles = self._by_ref.get(old)
+            if handles is not None and h in handles:
+                handles.remove(h)
+                if not handles:
+                    del self._by_ref[old]
+            self._mv_attach([h], ref)
+            fwd[old] = ref
+
+    def _mv_adopt(self, k: int, drain: bool = True) -> int:
+        """Copy id ``k``'s values for the batch in flight unless done (protocol step 4), and
+        give back its cached slots that lie in sources. The caller owns ``k`` (holds its
+        lease, has just taken it, holds its lease byte by ``try_lock``, or the overflow lock
+        for the overflow id) and the domain lock. Returns the copies that held a value."""
+        r = self._root
+        gen = int(r[D_MV_GEN])
+        if not gen & 1:
+            return 0
+        batch = self._mv_batch(gen)
+        st = move_state_base(self._max, k)
+        moved = 0
+        if int(r[st + MS_DONE]) != gen:
+            moved = copy_moves(self._q, self._d, self._root_q + st,
+                               self._root_q + lease_base(self._max, k) + L_SEQ, gen,
+                               self._mv_pairs_for(k, batch, st),
+                               _membarrier.fence if _membarrier.NEEDS_FENCE else None)
+        if drain and k < self._max:
+            self._mv_drain_cache(k, batch.sources)
+        return moved
+
+    def _mv_pairs_for(self, k: int, batch: MoveBatch, st: int) -> list[Pair]:
+        """Per move: (word of id ``k``'s old copy, word of its new copy, summary?) or None
+        when ``k`` has nothing there. Allocates a missing target page only for a non-zero
+        copy (publishing allocated those it could foresee). Locks held."""
+        q, d = self._q, self._d
+        step = int(q[self._root_q + st + MS_STEP])
+        entries: dict[int, memoryview] = {}
+        pairs: list[Pair] = []
+        for j, (old, new, kind) in enumerate(batch.moves):
+            ops, oslot = split_ref(old)
+            e = entries.get(ops)
+            if e is None:
+                e = entries[ops] = self._ps_entry(ops)
+            page = int(e[P_PAGES + k])
+            if not page:
+                pairs.append(None)
+                continue
+            size = SIZE_CLASSES[int(e[P_CLASS]) - 1]
+            ow = (page - 1 + oslot * size) // 8
+            summary = kind == KIND_SUMMARY
+            if not (q[ow] or (summary and d[ow + 1]) or step == j + 1):
+                pairs.append(None)  # nothing to move, and nobody writes it any more
+                continue
+            nps, nslot = split_ref(new)
+            pairs.append((ow, (self._page(nps, k) + nslot * size) // 8, summary))
+        return pairs
+
+    def _mv_drain_cache(self, k: int, sources: frozenset[int]) -> None:
+        """Give back id ``k``'s cached slots that lie in ``sources`` (``k`` is ours)."""
+        if not sources:
+            return
+        r = self._root
+        base = lease_base(self._max, k) + L_CACHE
+        for c in range(len(SIZE_CLASSES)):
+            cb = base + c * CACHE_WORDS
+            n = int(r[cb])
+            if not 0 < n <= CACHE_CAP:
+                continue
+            refs = r[cb + 1 : cb + 1 + n].tolist()
+            out = [x for x in refs if split_ref(x)[0] in sources]
+            if not out:
+                continue
+            keep = [x for x in refs if split_ref(x)[0] not in sources]
+            for i, x in enumerate(keep):
+                r[cb + 1 + i] = x
+            r[cb] = len(keep)  # commit: a crash from here leaks the slots below (check())
+            for x in out:
+                self._zero_slot(x)
+            self._return_to_pagesets(out)
+
+    def _mv_cached_in(self, k: int, sources: frozenset[int]) -> bool:
+        r = self._root
+        base = lease_base(self._max, k) + L_CACHE
+        for c in range(len(SIZE_CLASSES)):
+            cb = base + c * CACHE_WORDS
+            n = int(r[cb])
+            if 0 < n <= CACHE_CAP and any(split_ref(x)[0] in sources
+                                          for x in r[cb + 1 : cb + 1 + n].tolist()):
+                return True
+        return False
+
+    def _mv_need_ids(self, batch: MoveBatch) -> frozenset[int]:
+        """Ids with a page in a pageset that a move leaves: their values must move. Only
+        handles bound through ``_mv_follow`` touch those pagesets during the batch, never a
+        moved slot, so the set is computed once per batch."""
+        if self._mv_need[0] == batch.gen:
+            return self._mv_need[1]
+        ids: set[int] = set()
+        for ps in {split_ref(old)[0] for old, _new, _kind in batch.moves}:
+            pages = self._ps_entry(ps)[P_PAGES : P_PAGES + self._max + 1].tolist()
+            ids.update(k for k, p in enumerate(pages) if p)
+        self._mv_need = (batch.gen, frozenset(ids))
+        return self._mv_need[1]
+
+    def _mv_finish_overflow(self) -> None:
+        """An overflow operation (holding the overflow lock) found a copy of the overflow id
+        that its copier died in the middle of: finish it before writing (step 4 iv)."""
+        with self._lock:
+            self._mv_adopt(self._max)
+
+    def _mv_finish_dead(self) -> None:
+        """Under the domain lock, an odd ``L_SEQ`` means its copier died (copies run entirely
+        under the lock) and nobody has written the id since (a lease taker adopts under the
+        lock before binding; an overflow operation finishes the copy before writing): finish
+        those copies so that a locked read sees no half-moved value. Domain lock held."""
+        r = self._root
+        if not int(r[D_MV_GEN]) & 1:
+            return
+        for k, s in enumerate(self._mv_seqs()):
+            if s & 1:
+                self._mv_adopt(k, drain=False)  # its cache is its next owner's business
+
+    # Grace period and completion (protocol step 5).
+
+    def _mv_advance(self) -> bool:
+        """Drive the batch in flight: apply it here, copy the values of ids nobody holds,
+        complete it once every holder has rebound and every id's values moved. True when no
+        batch is in flight afterwards. ``_plock`` and the domain lock held."""
+        r = self._root
+        gen = int(r[D_MV_GEN])
+        if not gen & 1:
+            return True
+        self._mv_sync()
+        batch = self._mv_batch(gen)
+        need = self._mv_need_ids(batch)
+        epoch = int(r[D_MV_EPOCH])
+        fd, mine = self.arena.fd, self._vcpu
+        live = set(self._live_holders())
+        waiting = False
+        for k in range(self._max):
+            behind = k in need and int(r[move_state_base(self._max, k) + MS_DONE]) != gen
+            if k in live:
+                if k != mine and (behind or int(r[lease_base(self._max, k) + L_ACK]) < epoch):
+                    waiting = True  # its quiescer has not come by yet (or it is stopped)
+                continue
+            if not (behind or self._mv_cached_in(k, batch.sources)):
+                continue
+            if fd is not None and not try_lock(fd, LEASE_LOCK_BASE + k):
+                waiting = True  # being leased right now: its taker applies the batch
+                continue
+            try:
+                self._mv_adopt(k)  # nobody holds k (its holder died or left): step 4 iii
+            finally:
+                if fd is not None:
+                    unlock(fd, LEASE_LOCK_BASE + k)
+        if self._oldest_overflow_ack(epoch) < epoch:
+            waiting = True  # an overflow holder has not rebound yet
+        elif self._max in need and int(
+                r[move_state_base(self._max, self._max) + MS_DONE]) != gen:
+            if fd is None or try_lock(fd, OVERFLOW_LOCK):
+                try:
+                    self._mv_adopt(self._max)  # step 4 iv: no overflow operation runs now
+                finally:
+                    if fd is not None:
+                        unlock(fd, OVERFLOW_LOCK)
+            else:
+                waiting = True
+        if waiting:
+            return False
+        self._mv_complete(batch)
+        return True
+
+    def _mv_complete(self, batch: MoveBatch) -> None:
+        """Return the old slots and the emptied pagesets; commit. Every step is idempotent
+        while ``D_MV_GEN`` is odd, so a completion cut short is finished by the next one."""
+        r = self._root
+        if int(r[D_MV_REG_DONE]) != batch.gen:
+            self._mv_fix_registry(batch)  # the publisher died before pointing it all at new
+        for old, _new, _kind in batch.moves:
+            ps, slot = split_ref(old)
+            e = self._ps_entry(ps)
+            if e[P_CLASS] and e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
+                self._zero_slot(old)
+                self._return_to_pagesets([old])
+        pagesets = pages = 0
+        for ps in sorted(batch.sources):
+            e = self._ps_entry(ps)
+            if not e[P_CLASS] or e[P_TAKEN]:
+                continue  # given back already, or a slot was taken meanwhile: kept
+            for k in range(self._max + 1):
+                page = int(e[P_PAGES + k])
+                if page:
+                    e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases
+                    r[D_PAGES] -= 1
+                    self.arena.free(self.arena.block_at(page - 1))
+                    pages += 1
+            e[P_CLASS] = 0  # the entry is free for _new_pageset
+            pagesets += 1
+        r[D_REG_GEN] += 1  # a snapshot() that straddled the batch reads again
+        r[D_MV_GEN] = batch.gen + 1  # commit: readers stop pairing; old slots may be reused
+        if _membarrier.NEEDS_FENCE:
+            _membarrier.fence()  # before the lock that allows reuse is released
+        r[D_MOVES] += len(batch.moves)
+        r[D_RECLAIMED_PAGESETS] += pagesets
+        r[D_MV_PAGES] += pages
+        r[D_MV_BATCHES] += 1
+        r[D_MV_COUNT] = 0
+        r[D_MV_SOURCES] = 0
+
+    def _mv_fix_registry(self, batch: MoveBatch) -> None:
+        """Point every live registry entry still on an old ref at its new ref. Lock held."""
+        news = {old: new for old, new, _kind in batch.moves}
+        t = self._table()
+        for i, (h, ref) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
+                                         t[E_REF::ENTRY_WORDS].tolist(), strict=True)):
+            if h > HASH_TOMBSTONE and ref in news:
+                t[i * ENTRY_WORDS + E_REF] = news[ref]
+        r = self._root
+        r[D_MV_REG_DONE] = batch.gen
+        r[D_REG_GEN] += 1
+
+    # Readers (the reader rule in _compact's docstring).
+
+    def _mv_seqs(self) -> list[int]:
+        """Every id's ``L_SEQ`` (the overflow id's included), read without the lock."""
+        start = lease_base(self._max, 0) + L_SEQ
+        return self._root[start : start + (self._max + 1) * LEASE_WORDS : LEASE_WORDS].tolist()
+
+    def _mv_forward_stale(self, ref: int) -> int:
+        """The new ref of a handle whose ``_ref`` a reader loaded just before a sync."""
+        if ref in self._by_ref:
+            return ref
+        return self._mv_fwd.get(ref) or self._mv_fwd_prev.get(ref, ref)
+
+    def _mv_read(self, ref: int, read: Callable[[int], _T], add: Callable[[_T, _T], _T]) -> _T:
+        """``read(ref)`` (a sum over ids), made exact and monotonic while slots move."""
+        r = self._root
+        for _ in range(READ_TRIES):
+            if _membarrier.READ_UNDER_LOCK:
+                break
+            gen = int(r[D_MV_GEN])
+            if gen != self._mv_seen:
+                with self._plock, self._lock:
+                    self._mv_sync()
+                ref = self._mv_forward_stale(ref)
+                gen = int(r[D_MV_GEN])
+            seqs = self._mv_seqs() if gen & 1 else None
+            if seqs is not None and any(s & 1 for s in seqs):
+                time.sleep(0)  # a copy is running: let its process finish it
+                continue
+            try:
+                pair = self._mv_batch(gen).pairs.get(ref) if gen & 1 else None
+                value = read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
+            except (IndexError, ValueError):  # a pageset was given back under us
+                if int(r[D_MV_GEN]) == gen:
+                    raise
+                continue
+            if int(r[D_MV_GEN]) == gen and (seqs is None or self._mv_seqs() == seqs):
+                return value
+        with self._plock, self._lock:  # batches and copies wait for us
+            self._mv_sync()
+            ref = self._mv_forward_stale(ref)
+            self._mv_finish_dead()
+            gen = int(r[D_MV_GEN])
+            pair = self._mv_batch(gen).pairs.get(ref) if gen & 1 else None
+            return read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
+
+    def _mv_read_begin(self) -> tuple[int, list[int] | None] | None:
+        """For ``snapshot``: the batch generation and, while a batch is in flight, every id's
+        sequence count; None when the read must be done under the lock."""
+        if _membarrier.READ_UNDER_LOCK:
+            return None
+        r = self._root
+        if int(r[D_MV_GEN]) != self._mv_seen:
+            with self._plock, self._lock:
+                self._mv_sync()
+        gen = int(r[D_MV_GEN])
+        seqs = self._mv_seqs() if gen & 1 else None
+        if seqs is not None and any(s & 1 for s in seqs):
+            return None
+        return gen, seqs
+
+    def _mv_read_end(self, token: tuple[int, list[int] | None] | None) -> bool:
+        """True when nothing moved since :meth:`_mv_read_begin` returned ``token``."""
+        return token is not None and int(self._root[D_MV_GEN]) == token[0] and (
+            token[1] is None or self._mv_seqs() == token[1])
+
+    def _mv_adjust(self, entries: list[tuple[int, int, int, bytes]], out: list[MetricValue],
+                   sums: dict[int, tuple[list[int], list[float]]]) -> list[MetricValue]:
+        """Add the other slot's part to every metric whose move is in flight (``_values``;
+        ``out[i]`` is ``entries[i]``'s value)."""
+        gen = int(self._root[D_MV_GEN])
+        pairs = self._mv_batch(gen).pairs if gen & 1 else {}
+        if not pairs:
+            return out
+        res = list(out)
+        for i, (kind, cls, ref, _key) in enumerate(entries):
+            pair = pairs.get(ref)
+            if pair is None:
+                continue
+            other = pair[0] if ref == pair[1] else pair[1]
+            ps, slot = split_ref(other)
+            if ps not in sums:
+                sums[ps] = self._pageset_sums(ps)
+            q, d = sums[ps]
+            word = slot * SIZE_CLASSES[cls] // 8
+            v = res[i]
+            if kind == KIND_SUMMARY:
+                res[i] = replace(v, value=v.value + d[word + 1], count=v.count + q[word])
+            else:
+                res[i] = replace(v, value=v.value + q[word])
+        return res
+
     # -- raw per-cpu objects ---------------------------------------------------------------
 
     def alloc(self, size: int) -> PerCpu:
@@ -917,13 +1854,18 @@ class Domain:
             raise InvalidArgument(f"size must be in 1..{MAX_OBJECT_SIZE} bytes, got {size}")
         self._check_open()
         cls = class_index(size)
-        ref = self._cache_pop(cls)
-        h = self._make_handle(PerCpu, ref, "", ())
-        h.size = size
-        return h
+        with self._plock:  # check() (same lock) never sees the slot between cache and handle
+            ref = self._cache_pop(cls)
+            try:
+                h = self._make_handle(PerCpu, ref, "", ())
+            except BaseException:  # e.g. DomainFull for this id's page: the slot goes back
+                self._cache_push(cls, ref)
+                raise
+            h.size = size
+            return h
 
     def _local_view(self, h: PerCpu) -> memoryview:
-        off = h._index * 8
+        off = h._offset
         return self._bytes[off : off + h.size]
 
     def _copies(self, ref: int, size: int) -> dict[int, memoryview]:
@@ -951,6 +1893,11 @@ class Domain:
     # -- reads ---------------------------------------------------------------------------
 
     def _read_sum(self, ref: int, size: int) -> int:
+        """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
+        slots while a compaction moves it: ``_mv_read``)."""
+        return self._mv_read(ref, lambda x: self._sum_slot(x, size), int.__add__)
+
+    def _sum_slot(self, ref: int, size: int) -> int:
         ps, slot = split_ref(ref)
         e = self._ps_entry(ps)
         q = self._q
@@ -963,6 +1910,10 @@ class Domain:
         return total
 
     def _read_summary(self, ref: int) -> tuple[int, float]:
+        """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
+        return self._mv_read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
+
+    def _summary_slot(self, ref: int) -> tuple[int, float]:
         ps, slot = split_ref(ref)
         e = self._ps_entry(ps)
         word = slot * 2
@@ -976,24 +1927,48 @@ class Domain:
         return count, total
 
     def _pageset_sums(self, ps: int) -> tuple[list[int], list[float]]:
-        """Per-word sums over ids of pageset ``ps`` (as int64 and as float64)."""
+        """Per-word sums over ids of pageset ``ps`` as int64, and as float64 for a pageset of
+        summaries (empty otherwise). One page copy per id that has a page of it."""
         e = self._ps_entry(ps)
         n = PAGE // 8
+        floats = int(e[P_CLASS]) - 1 == class_index(KIND_SIZES[KIND_SUMMARY])
         rows_q, rows_d = [], []
         for vcpu in range(self._max + 1):
             page = e[P_PAGES + vcpu]
             if page:
                 w = (page - 1) // 8
                 rows_q.append(self._q[w : w + n].tolist())
-                rows_d.append(self._d[w : w + n].tolist())
+                if floats:
+                    rows_d.append(self._d[w : w + n].tolist())
         if not rows_q:
-            return [0] * n, [0.0] * n
-        return list(map(sum, zip(*rows_q, strict=True))), list(map(sum, zip(*rows_d, strict=True)))
+            return [0] * n, [0.0] * n if floats else []
+        return (list(map(sum, zip(*rows_q, strict=True))),
+                list(map(sum, zip(*rows_d, strict=True))) if floats else [])
 
     def snapshot(self) -> list[MetricValue]:
-        """Every named metric's value, at a cost proportional to pagesets x ids in use."""
+        """Every named metric's value, at a cost proportional to metrics x ids in use.
+
+        Each id's copy only grows between two reads (hot-path writers only add), so a later
+        snapshot never shows a Counter lower than an earlier one. The values match the registry
+        read with them: if a metric was removed meanwhile (its slot may then be reused by
+        another), the read is done again, the last time under the domain lock.
+        """
         self._check_open()
-        entries = self._entries()
+        for _ in range(_SNAPSHOT_TRIES):
+            entries = self._entries()
+            gen = self._reg_cache[0]
+            moves = self._mv_read_begin()  # compaction: the batch and the ids' sequences
+            out = self._values(entries)
+            if self._root[D_REG_GEN] == gen and self._mv_read_end(moves):
+                return out
+        with self._lock:  # removals wait for us: the slots read cannot be reused under us
+            self._mv_finish_dead()  # compaction: no half-moved value under the lock
+            return self._values(self._entries())
+
+    def _values(self, entries: list[tuple[int, int, int, bytes]]) -> list[MetricValue]:
+        if len(self._decoded) > 2 * len(entries) + 64:  # names removed since: forget them
+            keep = {key for _kind, _cls, _ref, key in entries}
+            self._decoded = {k: v for k, v in self._decoded.items() if k in keep}
         sums: dict[int, tuple[list[int], list[float]]] = {}
         out = []
         for kind, cls, ref, key in entries:
@@ -1010,7 +1985,7 @@ class Domain:
                 out.append(MetricValue(name, labels, "summary", d[word + 1], q[word]))
             else:
                 out.append(MetricValue(name, labels, KIND_NAMES[kind], q[word]))
-        return out
+        return self._mv_adjust(entries, out, sums)  # compaction: add old slots in flight
 
     # -- health --------------------------------------------------------------------------
 
@@ -1025,34 +2000,43 @@ class Domain:
             pagesets = sum(1 for ps in range(int(r[D_PS_COUNT]))
                            if self._ps_entry(ps)[P_TAKEN])
             metrics, pages = int(r[D_REG_LIVE]), int(r[D_PAGES])
+            ever = ids_ever_used(r)
             figures = {name: int(r[word]) for name, word in (
-                ("highest_id_used", D_HIGHEST), ("fresh_ids", D_FRESH),
+                ("fresh_ids", D_FRESH),
                 ("reused_ids", D_REUSED), ("reclaimed_ids", D_RECLAIMED),
                 ("overflow_holders", D_OVERFLOW_HOLDERS),
                 ("shared_id_operations", D_SHARED_OPS), ("pending_frees", D_PENDING),
                 ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
+            moves = self._mv_stats(a.used_bytes)  # compaction figures
         return DomainStats(
             max_vcpus=self._max, vcpu_id=self._vcpu, holders_now=len(live),
-            ids_in_use=tuple(live), holder_pids=pids, metrics=metrics, pagesets=pagesets,
+            ids_in_use=tuple(live), holder_pids=pids, ids_ever_used=ever,
+            highest_id_used=ever - 1,
+            metrics=metrics, pagesets=pagesets,
             pages=pages, arena_used_bytes=a.used_bytes, arena_free_bytes=a.free_bytes,
             bytes_per_metric=pages * PAGE / metrics if metrics else 0.0,
-            minor_faults=a.minor_faults, major_faults=a.major_faults, **figures)
+            minor_faults=a.minor_faults, major_faults=a.major_faults, **figures, **moves)
 
     def check(self, reclaim: bool = False) -> DomainCheck:
         """Verify the domain's shared structures and the arena under it.
 
         Slots taken from pagesets but held by no metric, cache or pending queue are reported
-        (``unreferenced_slots``): a holder died between taking and recording one, or they are
-        raw objects (``alloc``) of live processes. With ``reclaim=True`` they are returned, but
-        only when no other holder is alive (raw objects of live processes would be hit).
+        (``unreferenced_slots``): a holder died between taking and recording one, or while it
+        held raw objects (``alloc``), or they are raw objects of other live holders. With
+        ``reclaim=True`` they are zeroed and returned, but only when no other holder is alive,
+        on an id or on the overflow id (raw objects of live holders would be hit). Slots in a
+        dead holder's cache need no check: the next holder of its id takes the cache over.
+
+        Problems reported: a slot held twice (by two of the registry, the caches, the pending
+        queue and this process's raw objects), a slot held but marked free, a pageset whose
+        taken count disagrees with its bitmap (repaired), and a free slot that is not zero in
+        some id's copy (a write after free: the next user of the slot would not start at 0).
         """
         self._check_open()
         problems: list[str] = []
         with self._plock, self._lock:
             r = self._root
-            referenced: set[int] = set()
-            for _kind, _cls, ref, _key in self._entries():
-                referenced.add(ref)
+            shared = [ref for _kind, _cls, ref, _key in self._entries()]
             for k in range(self._max):
                 base = lease_base(self._max, k) + L_CACHE
                 for c in range(len(SIZE_CLASSES)):
@@ -1061,33 +2045,49 @@ class Domain:
                     if n > CACHE_CAP:
                         problems.append(f"id {k} class {c}: cache count {n} > {CACHE_CAP}")
                         continue
-                    referenced.update(int(r[cb + 1 + i]) for i in range(n))
-            for i in range(int(r[D_PENDING])):
-                referenced.add(int(r[self._pending + i * PENDING_WORDS + PE_REF]))
-            for refs in self._by_ref.values():
-                referenced.update(h._ref for h in refs)
+                    shared.extend(int(r[cb + 1 + i]) for i in range(n))
+            shared.extend(int(r[self._pending + i * PENDING_WORDS + PE_REF])
+                          for i in range(int(r[D_PENDING])))
+            referenced = set(shared)
+            if len(referenced) != len(shared):
+                problems.append(f"{len(shared) - len(referenced)} slots are held twice (by the "
+                                "registry, a cache or the pending queue)")
+            raw = {h._ref for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)}
+            if raw & referenced:
+                problems.append(f"{len(raw & referenced)} raw objects of this process share "
+                                "their slot with a metric, a cache or the pending queue")
+            referenced |= raw
+            referenced |= self._mv_moving_refs()  # a compaction batch in flight holds both
             taken: set[int] = set()
+            dirty = 0
             for ps in range(int(r[D_PS_COUNT])):
                 e = self._ps_entry(ps)
                 cls = int(e[P_CLASS]) - 1
                 if cls < 0:
                     continue
+                size = SIZE_CLASSES[cls]
+                zero = bytes(size)
+                pages = [bytes(self._bytes[p - 1 : p - 1 + PAGE])
+                         for p in (int(e[P_PAGES + v]) for v in range(self._max + 1)) if p]
                 count = 0
                 for slot in range(slots_per_page(cls)):
                     if e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
                         taken.add(make_ref(ps, slot))
                         count += 1
+                    elif any(page[slot * size : slot * size + size] != zero for page in pages):
+                        dirty += 1
                 if count != e[P_TAKEN]:
                     problems.append(f"pageset {ps}: {count} slots taken, counter says "
                                     f"{e[P_TAKEN]}")
                     e[P_TAKEN] = count
+            if dirty:
+                problems.append(f"{dirty} free slots are not zero (written after being freed)")
             missing = referenced - taken
             if missing:
                 problems.append(f"{len(missing)} referenced slots are not marked taken")
             unreferenced = sorted(taken - referenced)
             reclaimed = 0
-            alone = self._live_holders() in ([], [self._vcpu])
-            if reclaim and unreferenced and alone:
+            if reclaim and unreferenced and not self._others_alive():
                 for ref in unreferenced:
                     self._zero_slot(ref)
                 self._return_to_pagesets(unreferenced)
@@ -1097,6 +2097,15 @@ class Domain:
                            len(unreferenced) == reclaimed, problems=tuple(problems),
                            unreferenced_slots=len(unreferenced), reclaimed_slots=reclaimed,
                            arena=arena_report)
+
+    def _others_alive(self) -> bool:
+        """True when a holder other than this one is alive: on an id, or sharing the overflow
+        id (each of those holds a read lock at OVERFLOW_ACK_BASE + the epoch it has
+        acknowledged, never beyond the current one). Domain lock held."""
+        if self._live_holders() not in ([], [self._vcpu]):
+            return True
+        fd = self.arena.fd
+        return fd is not None and is_locked(fd, OVERFLOW_ACK_BASE, int(self._root[D_EPOCH]) + 1)
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -1108,17 +2117,38 @@ class Domain:
         """Release this process's id, stop the quiescer and unmap. Idempotent."""
         if self._closed:
             return
+        self._mv_stop_policy()  # compaction's background thread, if any
         self.release()
+        self._unmap()
+
+    def _unmap(self) -> None:
         self._closed = True
         for handles in self._by_ref.values():
             for h in handles:
-                h.__class__ = REMOVED_VARIANT[base_of(type(h))]
+                self._retire(h)  # any use raises DomainClosed; a late update hits scratch
         self._by_ref.clear()
         self._local.clear()
         for view in (self._root, self._q, self._d):
             view.release()
         self.arena.close()
         _domains.discard(self)
+
+    def _abandon(self) -> None:
+        """Test hook: vanish the way a SIGKILLed holder does, inside one process.
+
+        The kernel's part happens (closing the descriptor drops this holder's OFD locks:
+        its lease, any overflow acknowledgement); nothing shared is written: the lease
+        record keeps our pid (the next holder of the id counts it as reclaimed), the id's
+        caches keep their slots, raw objects stay taken (``check`` finds them).
+        """
+        if self._closed:
+            return
+        self._stop.set()
+        quiescer, self._quiescer = self._quiescer, None
+        if quiescer is not None and quiescer is not threading.current_thread():
+            quiescer.join()
+        with self._plock:
+            self._unmap()
 
     def __enter__(self) -> Domain:
         return self
@@ -1144,7 +2174,20 @@ class Domain:
         if self.arena.fd is None:
             self._vcpu = inherited  # a private copy: the child owns all of it
             return
+        # The arena reopened its file: this new open file description holds no lock, neither
+        # the parent's lease nor its overflow acknowledgement; the parent keeps both.
+        self._overflow_ack_byte = None
+        self.last_lease_path = None
         self._unbind_all()
+
+
+_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux 64-bit, as in arena._locks
+
+
+def _read_lock(fd: int, start: int) -> None:
+    """Take a shared OFD read lock on byte ``start``. Only overflow acknowledgements use these
+    bytes and nobody write-locks them, so it never has to wait."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, start, 1, 0))
 
 
 def _check_max_vcpus(max_vcpus: object) -> int:

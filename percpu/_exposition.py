@@ -19,6 +19,12 @@ Guarantees:
   ``application/openmetrics-text`` with a non-zero q-value at least as high as the one it
   gives the Prometheus text format; everything else, malformed headers included, gets the
   Prometheus text format.
+* :func:`domain_samples` turns a :meth:`Domain.snapshot <percpu.Domain.snapshot>` (and, when
+  asked, the domain's health figures) into samples, never failing a whole scrape for one bad
+  metric: a series the formats cannot carry (a negative counter, a summary with a negative
+  sum) or one that would clash with another (a counter ``a_total`` beside a counter ``a``, a
+  gauge ``a_count`` beside a summary ``a``) is dropped, logged, and counted in the gauge
+  ``percpu_exposition_dropped_series``. :func:`exposition` renders a domain for one request.
 * :func:`make_server` binds to the loopback interface unless told otherwise, serves only
   ``GET``/``HEAD`` on ``/metrics`` and ``/``, and writes nothing to stderr: access lines,
   failures of ``collect`` and connection errors go to the ``percpu._exposition`` logger
@@ -38,16 +44,23 @@ import urllib.parse
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from ._errors import InvalidArgument, InvalidType
+from ._errors import InvalidArgument, InvalidType, PercpuError
 from ._names import Labels, canonical_labels, validate_metric_name
+
+if TYPE_CHECKING:
+    from ._domain import Domain
 
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
     "CONTENT_TYPE_PROMETHEUS",
     "MetricKind",
     "MetricSample",
+    "collect_domain",
+    "domain_samples",
+    "exposition",
+    "health_samples",
     "make_server",
     "negotiate",
     "render_openmetrics",
@@ -192,41 +205,56 @@ class _Family:
     series: dict[Labels, MetricSample]
 
 
-def _group(samples: Iterable[MetricSample]) -> list[_Family]:
-    """Group samples by family, sorted by family name; refuse ambiguous input."""
+def _group(
+    samples: Iterable[MetricSample], dropped: list[tuple[MetricSample, str]] | None = None
+) -> list[_Family]:
+    """Group samples by family, sorted by family name; refuse ambiguous input.
+
+    With ``dropped`` (lenient mode) an ambiguous sample is appended there with the reason
+    instead of raising; the first sample (in input order) of a name keeps it.
+    """
     families: dict[str, _Family] = {}
+    # Sample name -> the family that writes it (the names each kind owns, `_OWNED_SUFFIXES`).
+    owner: dict[str, str] = {}
     for sample in samples:
         if not isinstance(sample, MetricSample):
             raise InvalidType(f"expected MetricSample, got {type(sample).__name__} {_show(sample)}")
         family = families.get(sample.family)
-        if family is None:
-            family = families[sample.family] = _Family(sample.family, sample.kind, "", {})
-        elif family.kind != sample.kind:
-            raise InvalidArgument(
+        problem = None
+        if family is not None and family.kind != sample.kind:
+            problem = (
                 f"metric family {family.name!r} is given both as a {family.kind} and as a "
                 f"{sample.kind}; accepted: one kind per family"
             )
-        if sample.labels in family.series:
-            raise InvalidArgument(
+        elif family is not None and sample.labels in family.series:
+            problem = (
                 f"series {family.name!r} with labels {dict(sample.labels)!r} is given twice; "
                 "accepted: each series once"
             )
+        elif family is None:
+            for suffix in _OWNED_SUFFIXES[sample.kind]:
+                other = owner.get(sample.family + suffix)
+                if other is not None:
+                    problem = (
+                        f"metric families {other!r} and {sample.family!r} both claim the name "
+                        f"{sample.family + suffix!r}; accepted: families whose sample names do "
+                        "not clash"
+                    )
+                    break
+        if problem is not None:
+            if dropped is None:
+                raise InvalidArgument(problem)
+            dropped.append((sample, problem))
+            continue
+        if family is None:
+            family = families[sample.family] = _Family(sample.family, sample.kind, "", {})
+            for suffix in _OWNED_SUFFIXES[sample.kind]:
+                owner[sample.family + suffix] = sample.family
         family.series[sample.labels] = sample
         if not family.help:
             # Whitespace around a help text is dropped: neither format carries it reliably
             # (parsers skip the spaces after the metric name and strip the end of a line).
             family.help = sample.help.strip()
-
-    owner: dict[str, str] = {}
-    for family in families.values():
-        for suffix in _OWNED_SUFFIXES[family.kind]:
-            sample_name = family.name + suffix
-            other = owner.setdefault(sample_name, family.name)
-            if other != family.name:
-                raise InvalidArgument(
-                    f"metric families {other!r} and {family.name!r} both claim the name "
-                    f"{sample_name!r}; accepted: families whose sample names do not clash"
-                )
     return [families[name] for name in sorted(families)]
 
 
@@ -386,6 +414,162 @@ def negotiate(accept: str | None) -> tuple[Renderer, str]:
         if om_named and om_q > 0 and om_q >= text_q:
             return render_openmetrics, CONTENT_TYPE_OPENMETRICS
     return render_prometheus, CONTENT_TYPE_PROMETHEUS
+
+
+# --------------------------------------------------------------------------------------------
+# A domain's metrics and health figures as samples
+
+DROPPED_SERIES = "percpu_exposition_dropped_series"
+
+
+class MetricValueLike(Protocol):
+    """What :func:`domain_samples` reads from each item of ``Domain.snapshot()``."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def labels(self) -> Labels: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def value(self) -> int | float: ...
+    @property
+    def count(self) -> int: ...
+
+
+# (sample name, kind, DomainStats field, help). Counter names carry no `_total` here: the
+# renderers add it.
+_HEALTH: tuple[tuple[str, MetricKind, str, str], ...] = (
+    ("percpu_domain_max_vcpus", "gauge", "max_vcpus",
+     "vcpu ids that can be leased at once (more holders share one id under a lock)."),
+    ("percpu_domain_ids_in_use", "gauge", "holders_now",
+     "vcpu ids held by a live holder right now."),
+    ("percpu_domain_ids_ever_used", "gauge", "ids_ever_used",
+     "vcpu ids ever leased (ids 0..n-1, lowest first): at most the peak number of holders "
+     "at once."),
+    ("percpu_domain_overflow_holders", "counter", "overflow_holders",
+     "Holders that found every id taken and shared the overflow id."),
+    ("percpu_domain_shared_id_operations", "counter", "shared_id_operations",
+     "Operations done on the overflow id, each under its lock (the slow path)."),
+    ("percpu_domain_metrics", "gauge", "metrics", "Named metrics registered."),
+    ("percpu_domain_pagesets", "gauge", "pagesets", "Pagesets with at least one slot taken."),
+    ("percpu_domain_pages", "gauge", "pages",
+     "Pages allocated to pagesets (one per vcpu id that touched each pageset)."),
+    ("percpu_domain_bytes_per_metric", "gauge", "bytes_per_metric",
+     "Pageset bytes per named metric (pages * 4096 / metrics)."),
+    ("percpu_domain_pending_frees", "gauge", "pending_frees",
+     "Slots of removed metrics waiting for a grace period."),
+    ("percpu_domain_pending_moves", "gauge", "pending_moves",
+     "Slot moves by compaction waiting for a holder's quiescent point."),
+    ("percpu_domain_pending_move_seconds", "gauge", "pending_move_seconds",
+     "How long the pending moves have waited (0 when none)."),
+    ("percpu_domain_moved_slots", "counter", "moved_slots", "Slots moved by compaction."),
+    ("percpu_domain_compacted_pages", "counter", "compacted_pages",
+     "Pages given back to the arena by compaction."),
+    ("percpu_domain_compaction_batches", "counter", "compaction_batches",
+     "Compaction batches completed."),
+    ("percpu_domain_recovered_cache_slots", "counter", "recovered_cache_slots",
+     "Slots recovered from the caches of holders that died."),
+    ("percpu_domain_arena_used_bytes", "gauge", "arena_used_bytes",
+     "Bytes of the domain's arena in use."),
+    ("percpu_domain_arena_free_bytes", "gauge", "arena_free_bytes",
+     "Bytes of the domain's arena free."),
+    ("percpu_domain_arena_pages_used", "gauge", "arena_pages_used",
+     "4096-byte pages of the domain's arena in use."),
+)
+_LEASE_PATHS = (("fresh", "fresh_ids"), ("reused", "reused_ids"), ("reclaimed", "reclaimed_ids"))
+_ARENA_HEALTH: tuple[tuple[str, MetricKind, str, str], ...] = (
+    ("percpu_domain_arena_failed_allocations", "counter", "failed_allocations",
+     "Allocations the domain's arena refused for want of a large enough free run."),
+    ("percpu_domain_arena_largest_free_bytes", "gauge", "largest_free",
+     "Bytes in the arena's largest free run: the largest block it can hand out now."),
+    ("percpu_domain_arena_recoveries", "counter", "recoveries",
+     "Repairs of the arena after a process died inside an operation."),
+)
+
+
+def health_samples(stats: object, arena_stats: object | None = None) -> list[MetricSample]:
+    """The health figures of ``Domain.stats()`` (and ``Arena.stats()``) as samples.
+
+    Figures this version of the domain does not report (``pending_moves`` before compaction
+    exists, for instance) are left out rather than written as zero.
+    """
+    out: list[MetricSample] = []
+    for name, kind, field, text in _HEALTH:
+        value = getattr(stats, field, None)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(MetricSample(name, kind, (), value, help=text))
+    for path, field in _LEASE_PATHS:
+        value = getattr(stats, field, None)
+        if isinstance(value, int):
+            out.append(MetricSample(
+                "percpu_domain_leases", "counter", (("path", path),), value,
+                help="vcpu ids leased, by how: fresh (first time), reused (released "
+                     "cleanly before), reclaimed (its holder died)."))
+    if arena_stats is not None:
+        for name, kind, field, text in _ARENA_HEALTH:
+            value = getattr(arena_stats, field, None)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out.append(MetricSample(name, kind, (), value, help=text))
+    return out
+
+
+def domain_samples(
+    values: Iterable[MetricValueLike], health: Iterable[MetricSample] = ()
+) -> list[MetricSample]:
+    """Samples for a domain's ``snapshot()`` values, then ``health``, ready to render.
+
+    Never raises for one metric: a value the formats cannot carry, or a series that clashes
+    with one met before it (the domain's metrics in snapshot order come before ``health``), is
+    dropped, logged at WARNING on the ``percpu._exposition`` logger, and counted in the gauge
+    ``percpu_exposition_dropped_series`` that ends the list.
+    """
+    candidates: list[MetricSample] = []
+    dropped = 0
+    for v in values:
+        try:
+            if v.kind == "summary":
+                sample = MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value)
+            else:
+                sample = MetricSample(
+                    v.name, v.kind, v.labels, v.value  # type: ignore[arg-type]
+                )
+        except PercpuError as exc:
+            _log.warning("metric %s%r left out of the exposition: %s", v.name, v.labels, exc)
+            dropped += 1
+            continue
+        candidates.append(sample)
+    candidates.extend(health)
+    conflicts: list[tuple[MetricSample, str]] = []
+    families = _group(candidates, conflicts)
+    for sample, problem in conflicts:
+        _log.warning("series %s%r left out of the exposition: %s", sample.name,
+                     dict(sample.labels), problem)
+    out = [s for family in families for s in family.series.values()]
+    out.append(MetricSample(
+        DROPPED_SERIES, "gauge", (), dropped + len(conflicts),
+        help="Series of the last scrape left out because the formats cannot carry them or "
+             "their names clash (see the percpu._exposition log)."))
+    return out
+
+
+def exposition(
+    domain: Domain, accept: str | None = None, *, health: bool = True
+) -> tuple[bytes, str]:
+    """Render every metric of ``domain`` (and its health figures) for one scrape.
+
+    Returns ``(body, content_type)`` in the format :func:`negotiate` picks for ``accept``
+    (a request's ``Accept`` header): for a WSGI or ASGI ``/metrics`` route, or any server.
+    """
+    render, content_type = negotiate(accept)
+    return render(collect_domain(domain, health=health)), content_type
+
+
+def collect_domain(domain: Domain, *, health: bool = True) -> list[MetricSample]:
+    """``domain_samples`` of a live domain: its snapshot, and its health when asked."""
+    values = domain.snapshot()
+    extra = health_samples(domain.stats(), domain.arena.stats()) if health else []
+    return domain_samples(values, extra)
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,30 +4,89 @@ The hot path
 ------------
 ``Counter.inc`` is one statement, ``self._cells[self._index] += 1``: ``_cells`` is a memoryview
 (format ``'q'``) over the domain's whole arena, ``_index`` the word of this holder's copy. No
-lock, no syscall, no allocation (small ints are cached; the memoryview store writes in place),
-nothing that can page-fault (the arena is prefaulted and locked).
+lock, no syscall, no arena allocation, nothing that can page-fault (the arena is prefaulted and
+locked). The int objects it makes for values above 256 come from CPython's small-object
+allocator, which reuses the block the previous value just gave back: no new memory after the
+first few calls (``tests/test_counters_processes.py`` counts the page faults).
+
+``Counter.add(n)`` adds one test before that statement: ``n.__class__ is not int or n < 0``.
+Exact ints go straight through; everything else takes the slow path (:func:`_count`), which
+accepts objects with ``__index__`` (numpy integers, IntEnum members) by converting them to a
+plain int, and refuses the rest. ``bool`` is refused on purpose: a Counter counts events, and
+``add(True)`` is almost always a flag passed by mistake. Exactness is also what makes the
+statement atomic (below): an int *subclass* could run Python code (``__radd__``) in the middle
+of the read-modify-write.
 
 Atomicity on a GIL build: CPython 3.11 checks for a thread switch only at function entry,
 backward jumps and calls. The statement loads two attributes, indexes a memoryview (C), adds
-two ints (C) and stores (C): no check inside it, so no other thread of this process runs
+two exact ints (C) and stores (C): no check inside it, so no other thread of this process runs
 between the load and the store of the slot. Other processes never write this slot: it belongs
 to this process's vcpu id. On a free-threaded build that argument fails; the domain then gives
-every handle the locked variant (see ``_shared_variant``).
+every handle the locked variant (see ``SHARED_VARIANT``).
+
+Failure leaves the slot as it was: a refused argument raises before the statement, and a store
+that would leave int64 raises ``ValueError`` inside the memoryview before writing anything; it
+is reported as :class:`~percpu.InvalidArgument`.
 
 Rebinding without cost on the hot path: a handle's slot changes (removal, fork, a move by
-compaction, overflow) only by assigning ``_index`` or ``__class__`` from a thread that holds the
-GIL. A single attribute store is atomic, so an ``inc`` uses the old slot or the new one, never a
-mix. The domain does it at a quiescent point (see ``_domain``).
+compaction, overflow) only by assigning ``_cells``/``_index`` or ``__class__`` from a thread
+that holds the GIL, as consecutive stores with no call between them, so a thread of this process
+runs between none of them. An operation that was already dispatched (its thread was switched
+out at the method's entry) then reads the new ``_cells``/``_index``: a retired handle points at
+a private scratch area (``Domain._retire``), so a late update can never land on a slot that the
+domain has reused.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import math
+import operator
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from ._errors import InvalidArgument, InvalidType, MetricRemoved
+from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved
+from ._layout import split_ref
 
 if TYPE_CHECKING:
     from ._domain import Domain
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _count(n: Any, what: str, signed: bool) -> int:
+    """The slow path of ``add``/``sub``: ``n`` as a plain int, or a clear error.
+
+    Accepts ints and objects with ``__index__`` other than bools; a Counter also refuses a
+    negative value. Raises before anything is written.
+    """
+    if n.__class__ is not int:
+        if isinstance(n, bool):
+            raise InvalidType(f"{what} takes an int count, got the bool {n!r}; "
+                              f"pass int({n!r}) if you mean {int(n)}")
+        try:
+            n = operator.index(n)
+        except TypeError:
+            raise InvalidType(f"{what} takes an int, got {type(n).__name__} {n!r:.60}") from None
+    assert isinstance(n, int)
+    if not signed and n < 0:
+        raise InvalidArgument(f"a Counter only goes up: {what}({n}) is negative; use a Gauge")
+    if not INT64_MIN <= n <= INT64_MAX:
+        raise InvalidArgument(f"{what}({n}) is outside int64")
+    return n
+
+
+def _observation(x: object) -> float:
+    """The slow path of ``Summary.observe``: ``x`` as a finite float, or a clear error."""
+    if isinstance(x, bool) or not hasattr(type(x), "__float__"):
+        raise InvalidType(f"Summary.observe takes an int or a float, got {type(x).__name__} "
+                          f"{x!r:.60}")
+    try:
+        f = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise InvalidArgument(f"Summary.observe({x!r:.60}): not a finite float ({exc})") from None
+    if not math.isfinite(f):
+        raise InvalidArgument(f"Summary.observe({x!r:.60}): NaN and infinities would poison the "
+                              "sum for good; they are refused")
+    return f
 
 
 class _Handle:
@@ -49,6 +108,13 @@ class _Handle:
         labels = ",".join(f'{k}="{v}"' for k, v in self.labels)
         return f"<{type(self).__name__} {self.name}{{{labels}}}>"
 
+    def _store_failed(self, what: str, n: int) -> NoReturn:
+        """A store raised ValueError (nothing was written): say why."""
+        if self._domain._closed:
+            raise DomainClosed(f"{self!r}: the domain is closed") from None
+        raise InvalidArgument(f"{what}({n}) would take this holder's copy of {self!r} "
+                              "outside int64; nothing was added") from None
+
 
 class Counter(_Handle):
     """A monotonic int64 counter whose value is the sum of one slot per vcpu id."""
@@ -57,16 +123,19 @@ class Counter(_Handle):
 
     def inc(self) -> None:
         """Add one (the hot path: one straight-line statement)."""
-        self._cells[self._index] += 1
+        try:
+            self._cells[self._index] += 1
+        except ValueError:
+            self._store_failed("Counter.inc", 1)
 
     def add(self, n: int) -> None:
-        """Add ``n >= 0``. A negative or non-int ``n`` raises and changes nothing."""
-        if n < 0:
-            raise InvalidArgument(f"a Counter only goes up: add({n}) is negative; use a Gauge")
+        """Add ``n >= 0``, an int (not a bool). Anything else raises and changes nothing."""
+        if n.__class__ is not int or n < 0:
+            n = _count(n, "Counter.add", signed=False)
         try:
             self._cells[self._index] += n
-        except TypeError:
-            raise InvalidType(f"Counter.add takes an int, got {type(n).__name__}") from None
+        except ValueError:
+            self._store_failed("Counter.add", n)
 
     @property
     def value(self) -> int:
@@ -81,25 +150,35 @@ class Gauge(_Handle):
 
     def inc(self) -> None:
         """Add one."""
-        self._cells[self._index] += 1
+        try:
+            self._cells[self._index] += 1
+        except ValueError:
+            self._store_failed("Gauge.inc", 1)
 
     def dec(self) -> None:
         """Subtract one."""
-        self._cells[self._index] -= 1
+        try:
+            self._cells[self._index] -= 1
+        except ValueError:
+            self._store_failed("Gauge.dec", -1)
 
     def add(self, n: int) -> None:
-        """Add ``n`` (any sign). A non-int raises and changes nothing."""
+        """Add ``n`` (an int of any sign, not a bool). Anything else raises, changing nothing."""
+        if n.__class__ is not int:
+            n = _count(n, "Gauge.add", signed=True)
         try:
             self._cells[self._index] += n
-        except TypeError:
-            raise InvalidType(f"Gauge.add takes an int, got {type(n).__name__}") from None
+        except ValueError:
+            self._store_failed("Gauge.add", n)
 
     def sub(self, n: int) -> None:
-        """Subtract ``n``."""
+        """Subtract ``n`` (an int of any sign, not a bool)."""
+        if n.__class__ is not int:
+            n = _count(n, "Gauge.sub", signed=True)
         try:
             self._cells[self._index] -= n
-        except TypeError:
-            raise InvalidType(f"Gauge.sub takes an int, got {type(n).__name__}") from None
+        except ValueError:
+            self._store_failed("Gauge.sub", n)
 
     @property
     def value(self) -> int:
@@ -108,18 +187,22 @@ class Gauge(_Handle):
 
 
 class Summary(_Handle):
-    """Count and sum of observations (16 bytes a slot: an int64 count, a float64 sum)."""
+    """Count and sum of observations (16 bytes a slot: an int64 count, a float64 sum).
+
+    ``observe`` updates the sum, then the count (two stores): a reader in another process may
+    see the sum of an observation before its count, never a count without its sum.
+    """
 
     __slots__ = ("_floats",)
 
     _floats: memoryview[float]
 
     def observe(self, x: float) -> None:
-        """Record one observation ``x`` (an int or a float)."""
-        try:
-            self._floats[self._index + 1] += x
-        except TypeError:
-            raise InvalidType(f"Summary.observe takes a number, got {type(x).__name__}") from None
+        """Record one observation ``x``: a finite float or an int (not a bool, NaN or inf)."""
+        cls = x.__class__
+        if cls is not float or x - x:  # x - x is NaN (truthy) for NaN and infinities
+            x = _observation(x)
+        self._floats[self._index + 1] += x
         self._cells[self._index] += 1
 
     @property
@@ -142,12 +225,20 @@ class PerCpu(_Handle):
     """A raw per-cpu object of ``size`` bytes (from ``Domain.alloc``).
 
     ``local`` is a zero-copy view of this holder's copy; ``copies()`` gives every id's copy.
-    It belongs to the process that allocated it; ``free()`` returns its slot.
+    It belongs to the process that allocated it; ``free()`` returns its slot (every copy is
+    zeroed first), and so does ``Domain.release``/``close``. A forked child cannot use its
+    parent's objects (they raise :class:`~percpu.MetricRemoved` there).
     """
 
-    __slots__ = ("size",)
+    __slots__ = ("_offset", "size")
 
     size: int
+    _offset: int  #: byte offset (in the arena heap) of this holder's copy
+
+    def __repr__(self) -> str:
+        ps, slot = split_ref(self._ref)
+        return f"<{type(self).__name__} {getattr(self, 'size', '?')} bytes, slot {slot} of " \
+               f"pageset {ps}>"
 
     @property
     def local(self) -> memoryview:
@@ -164,11 +255,18 @@ class PerCpu(_Handle):
 
 
 class _Removed:
-    """Methods of a handle whose metric was removed: every use raises MetricRemoved."""
+    """Methods of a handle whose metric was removed (or object freed, or domain closed):
+    every use raises."""
 
     __slots__ = ()
 
     def _gone(self, *args: Any) -> Any:
+        domain = getattr(self, "_domain", None)
+        if domain is not None and domain._closed:
+            raise DomainClosed(f"{self!r}: its domain is closed")
+        if isinstance(self, PerCpu):
+            raise MetricRemoved(f"{self!r} was freed (or belongs to the process that allocated "
+                                "it, before a fork or a release); allocate a new one")
         raise MetricRemoved(f"{self!r} was removed from its domain; register it again to count")
 
     inc = dec = add = sub = observe = free = _gone
@@ -214,18 +312,17 @@ class SharedCounter(Counter):
 
     def inc(self) -> None:
         """Add one under the overflow lock (the counted slow path)."""
-        with self._domain._overflow_op():
-            self._cells[self._index] += 1
+        self.add(1)
 
     def add(self, n: int) -> None:
         """Add ``n >= 0`` under the overflow lock."""
-        if n < 0:
-            raise InvalidArgument(f"a Counter only goes up: add({n}) is negative; use a Gauge")
+        if n.__class__ is not int or n < 0:
+            n = _count(n, "Counter.add", signed=False)
         with self._domain._overflow_op():
             try:
                 self._cells[self._index] += n
-            except TypeError:
-                raise InvalidType(f"Counter.add takes an int, got {type(n).__name__}") from None
+            except ValueError:
+                self._store_failed("Counter.add", n)
 
 
 class SharedGauge(Gauge):
@@ -243,17 +340,23 @@ class SharedGauge(Gauge):
 
     def add(self, n: int) -> None:
         """Add ``n`` under the overflow lock."""
+        if n.__class__ is not int:
+            n = _count(n, "Gauge.add", signed=True)
         with self._domain._overflow_op():
             try:
                 self._cells[self._index] += n
-            except TypeError:
-                raise InvalidType(f"Gauge.add takes an int, got {type(n).__name__}") from None
+            except ValueError:
+                self._store_failed("Gauge.add", n)
 
     def sub(self, n: int) -> None:
         """Subtract ``n`` under the overflow lock."""
-        if n.__class__ is not int and not isinstance(n, int):
-            raise InvalidType(f"Gauge.sub takes an int, got {type(n).__name__}")
-        self.add(-n)
+        if n.__class__ is not int:
+            n = _count(n, "Gauge.sub", signed=True)
+        with self._domain._overflow_op():
+            try:
+                self._cells[self._index] -= n
+            except ValueError:
+                self._store_failed("Gauge.sub", n)
 
 
 class SharedSummary(Summary):
@@ -263,13 +366,17 @@ class SharedSummary(Summary):
 
     def observe(self, x: float) -> None:
         """Record ``x`` under the overflow lock."""
+        if x.__class__ is not float or x - x:
+            x = _observation(x)
         with self._domain._overflow_op():
-            Summary.observe(self, x)
+            self._floats[self._index + 1] += x
+            self._cells[self._index] += 1
 
 
 class _Unbound:
     """Methods of a handle with no slot of this holder yet (after ``release`` or ``fork``):
-    the first use takes a lease, binds the handle, then does the operation."""
+    the first use takes a lease, binds the handle (or finds its metric removed meanwhile,
+    which retires it), then does the operation."""
 
     __slots__ = ()
 

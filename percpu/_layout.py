@@ -3,7 +3,7 @@
 A domain's *root block* (its offset is the arena's ``root_offset``) is an array of u64 words:
 
     [ domain header | lease records: one per vcpu id, plus the overflow id |
-      pageset chunk table | pending-free queue ]
+      pageset chunk table | pending-free queue | move region (compaction, see ``_compact``) ]
 
 Pagesets are described in *chunks* of ``PS_PER_CHUNK`` entries, allocated on demand and never
 moved, so an entry's offset is stable for the life of the domain. The registry (name + labels ->
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
 MAGIC = int.from_bytes(b"PCDOMAN1", "little")
-VERSION = 1
+VERSION = 2  # 2: the move region and the D_MV_* words (pageset compaction)
 
 SIZE_CLASSES = (4, 8, 16, 32, 64)  # bytes; seed 002's FreeBSD-style per-cpu zones
 MAX_OBJECT_SIZE = SIZE_CLASSES[-1]
@@ -48,6 +48,15 @@ D_PAGES = 17  # pages allocated to pagesets, now
 D_MOVES = 18  # slots moved by compaction, ever
 D_RECLAIMED_PAGESETS = 19  # pagesets emptied and given back by compaction, ever
 D_RECOVERED_SLOTS = 20  # cache slots recovered from dead holders, ever
+# Compaction (``_compact``): one batch of moves at a time, described in the move region.
+D_MV_GEN = 21  # batch generation: odd while a batch is in flight (readers pair old and new)
+D_MV_COUNT = 22  # moves in the batch in flight
+D_MV_EPOCH = 23  # epoch that published it: a holder whose ack reaches it has rebound
+D_MV_SOURCES = 24  # pagesets the batch in flight empties
+D_MV_PAGES = 25  # pages given back to the arena by compaction, ever
+D_MV_BATCHES = 26  # batches completed, ever
+D_MV_STARTED = 27  # CLOCK_MONOTONIC ns when the batch in flight was published
+D_MV_REG_DONE = 28  # = D_MV_GEN once the registry points at the batch's new refs
 HEADER_WORDS = 32
 
 # One lease record per id (max_vcpus + 1 of them: the last is the overflow id).
@@ -76,6 +85,25 @@ PE_REF = 0
 PE_EPOCH = 1
 PENDING_WORDS = 2
 
+# The move region (compaction): words appended after the pending queue, so every word above
+# keeps its offset. Per id (overflow id included), a move state: the batch generation whose
+# moves this id's copies have had (MS_DONE), and a one-move journal (MS_STEP = index + 1 of the
+# move being copied, 0 = none; the old and new values before it, as int64 and as float64) that
+# lets whoever next owns the id finish a copy its owner was killed in the middle of.
+MS_DONE = 0
+MS_STEP = 1
+MS_OLD = 2
+MS_NEW = 3
+MS_OLD_F = 4
+MS_NEW_F = 5
+MS_WORDS = 6
+MOVE_SOURCES_CAP = 512  # pagesets one batch may empty
+MOVE_CAP = 2048  # moves in one batch (a larger compaction runs several batches)
+M_OLD = 0  # ref moved from
+M_NEW = 1  # ref moved to
+M_KIND = 2  # registry kind of the metric (a summary moves a count and a float sum)
+MOVE_WORDS = 3
+
 # Registry entries (open addressing, linear probing).
 E_HASH = 0  # 0 = empty, 1 = tombstone, else the key's hash (>= 2)
 E_KEY = 1  # offset of the key's block
@@ -91,6 +119,7 @@ KIND_SIZES = {KIND_COUNTER: 8, KIND_GAUGE: 8, KIND_SUMMARY: 16}
 
 LEASE_LOCK_BASE = 1 << 20  # OFD lock byte of id k: LEASE_LOCK_BASE + k (beyond the data)
 OVERFLOW_LOCK = LEASE_LOCK_BASE - 1  # serialises operations on the overflow id
+OVERFLOW_ACK_BASE = 1 << 40  # overflow holder that acknowledged epoch e: read lock on +e
 
 
 def class_index(size: int) -> int:
@@ -122,9 +151,29 @@ def pending_base(max_vcpus: int) -> int:
     return chunk_table(max_vcpus) + MAX_CHUNKS
 
 
+def move_base(max_vcpus: int) -> int:
+    """Word index of the move region: per-id move states, then sources, then moves."""
+    return pending_base(max_vcpus) + PENDING_CAP * PENDING_WORDS
+
+
+def move_state_base(max_vcpus: int, vcpu: int) -> int:
+    """Word index of id ``vcpu``'s move state (``MS_*`` words; the overflow id included)."""
+    return move_base(max_vcpus) + vcpu * MS_WORDS
+
+
+def move_sources_base(max_vcpus: int) -> int:
+    """Word index of the batch's source pagesets (``MOVE_SOURCES_CAP`` words)."""
+    return move_base(max_vcpus) + (max_vcpus + 1) * MS_WORDS
+
+
+def move_records_base(max_vcpus: int) -> int:
+    """Word index of the batch's move records (``MOVE_CAP`` x ``MOVE_WORDS`` words)."""
+    return move_sources_base(max_vcpus) + MOVE_SOURCES_CAP
+
+
 def root_words(max_vcpus: int) -> int:
     """Words in the root block of a domain with ``max_vcpus`` ids."""
-    return pending_base(max_vcpus) + PENDING_CAP * PENDING_WORDS
+    return move_records_base(max_vcpus) + MOVE_CAP * MOVE_WORDS
 
 
 def pageset_words(max_vcpus: int) -> int:

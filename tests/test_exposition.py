@@ -25,7 +25,11 @@ from percpu._errors import InvalidArgument, InvalidType
 from percpu._exposition import (
     CONTENT_TYPE_OPENMETRICS,
     CONTENT_TYPE_PROMETHEUS,
+    DROPPED_SERIES,
     MetricSample,
+    domain_samples,
+    exposition,
+    health_samples,
     make_server,
     negotiate,
     render_openmetrics,
@@ -715,3 +719,142 @@ def test_server_ipv6_loopback() -> None:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------
+# A domain's snapshot and health figures as samples
+
+
+@dataclasses.dataclass(frozen=True)
+class Value:
+    """Stands for percpu.MetricValue (what Domain.snapshot returns)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    kind: str
+    value: int | float
+    count: int = 0
+
+
+def _values_of(samples: list[MetricSample]) -> dict[tuple[str, str, tuple[tuple[str, str], ...]],
+                                                    MetricSample]:
+    return {(s.name, s.kind, s.labels): s for s in samples}
+
+
+def test_domain_samples_maps_each_kind() -> None:
+    samples = domain_samples([
+        Value("requests", (("route", "/"),), "counter", 5),
+        Value("temperature", (), "gauge", -3),
+        Value("latency", (), "summary", 1.5, 4),
+    ])
+    by_key = _values_of(samples)
+    assert by_key[("requests", "counter", (("route", "/"),))].value == 5
+    assert by_key[("temperature", "gauge", ())].value == -3
+    lat = by_key[("latency", "summary", ())]
+    assert (lat.count, lat.sum) == (4, 1.5)
+    assert by_key[(DROPPED_SERIES, "gauge", ())].value == 0
+    prom, om = parse_both(samples)
+    assert prom["latency"][2] == {("latency_count", ()): 4, ("latency_sum", ()): 1.5}
+    assert om["requests"][2] == {("requests_total", (("route", "/"),)): 5}
+
+
+def test_domain_samples_drops_what_the_formats_cannot_carry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    values = [
+        Value("ok", (), "counter", 1),
+        Value("wrapped", (), "counter", -1),  # a counter below zero
+        Value("refunds", (), "summary", -2.5, 1),  # a summary with a negative sum
+        Value("a", (), "counter", 1),
+        Value("a_total", (), "counter", 2),  # the same series as `a`
+        Value("a_total", (), "gauge", 3),  # the name `a` already writes
+        Value("b", (("x", "1"),), "counter", 1),
+        Value("b", (("x", "2"),), "gauge", 1),  # family `b` as two kinds
+        Value("s", (), "summary", 1.0, 1),
+        Value("s_count", (), "gauge", 9),  # a name the summary `s` writes
+    ]
+    with caplog.at_level(logging.WARNING, logger="percpu._exposition"):
+        samples = domain_samples(values)
+    kept = {(s.name, s.kind, s.labels) for s in samples}
+    assert kept == {
+        ("ok", "counter", ()), ("a", "counter", ()), ("b", "counter", (("x", "1"),)),
+        ("s", "summary", ()), (DROPPED_SERIES, "gauge", ()),
+    }
+    assert _values_of(samples)[(DROPPED_SERIES, "gauge", ())].value == 6
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 6
+    prom, om = parse_both(samples)  # what is left renders and parses
+    assert prom["a"][2] == {("a_total", ()): 1}
+    assert om[DROPPED_SERIES][2] == {(DROPPED_SERIES, ()): 6}
+
+
+def test_domain_samples_user_metrics_win_over_health() -> None:
+    health = [MetricSample("percpu_domain_pages", "gauge", (), 4, help="Pages.")]
+    samples = domain_samples([Value("percpu_domain_pages", (), "counter", 1)], health)
+    assert _values_of(samples)[("percpu_domain_pages", "counter", ())].value == 1
+    assert ("percpu_domain_pages", "gauge", ()) not in _values_of(samples)
+    assert _values_of(samples)[(DROPPED_SERIES, "gauge", ())].value == 1
+
+
+def test_health_samples_skip_missing_figures() -> None:
+    @dataclasses.dataclass
+    class Stats:
+        holders_now: int = 2
+        pages: int = 12
+        bytes_per_metric: float = 4096.0
+        fresh_ids: int = 3
+        reclaimed_ids: int = 1
+
+    @dataclasses.dataclass
+    class ArenaFigures:
+        failed_allocations: int = 7
+
+    samples = health_samples(Stats(), ArenaFigures())
+    names = {(s.name, s.labels): s.value for s in samples}
+    assert names == {
+        ("percpu_domain_ids_in_use", ()): 2,
+        ("percpu_domain_pages", ()): 12,
+        ("percpu_domain_bytes_per_metric", ()): 4096.0,
+        ("percpu_domain_leases", (("path", "fresh"),)): 3,
+        ("percpu_domain_leases", (("path", "reclaimed"),)): 1,
+        ("percpu_domain_arena_failed_allocations", ()): 7,
+    }
+    assert all(s.help for s in samples)
+    prom, om = parse_both(samples)
+    assert om["percpu_domain_leases"][0] == "counter"
+    assert prom["percpu_domain_arena_failed_allocations"][2] == {
+        ("percpu_domain_arena_failed_allocations_total", ()): 7}
+
+
+def test_exposition_of_a_real_domain() -> None:
+    import percpu
+
+    with percpu.Domain(1 << 20, max_vcpus=2, lock=False) as d:
+        d.counter("requests", {"path": 'a"b\\c\nd'}).add(41)
+        d.counter("requests", {"path": "/"}).inc()
+        d.gauge("queue_depth").sub(4)
+        s = d.summary("request_seconds")
+        s.observe(0.5)
+        s.observe(2)
+        body, content_type = exposition(d)
+        assert content_type == CONTENT_TYPE_PROMETHEUS
+        prom = parse_prometheus(body)
+        body, content_type = exposition(d, "application/openmetrics-text; version=1.0.0")
+        assert content_type == CONTENT_TYPE_OPENMETRICS
+        assert body.endswith(b"# EOF\n")
+        om = parse_openmetrics(body)
+        bare, _ = exposition(d, health=False)
+        stats = d.stats()
+    for parsed in (prom, om):
+        assert parsed["requests"][0] == "counter"
+        assert parsed["requests"][2] == {
+            ("requests_total", (("path", 'a"b\\c\nd'),)): 41,
+            ("requests_total", (("path", "/"),)): 1,
+        }
+        assert parsed["queue_depth"][2] == {("queue_depth", ()): -4}
+        assert parsed["request_seconds"][0] == "summary"
+        assert parsed["request_seconds"][2] == {
+            ("request_seconds_count", ()): 2, ("request_seconds_sum", ()): 2.5}
+        assert parsed["percpu_domain_metrics"][2] == {("percpu_domain_metrics", ()): 4}
+        assert parsed["percpu_domain_pages"][2] == {("percpu_domain_pages", ()): stats.pages}
+    assert set(parse_prometheus(bare)) == {
+        "requests", "queue_depth", "request_seconds", DROPPED_SERIES}
