@@ -7,6 +7,7 @@ hot path is one straight-line statement with no lock and no syscall. Reads sum e
 See docs/architecture.md.
 """
 
+from ._compact import CompactResult
 from ._domain import Domain, DomainCheck, DomainStats, MetricValue
 from ._errors import (
     BadDomainFile,
@@ -23,6 +24,7 @@ from ._handles import Counter, Gauge, PerCpu, Summary
 
 __all__ = [
     "BadDomainFile",
+    "CompactResult",
     "Counter",
     "Domain",
     "DomainCheck",

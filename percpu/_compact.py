@@ -20,7 +20,8 @@ whose moves it has had; a one-move journal).
 
 The protocol (one batch at a time; every step under the domain lock unless said otherwise)
 --------------------------------------------------------------------------------------------
-1. **Plan.** The compactor takes an inventory (pagesets and their bitmaps, the registry's refs,
+1. **Plan.** The compactor first lets the grace period of recently removed slots pass (within
+   its timeout), then takes an inventory (pagesets and their bitmaps, the registry's refs,
    every id's cache, the pending-free queue) and plans moves ``old ref -> new ref`` for
    *registered metrics only*. Raw ``PerCpu`` objects (a user may hold a ``local`` memoryview
    of them) and slots waiting for a grace period pin their pageset. Cached free slots in a
@@ -46,14 +47,19 @@ The protocol (one batch at a time; every step under the domain lock unless said 
    old copy any more; (ii) whoever takes ``k``'s lease next: the lease taker applies the batch
    under the lock before it binds anything; (iii) for an id nobody holds, the compactor or any
    process's quiescer, after ``try_lock`` on ``k``'s lease byte, so nobody takes ``k`` meanwhile
-   (this is how a dead holder's values move); (iv) for the overflow id, shared by several
-   holders under the overflow lock: whoever holds that lock, once every live overflow holder
-   has acknowledged (rebound). One move of one id (:func:`copy_moves`): journal (old value
+   (this is how a dead holder's values move; quiescers join in only once the batch is older
+   than ``DRIVE_AFTER``, when its compactor seems gone); (iv) for the overflow id, shared by
+   several holders under the overflow lock: whoever holds that lock, once every live overflow
+   holder has acknowledged (rebound). One move of one id (:func:`copy_moves`): journal (old value
    ``v``, new value ``w``, step), ``new = w + v``, ``old = 0``, step cleared, all bracketed by
    ``L_SEQ[k]`` odd ... even, then ``MS_DONE[k] = gen``. The journal-to-store sequence is
    straight-line code (no call, no backward jump): no other thread of the process runs between
-   reading ``w`` and storing ``w + v``. A holder killed mid-copy leaves the journal; the next
-   owner redoes that step with absolute stores (idempotent) and carries on.
+   reading ``w`` and storing ``w + v``. A holder killed mid-copy leaves the journal and an odd
+   ``L_SEQ``; the next owner redoes that step with absolute stores (idempotent) and carries on.
+   Nobody writes the id in between: a lease taker copies under the lock before it binds
+   anything, and an overflow operation finishes an interrupted copy before it writes. So an
+   odd ``L_SEQ`` seen *under the domain lock* always means a dead copier, and whoever holds the
+   lock may finish that copy (a reader's locked fallback does).
 5. **Grace period, completion.** The batch completes (in any process) when every live holder
    has acknowledged ``D_MV_EPOCH``, every live overflow holder too, and every id with a page in
    a source has ``MS_DONE = gen``. Completion points any registry entry still on an old ref at
@@ -63,9 +69,10 @@ The protocol (one batch at a time; every step under the domain lock unless said 
    ``D_MV_GEN`` is odd, so a compactor killed mid-completion leaves work the next one finishes.
 6. **A holder that never quiesces** (SIGSTOP, a long C call) keeps the batch in flight:
    ``compact()`` returns with ``pending_moves > 0``, ``stats()`` shows the batch and its age,
-   and it completes within a quiescer interval of the holder's resumption, or after its death
-   through (iii). Meanwhile nothing is wrong: its updates land in the old slot, which stays
-   allocated, and readers count both slots.
+   and it completes soon after the holder resumes (its quiescer acknowledges within
+   ``QUIESCE_INTERVAL``; the compactor, or after ``DRIVE_AFTER`` any quiescer, completes it),
+   or after its death through (iii). Meanwhile nothing is wrong: its updates land in the old
+   slot, which stays allocated, and readers count both slots.
 
 Readers (``value``, ``snapshot``)
 ---------------------------------
