@@ -931,7 +931,7 @@ class Domain:
         old.release()
         live = [e for e in entries if e[E_HASH] > HASH_TOMBSTONE]
         cap = max(REG_MIN_CAP, old_cap)
-        while len(live) * 4 >= cap:
+        while (len(live) + 1) * 3 > cap:  # doubling: 25-50% full after a grow
             cap *= 2
         off = self._new_table(cap)
         t = self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
