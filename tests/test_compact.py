@@ -231,7 +231,7 @@ class Dying:
         self.view[i] = value
 
 
-def memory(values: list[tuple[int, int, float, float]]) -> tuple[memoryview, memoryview, list[Any]]:
+def memory(values: list[tuple[int, int, float, float]]) -> tuple[Any, Any, list[Any]]:
     """A region with the move state, the sequence count, then per move four words (old count,
     old sum, new count, new sum); returns the int and float views and the pairs."""
     words = MS_WORDS + 1 + 4 * len(values)
@@ -525,10 +525,10 @@ def test_readers_in_threads_never_see_a_counter_go_backwards() -> None:
                     now = [c.value for c in hot]
                     snap = {m.labels: m.value for m in d.snapshot() if m.name == name}
                     for i, c in enumerate(hot):
-                        s = snap[c.labels]
-                        if now[i] < last[i] or s < now[i]:
-                            problems.append(f"{i}: {last[i]} -> {now[i]} (snapshot {s})")
-                        last[i] = s
+                        seen = int(snap[c.labels])
+                        if now[i] < last[i] or seen < now[i]:
+                            problems.append(f"{i}: {last[i]} -> {now[i]} (snapshot {seen})")
+                        last[i] = seen
 
             threads = [threading.Thread(target=write), threading.Thread(target=read)]
             for t in threads:
@@ -829,6 +829,7 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
 
 # -- a state machine over holders, metrics, removals and compaction ----------------------------
 
+MACHINE_DIRS: list[str] = []  # temporary directories the machine made in this process
 Key = tuple[str, int]  # (metric name, label i): "m_counter", "m_gauge", "m_summary", "filler"
 KIND_OF = {"m_counter": "counter", "m_gauge": "gauge", "m_summary": "summary",
            "filler": "counter", "sfiller": "summary"}
@@ -851,6 +852,7 @@ class CompactMachine(RuleBasedStateMachine):
         self._saved = Domain.__dict__.get("_background_quiescer", True)
         Domain._background_quiescer = False
         self.tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_compact_sm-")
+        MACHINE_DIRS.append(self.tmp)
         self.path = os.path.join(self.tmp, "domain")
         self.holders: list[Holder] = []
         self.model: dict[Key, Any] = {}  # value, or [count, sum] for a summary
@@ -1008,4 +1010,5 @@ TestCompactMachine = CompactMachine.TestCase
 
 
 def test_machine_temp_files_are_cleaned_up() -> None:
-    assert not list(Path(shm_dir()).glob("test_compact_sm-*"))
+    """Only this process's: another test session may be running beside this one."""
+    assert not [d for d in MACHINE_DIRS if Path(d).exists()]

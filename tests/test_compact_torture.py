@@ -11,16 +11,19 @@ SIGSTOPs / SIGCONTs any of them at random. At the end every counter lies in
 once without reporting it, nothing else may differ.
 
 ``PERCPU_TORTURE_SECONDS`` sets the length of the chaos (default 10 s). Children are forked,
-talk over pipes, end with ``os._exit`` and are reaped; the parent never waits more than
+talk over pipes, stop when the parent sets a shared stop word, end with ``os._exit`` and are
+reaped; the parent never waits more than
 ``HANG_GUARD`` seconds for anything, so a hang shows as a failure.
 """
 
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import mmap
 import os
 import random
-import select
+import selectors
 import shutil
 import signal
 import struct
@@ -30,8 +33,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import pytest
 
 from percpu import Domain
 
@@ -43,13 +44,16 @@ WRITERS = 3
 MAX_VCPUS = 6  # writers + compactor + reader + replacements racing the dead
 KEEP = 60  # fillers kept each round: more than COUNTERS, so the writers' pageset is a source
 RECORD = struct.Struct("<i")
+TORTURE_DIRS: list[str] = []  # temporary directories made in this process
 
-stop_flag = False
+# The stop word: a shared anonymous page, inherited by every child at fork; the parent sets it
+# to ask them all to finish (a plain memory word: no signal handler to race with fork).
+_STOP_PAGE = mmap.mmap(-1, mmap.PAGESIZE)
+STOP = memoryview(_STOP_PAGE).cast("q")
 
 
-def _on_term(signum: int, frame: object) -> None:
-    global stop_flag
-    stop_flag = True
+def stopping() -> bool:
+    return bool(STOP[0])
 
 
 def _child(fn: Callable[[int], None], fd: int) -> int:
@@ -57,7 +61,7 @@ def _child(fn: Callable[[int], None], fd: int) -> int:
     if pid == 0:  # pragma: no cover - runs in the child
         code = 1
         try:
-            signal.signal(signal.SIGTERM, _on_term)
+            faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if it hangs
             fn(fd)
             code = 0
         except BaseException:
@@ -77,7 +81,7 @@ def writer(path: str, seed: int) -> Callable[[int], None]:
         cs = [d.counter("t", {"i": str(i)}) for i in range(COUNTERS)]
         rng = random.Random(seed)
         pack, write = RECORD.pack, os.write
-        while not stop_flag:
+        while not stopping():
             for _ in range(64):
                 i = rng.randrange(COUNTERS)
                 cs[i].inc()
@@ -92,7 +96,7 @@ def compactor(path: str) -> Callable[[int], None]:
         tag = os.getpid()
         kept: list[str] = []
         j = 0
-        while not stop_flag:
+        while not stopping():
             # Fill the holes of the writers' pageset, then start a new one; keep the last KEEP
             # (they are in the new pageset), drop the rest and last round's: the writers'
             # pageset is now the sparser one, so compaction moves their counters into the new.
@@ -113,9 +117,9 @@ def reader(path: str) -> Callable[[int], None]:
     def run(fd: int) -> None:
         d = Domain.open(path)
         cs = [d.counter("t", {"i": str(i)}) for i in range(COUNTERS)]
-        last = [0] * COUNTERS
+        last: list[int | float] = [0] * COUNTERS
         reads = 0
-        while not stop_flag:
+        while not stopping():
             snap = {m.labels: m.value for m in d.snapshot() if m.name == "t"}
             for i in range(COUNTERS):
                 s = snap[(("i", str(i)),)]
@@ -155,6 +159,7 @@ class Chaos:
         self.lock = threading.Lock()  # guards procs, done and acked between the two threads
         self.quit = threading.Event()
         self.drainer = threading.Thread(target=self.drain, daemon=True)
+        self.error: BaseException | None = None  # what killed the drainer, if anything
         self.seeds = iter(range(1, 1 << 30))
 
     def spawn(self, role: str) -> None:
@@ -167,23 +172,34 @@ class Chaos:
             self.procs.append(Proc(role, pid, r))
 
     def drain(self) -> None:
-        while not self.quit.is_set() or self.procs:
-            with self.lock:
-                fds = {p.fd: p for p in self.procs}
-            if not fds:
-                time.sleep(0.01)
-                continue
-            ready, _, _ = select.select(list(fds), [], [], 0.05)
-            for fd in ready:
-                p = fds[fd]
-                chunk = os.read(fd, 1 << 16)
-                if chunk:
-                    self.take(p, chunk)
-                    continue
-                with self.lock:  # EOF: the process is gone
-                    self.procs.remove(p)
-                    self.done.append(p)
-                os.close(fd)
+        try:
+            self._drain()
+        except BaseException as exc:  # a dead drainer would block every writer: say so
+            self.error = exc
+            raise
+
+    def _drain(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            watched: dict[int, Proc] = {}
+            while not self.quit.is_set() or watched or self.procs:
+                with self.lock:
+                    for p in self.procs:
+                        if p.fd not in watched:
+                            watched[p.fd] = p
+                            sel.register(p.fd, selectors.EVENT_READ)
+                for key, _events in sel.select(0.05):
+                    fd = int(key.fd)
+                    p = watched[fd]
+                    chunk = os.read(fd, 1 << 16)
+                    if chunk:
+                        self.take(p, chunk)
+                        continue
+                    sel.unregister(fd)  # EOF: the process is gone
+                    del watched[fd]
+                    with self.lock:
+                        self.procs.remove(p)
+                        self.done.append(p)
+                    os.close(fd)
 
     def take(self, p: Proc, chunk: bytes) -> None:
         if p.role != "writer":
@@ -207,14 +223,15 @@ class Chaos:
     def run(self, seconds: float, rng: random.Random) -> None:
         end = time.monotonic() + seconds
         stopped: list[tuple[float, Proc]] = []
+        p: Proc | None
         while time.monotonic() < end:
             time.sleep(rng.uniform(0.2, 0.6))
             now = time.monotonic()
-            for t, p in list(stopped):
+            for t, q in list(stopped):
                 if now >= t:
-                    os.kill(p.pid, signal.SIGCONT)
-                    p.stopped = False
-                    stopped.remove((t, p))
+                    os.kill(q.pid, signal.SIGCONT)
+                    q.stopped = False
+                    stopped.remove((t, q))
             action = rng.random()
             if action < 0.3:
                 p = self.pick(("writer",), rng)
@@ -237,16 +254,15 @@ class Chaos:
                     p.stopped = True
                     self.stops += 1
                     stopped.append((now + rng.uniform(0.1, 0.8), p))
-        for _t, p in stopped:
-            os.kill(p.pid, signal.SIGCONT)
-            p.stopped = False
+        for _t, q in stopped:
+            os.kill(q.pid, signal.SIGCONT)
+            q.stopped = False
 
     def finish(self) -> None:
         with self.lock:
             live = [p for p in self.procs if not p.killed]
             killed = [p for p in self.procs + self.done if p.killed]
-        for p in live:
-            os.kill(p.pid, signal.SIGTERM)
+        STOP[0] = 1
         deadline = time.monotonic() + HANG_GUARD
         for p in live:
             while True:
@@ -255,7 +271,23 @@ class Chaos:
                     assert os.WIFEXITED(_status) and os.WEXITSTATUS(_status) == 0, \
                         f"{p.role} {p.pid} failed: {_status}"
                     break
-                assert time.monotonic() < deadline, f"{p.role} {p.pid} does not stop"
+                if time.monotonic() >= deadline:
+                    os.kill(p.pid, signal.SIGUSR1)  # its threads' stacks, on stderr
+                    time.sleep(1)
+                    with self.lock:
+                        drained = p in self.procs
+                    try:
+                        with open(f"/proc/{p.pid}/status") as f:
+                            status = " ".join(line.strip() for line in f if line.startswith(
+                                ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
+                        with open(f"/proc/{p.pid}/wchan") as f:
+                            status += f" wchan {f.read()}"
+                    except OSError as exc:
+                        status = repr(exc)
+                    raise AssertionError(f"{p.role} {p.pid} does not stop (drainer alive: "
+                                         f"{self.drainer.is_alive()} {self.error!r}, its "
+                                         f"pipe drained: {drained}, stopped: {p.stopped}; "
+                                         f"{status})")
                 time.sleep(0.01)
         self.quit.set()
         self.drainer.join(HANG_GUARD)
@@ -266,8 +298,10 @@ class Chaos:
 
 def test_counters_stay_exact_and_monotonic_under_compaction_and_chaos() -> None:
     tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_compact_torture-")
+    TORTURE_DIRS.append(tmp)
     path = os.path.join(tmp, "domain")
     chaos = Chaos(path)
+    STOP[0] = 0
     try:
         with Domain.create(path, SIZE, max_vcpus=MAX_VCPUS) as d:
             # The writers' counters start spread over three pagesets.
@@ -320,6 +354,6 @@ def test_counters_stay_exact_and_monotonic_under_compaction_and_chaos() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.mark.parametrize("unused", [None])
-def test_torture_leaves_no_files(unused: None) -> None:
-    assert not [n for n in os.listdir(shm_dir()) if n.startswith("test_compact_torture-")]
+def test_torture_leaves_no_files() -> None:
+    """Only this process's: another test session may be running beside this one."""
+    assert not [d for d in TORTURE_DIRS if os.path.exists(d)]
