@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shm_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -65,10 +66,6 @@ from percpu._layout import (
 )
 
 SIZE = 4 << 20  # bytes of arena: room for a few thousand metrics and their pagesets
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 # -- the planner (pure) ------------------------------------------------------------------
@@ -547,23 +544,6 @@ def test_readers_in_threads_never_see_a_counter_go_backwards() -> None:
 # -- the domain, several holders in one process ----------------------------------------------
 
 
-@pytest.fixture
-def no_quiescer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Domain, "_background_quiescer", False)
-
-
-@pytest.fixture
-def shared(no_quiescer: None) -> Iterator[tuple[str, list[Domain]]]:
-    """A shared domain file with max_vcpus=2 and the list of holders opened on it."""
-    tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_compact-")
-    path = os.path.join(tmp, "domain")
-    holders = [Domain.create(path, SIZE, max_vcpus=2)]
-    try:
-        yield path, holders
-    finally:
-        for d in holders:
-            d.close()
-        shutil.rmtree(tmp)
 
 
 def open_holder(path: str, holders: list[Domain]) -> Domain:

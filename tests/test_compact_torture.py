@@ -34,6 +34,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from conftest import shm_dir
+
 from percpu import Domain
 
 DURATION = float(os.environ.get("PERCPU_TORTURE_SECONDS", "10"))  # seconds of chaos
@@ -69,10 +71,6 @@ def _child(fn: Callable[[int], None], fd: int) -> int:
         finally:
             os._exit(code)
     return pid
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 def writer(path: str, seed: int) -> Callable[[int], None]:

@@ -20,12 +20,12 @@ import shutil
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import shm_dir
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -47,27 +47,6 @@ from percpu._layout import P_CLASS, SIZE_CLASSES, class_index, split_ref
 SIZE = 1 << 20  # bytes of arena: a root block for a few ids and some pagesets
 
 
-def shm_dir() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
-
-
-@pytest.fixture
-def no_quiescer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(Domain, "_background_quiescer", False)
-
-
-@pytest.fixture
-def shared(no_quiescer: None) -> Iterator[tuple[str, list[Domain]]]:
-    """A shared domain file with max_vcpus=2 and the list of holders opened on it."""
-    tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_counters-")
-    path = os.path.join(tmp, "domain")
-    holders = [Domain.create(path, SIZE, max_vcpus=2)]
-    try:
-        yield path, holders
-    finally:
-        for d in holders:
-            d.close()
-        shutil.rmtree(tmp)
 
 
 def class_of(d: Domain, h: Any) -> int:

@@ -24,15 +24,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from conftest import shm_dir
 
 from percpu import Domain, MetricRemoved
 
 HANG = 120.0  # seconds: a guard against a hung child, never an assertion about speed
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def shm_dir() -> str:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
 
 
 @pytest.fixture
