@@ -12,7 +12,7 @@ Invariants
    byte 0 of the file (released by the kernel if the holder dies). ``W_OP`` marks an operation
    in progress; whoever next takes the lock (an arena method or a layer above through
    :meth:`Arena.locked_section`) and finds it set repairs the index first (see ``_tlsf``).
-3. A :class:`Block` is valid while this process's ``_live`` table maps its granule to that very
+3. A :class:`Block` is valid while this process's ``_live`` table maps its offset to that very
    object. ``free`` checks identity, so a double free, a copied/forged handle or a stale one is
    refused before anything is changed. Offsets that come from outside (``block_at``) and frees
    of blocks another process may have freed are checked against the tags (``Tlsf.used_size``,
@@ -85,11 +85,16 @@ from ._tlsf import CorruptArena, Tlsf
 LockPolicy: TypeAlias = Literal["auto", "require"] | bool
 ARENA_LOCK_BYTE = 0  # OFD lock byte of the allocator; other layers lock other bytes
 _LOCK_POLICIES = ("auto", "require", True, False)
-_BLOCK_LIVE, _BLOCK_FREED = 0, 1
-# A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES on
-# a per-size list and hands them out again without the allocator (as glibc's tcache does).
-# Shared arenas do not: a block cached by one process would be invisible to the others.
+# A block's ``_view`` slot is its state: None (live, no view made yet), its memoryview (live),
+# or _FREED. One slot for both keeps the hot paths at one store each.
+_FREED: memoryview = memoryview(b"")
+_FREED.release()
+# A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES
+# (and QUICK_MAX_BYTES) on a per-size list and hands them out again without the allocator (as
+# glibc's tcache does). Shared arenas do not: a block cached by one process would be invisible
+# to the others.
 QUICK_MAX_GRANULES = 16
+QUICK_MAX_BYTES = 4096
 QUICK_DEPTH = 64
 
 _make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
@@ -105,14 +110,13 @@ class Block:
     freed block's memory cannot be reached through it). Handles are made only by the arena.
     """
 
-    __slots__ = ("_owner", "_state", "_view", "arena", "offset", "size")
+    __slots__ = ("_owner", "_view", "arena", "offset", "size")
 
     arena: Arena
     offset: int
     size: int
-    _state: int
-    _view: memoryview | None
-    _owner: int  # the owner pid its tag had when this handle was made (0 once kept)
+    _view: memoryview | None  # None: live, no view yet; a view: live; _FREED: freed
+    _owner: int  # shared arenas: the owner pid its tag had when this handle was made
 
     def __init__(self) -> None:
         raise TypeError("blocks are made by Arena.alloc, not directly")
@@ -120,22 +124,22 @@ class Block:
     @property
     def view(self) -> memoryview:
         """Zero-copy view of the block's bytes (writable)."""
-        if self._state != _BLOCK_LIVE:
-            if self.arena._closed:
-                raise ArenaClosed(f"block at offset {self.offset}: the arena is closed")
-            raise DoubleFree(f"block at offset {self.offset} was freed; its view is gone")
         v = self._view
         if v is None:
             v = self._view = self.arena._heap[self.offset : self.offset + self.size]
+        elif v is _FREED:
+            if self.arena._closed:
+                raise ArenaClosed(f"block at offset {self.offset}: the arena is closed")
+            raise DoubleFree(f"block at offset {self.offset} was freed; its view is gone")
         return v
 
     @property
     def freed(self) -> bool:
-        """True once the block has been freed through this handle."""
-        return self._state == _BLOCK_FREED
+        """True once the block has been freed through this handle (or its arena closed)."""
+        return self._view is _FREED
 
     def __repr__(self) -> str:
-        state = "freed" if self._state == _BLOCK_FREED else "live"
+        state = "freed" if self._view is _FREED else "live"
         return f"<Block offset={self.offset} size={self.size} {state}>"
 
 
@@ -304,15 +308,25 @@ class Arena:
         self._gmask = layout.granule - 1
         self._core = Tlsf(self._words, layout.tags_offset // 8, layout.heap_offset // 8,
                           layout.granule, layout.n_granules)
-        self._live: dict[int, Block] = {}  # granule -> the one valid handle (invariant 3)
-        # Quick lists (private arenas): freed small blocks kept allocated for reuse, per size.
-        self._quick: dict[int, list[int]] = (
-            {} if self.shared else {n: [] for n in range(1, QUICK_MAX_GRANULES + 1)})
-        # Operations served by the quick lists, counted in Python ints (cheaper than the shared
-        # words) and added to the shared counts by stats(). Threads may lose an increment of
-        # these statistics (load, add, store); blocks themselves are never lost or doubled.
-        self._quick_allocs = 0
+        self._live: dict[int, Block] = {}  # offset -> the one valid handle (invariant 3)
+        # Quick lists (private arenas): offsets of freed small blocks, kept allocated for reuse,
+        # one list per granule count; _quick_by_size maps a size in bytes to its list, so the
+        # hot path indexes once instead of rounding.
+        self._quick: dict[int, list[int]] = {}
+        self._quick_by_size: list[list[int]] = []
+        if not self.shared:
+            n_max = min(QUICK_MAX_GRANULES, max(1, QUICK_MAX_BYTES >> self._gshift))
+            self._quick = {n: [] for n in range(1, n_max + 1)}
+            self._quick_by_size = [self._quick[1]] + [  # index 0 is never used: size > 0
+                self._quick[(size + self._gmask) >> self._gshift]
+                for size in range(1, min(n_max << self._gshift, QUICK_MAX_BYTES) + 1)]
+        self._quick_max_size = len(self._quick_by_size) - 1
+        # Frees onto the quick lists and blocks given back from them, counted in Python ints
+        # (cheaper than the shared words) and added to the shared counts by stats(); quick
+        # allocations follow: pushed - given back - still cached. Threads may lose an increment
+        # of these statistics (load, add, store); blocks themselves are never lost or doubled.
         self._quick_frees = 0
+        self._quick_drained = 0
         if fresh:
             with self._lock:
                 self._format(layout)
@@ -421,35 +435,30 @@ class Arena:
         """
         if size.__class__ is not int or size <= 0:
             _check_size("size", size)
-        n = (size + self._gmask) >> self._gshift
         if align is None:
-            quick = self._quick.get(n)
-            if quick:
-                try:
-                    g = quick.pop()  # atomic under the GIL: two threads never get one block
-                except IndexError:
-                    pass
-                else:
-                    # _new_handle, inlined: this is the path the benchmarks measure.
-                    self._quick_allocs += 1
-                    block = _make_block(Block)
-                    block.arena = self
-                    block.offset = g << self._gshift
-                    block.size = size
-                    block._state = _BLOCK_LIVE
-                    block._view = None
-                    block._owner = self._pid
-                    self._live[g] = block
-                    return block
+            try:  # IndexError: larger than the quick lists serve, or its list is empty
+                offset = self._quick_by_size[size].pop()  # atomic: one thread gets a block
+            except IndexError:
+                pass
+            else:
+                # The hot path: one handle made, four stores, one table entry.
+                block = _make_block(Block)
+                block.arena = self
+                block.offset = offset
+                block.size = size
+                block._view = None
+                self._live[offset] = block
+                return block
             ag = 1
         else:
             ag = self._align_granules(align)
         if self._closed:
             raise ArenaClosed("the arena is closed")
+        n = (size + self._gmask) >> self._gshift
         g = self._alloc_locked(n, ag)
         if g < 0:
             raise self._exhausted(size, align)
-        return self._new_handle(g, size, self._pid)
+        return self._new_handle(g << self._gshift, size, self._pid)
 
     def _alloc_locked(self, n: int, ag: int) -> int:
         """Granule of a new block, or -1 (counted once as a failure) when nothing fits even
@@ -476,15 +485,14 @@ class Arena:
             lock.release()
         return g
 
-    def _new_handle(self, g: int, size: int, owner: int) -> Block:
-        block = Block.__new__(Block)
+    def _new_handle(self, offset: int, size: int, owner: int) -> Block:
+        block = _make_block(Block)
         block.arena = self
-        block.offset = g << self._gshift
+        block.offset = offset
         block.size = size
-        block._state = _BLOCK_LIVE
         block._view = None
         block._owner = owner
-        self._live[g] = block
+        self._live[offset] = block
         return block
 
     def _quick_count(self) -> int:
@@ -494,17 +502,18 @@ class Arena:
         """Give every block cached on the quick lists back to the allocator (coalescing)."""
         if not self._quick_count():
             return
-        w = self._words
+        w, gshift = self._words, self._gshift
         with self._lock:
             for quick in self._quick.values():
                 while quick:
                     try:
-                        g = quick.pop()
+                        offset = quick.pop()
                     except IndexError:
                         break
                     w[W_OP] = self._pid
-                    self._core.free(g)
+                    self._core.free(offset >> gshift)
                     w[W_OP] = 0
+                    self._quick_drained += 1
 
     def _align_granules(self, align: object) -> int:
         if align.__class__ is not int:
@@ -529,32 +538,30 @@ class Arena:
         Refuses, changing nothing, a block already freed (:class:`DoubleFree`), of another
         arena (:class:`ForeignBlock`), or a copied, forged or stale handle (:class:`StaleBlock`).
         """
-        if block.__class__ is not Block:
-            raise InvalidType(f"free() takes a Block, got {type(block).__name__}")
-        if block.arena is not self:
-            raise ForeignBlock(f"{block!r} belongs to another arena")
-        g = block.offset >> self._gshift
+        if block.__class__ is not Block or block.arena is not self:
+            raise self._not_mine("free", block)
+        offset = block.offset
         live = self._live
-        current = live.pop(g, None)  # atomic under the GIL: one of two racing frees wins
+        current = live.pop(offset, None)  # atomic under the GIL: one of two racing frees wins
         if current is not block:
             if current is not None:
-                live[g] = current
+                live[offset] = current
             raise self._bad_handle(block)
-        block._state = _BLOCK_FREED
         view = block._view
+        block._view = _FREED
         if view is not None:
-            block._view = None
             try:  # noqa: SIM105 - hot path: contextlib.suppress costs a call
                 view.release()
             except BufferError:
                 pass  # the user exported it further (e.g. numpy); it stays valid memory
-        n = (block.size + self._gmask) >> self._gshift
-        quick = self._quick.get(n)
-        if quick is not None and len(quick) < QUICK_DEPTH:
-            quick.append(g)
-            self._quick_frees += 1
-            return
-        self._free_locked(g, n, block)
+        size = block.size
+        if size <= self._quick_max_size:
+            quick = self._quick_by_size[size]
+            if len(quick) < QUICK_DEPTH:
+                quick.append(offset)
+                self._quick_frees += 1
+                return
+        self._free_locked(offset >> self._gshift, (size + self._gmask) >> self._gshift, block)
 
     def _free_locked(self, g: int, n: int, block: Block) -> None:
         w = self._words
@@ -574,10 +581,16 @@ class Arena:
         finally:
             self._lock.release()
 
+    @staticmethod
+    def _not_mine(method: str, block: object) -> Exception:
+        if block.__class__ is Block:
+            return ForeignBlock(f"{block!r} belongs to another arena")
+        return InvalidType(f"{method}() takes a Block, got {type(block).__name__}")
+
     def _bad_handle(self, block: Block) -> Exception:
         if self._closed:
             return ArenaClosed(f"{block!r}: the arena is closed")
-        if block._state == _BLOCK_FREED:
+        if block._view is _FREED:
             return DoubleFree(f"{block!r} was already freed")
         return StaleBlock(f"{block!r} is not a live block of this arena (forged or stale)")
 
@@ -596,16 +609,16 @@ class Arena:
         if g >= self._layout.n_granules:
             raise InvalidArgument(f"offset {offset} is outside the arena ({self.size} bytes)")
         with self._lock:
-            known = self._live.get(g)
+            known = self._live.get(offset)
             if known is not None:
                 return known
-            if any(g in quick for quick in self._quick.values()):
+            if any(offset in quick for quick in self._quick.values()):
                 raise StaleBlock(f"no allocated block starts at offset {offset} (it was freed)")
             n = self._core.used_size(g)
             if not n:
                 raise StaleBlock(f"no allocated block starts at offset {offset}")
             owner = self._core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
-            return self._new_handle(g, n << self._gshift, owner)
+            return self._new_handle(offset, n << self._gshift, owner)
 
     def keep(self, block: Block) -> None:
         """Mark ``block`` as owned by the shared structure rather than by this process.
@@ -613,16 +626,13 @@ class Arena:
         :meth:`check` reports blocks whose owner died; a layer that has recorded a block in
         its own shared tables calls ``keep`` so the block survives its allocator's death.
         """
-        if block.__class__ is not Block:
-            raise InvalidType(f"keep() takes a Block, got {type(block).__name__}")
-        if block.arena is not self:
-            raise ForeignBlock(f"{block!r} is not a block of this arena")
+        if block.__class__ is not Block or block.arena is not self:
+            raise self._not_mine("keep", block)
         self._check_open()
         with self._lock:
-            g = block.offset >> self._gshift
-            if self._live.get(g) is not block:
+            if self._live.get(block.offset) is not block:
                 raise self._bad_handle(block)
-            self._core.set_owner(g, 0)
+            self._core.set_owner(block.offset >> self._gshift, 0)
             block._owner = 0
 
     # -- health ------------------------------------------------------------------------
@@ -636,7 +646,8 @@ class Arena:
         try:
             used = int(w[W_USED]) << self._gshift
             largest = self._core.largest_free() << self._gshift
-            counts = (int(w[W_ALLOCS]) + self._quick_allocs, int(w[W_FREES]) + self._quick_frees,
+            quick_allocs = self._quick_frees - self._quick_drained  # all drained just above
+            counts = (int(w[W_ALLOCS]) + quick_allocs, int(w[W_FREES]) + self._quick_frees,
                       int(w[W_FAILED]), int(w[W_RECOVERIES]))
         finally:
             self._lock.release()
@@ -671,7 +682,8 @@ class Arena:
             leaked = []
             live = self._live
             for b in blocks:
-                if (b.used and b.owner and b.owner != self._pid and b.start not in live
+                if (b.used and b.owner and b.owner != self._pid
+                        and b.start << self._gshift not in live
                         and not _pid_alive(b.owner)):
                     leaked.append(LeakedBlock(b.start << self._gshift, b.size << self._gshift,
                                               b.owner))
@@ -720,8 +732,8 @@ class Arena:
     def _release_mapping(self) -> None:
         for block in self._live.values():
             view = block._view
+            block._view = _FREED  # every handle is dead from here on
             if view is not None:
-                block._view = None
                 with contextlib.suppress(BufferError):
                     view.release()
         self._words.release()
@@ -737,10 +749,10 @@ class Arena:
             return
         self._closed = True
         self._release_mapping()
-        for block in self._live.values():
-            block._state = _BLOCK_FREED
         self._live.clear()
         self._quick = {}
+        self._quick_by_size = []
+        self._quick_max_size = 0
         with contextlib.suppress(BufferError):
             self._mm.close()
         if self._fd is not None:

@@ -5,7 +5,9 @@
    ``align=64`` (which bypasses the quick lists, so the TLSF allocator and the thread lock do
    the work), with ``align=4096``, and on a shared file-backed arena (TLSF plus the OFD lock:
    two ``fcntl`` calls per operation); against ``bytearray(64)`` (made and dropped) and
-   ``multiprocessing.heap.BufferWrapper(64)`` (made and dropped: its finalizer frees it). The
+   ``multiprocessing.heap.BufferWrapper(64)`` (made and dropped: its finalizer frees it); and
+   against the floor of any allocator written in Python (two method calls that do nothing but
+   make one handle object), which shows how much of the arena's figure is its own work. The
    summary prints each median as a ratio to ``bytearray(64)`` and the speed-up over
    ``BufferWrapper``.
 
@@ -103,6 +105,43 @@ def test_pair_buffer_wrapper(benchmark: Any, summary: Any) -> None:
     benchmark(pair)
     summary.record_pair(PAIR_GROUP, "multiprocessing.heap.BufferWrapper(64)", benchmark,
                         role="peer")
+
+
+class _FloorHandle:
+    """As many slots as :class:`arena.Block`; the floor makes one per pair and sets none."""
+
+    __slots__ = ("_owner", "_view", "arena", "offset", "size")
+
+
+class _FloorAllocator:
+    """The least any allocator written in Python pays per pair: two method calls, one handle.
+
+    ``alloc`` makes a new handle object (a handle must be a fresh object, or a freed one could
+    come back to life) and ``free`` does nothing. Whatever an arena costs above this is its own
+    work; this much no Python-level design can avoid on this interpreter.
+    """
+
+    def alloc(self, size: int, align: int | None = None) -> _FloorHandle:
+        return _make_handle(_FloorHandle)
+
+    def free(self, block: _FloorHandle) -> None:
+        return None
+
+
+_make_handle = object.__new__
+
+
+@pytest.mark.benchmark(group=PAIR_GROUP)
+def test_pair_python_floor(benchmark: Any, summary: Any) -> None:
+    floor = _FloorAllocator()
+    alloc, free = floor.alloc, floor.free
+
+    def pair() -> None:
+        free(alloc(64))
+
+    benchmark(pair)
+    summary.record_pair(PAIR_GROUP, "floor: 2 empty methods + 1 new handle", benchmark,
+                        role="floor")
 
 
 @pytest.mark.benchmark(group=PAIR_GROUP)

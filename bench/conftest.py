@@ -125,7 +125,8 @@ class Summary:
     """What the benchmarks measured in this session, printed at the end as ratio tables.
 
     ``pairs``: group -> label -> pytest-benchmark median seconds of one call, and per group
-    the labels of the ``"baseline"`` (bytearray) and the ``"peer"`` (multiprocessing.heap).
+    the labels of the ``"baseline"`` (bytearray), the ``"peer"`` (multiprocessing.heap) and
+    the ``"floor"`` (the least a Python-level allocator pays).
     ``fill``: one row per (arena kind, fill level). ``pool``: one row per (item kind, mode).
     The benchmark modules reach this through the ``summary`` fixture and import nothing from
     here.
@@ -144,8 +145,9 @@ class Summary:
     def record_pair(self, group: str, label: str, benchmark: Any, role: str = "") -> None:
         """Keep a pytest-benchmark result (nothing when benchmarks are disabled).
 
-        ``role`` is ``"baseline"`` (ratios are taken to it) or ``"peer"`` (the slow
-        competitor: speed-ups are taken from it), or empty.
+        ``role`` is ``"baseline"`` (ratios are taken to it), ``"peer"`` (the slow
+        competitor: speed-ups are taken from it), ``"floor"`` (what every row costs above it
+        is printed too), or empty.
         """
         stats = getattr(benchmark, "stats", None)
         if stats is not None:
@@ -187,14 +189,16 @@ class Summary:
         for group, results in self.pairs.items():
             base_label = self.pair_roles.get((group, "baseline"), "")
             peer_label = self.pair_roles.get((group, "peer"), "")
+            floor = results.get(self.pair_roles.get((group, "floor"), ""))
             base, slow = results.get(base_label), results.get(peer_label)
             lines += ["", f"{group}: median of one call (pytest-benchmark)",
                       f"  {'':44} {'median':>10} {'/ ' + base_label:>16} "
-                      f"{peer_label.rsplit('.', 1)[-1] + ' /':>20}"]
+                      f"{peer_label.rsplit('.', 1)[-1] + ' /':>20} {'- floor':>10}"]
             for label, median in results.items():
+                above = None if floor is None else (median - floor) * 1e9
                 lines.append(f"  {label:44} {fmt_ns(median * 1e9):>10} "
                              f"{fmt_ratio(ratio(median, base)):>16} "
-                             f"{fmt_ratio(ratio(slow, median)):>20}")
+                             f"{fmt_ratio(ratio(slow, median)):>20} {fmt_ns(above):>10}")
             lines.append("  (targets, issue 2: arena within 3x of bytearray(64); "
                          "at least 30x faster than multiprocessing.heap)")
         return lines
