@@ -189,7 +189,11 @@ class Tlsf:
     def _insert(self, g: int, n: int) -> None:
         """Push free block ``g`` of ``n`` granules on the head of its list."""
         w = self.words
-        fl, sl = mapping_insert(n)
+        if n < SL_COUNT:  # mapping_insert(n), inlined: every alloc and free comes here
+            fl, sl = 0, n
+        else:
+            bl = n.bit_length()
+            fl, sl = bl - SL_LOG2, (n >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
         hi = W_HEADS + fl * SL_COUNT + sl
         head = w[hi]
         w[self._heap + g * self._stride] = head | (NIL << 32)  # next = head, prev = NIL
@@ -212,7 +216,11 @@ class Tlsf:
             li = heap + prv * stride
             w[li] = (w[li] & _HIGH32) | nxt
         else:
-            fl, sl = mapping_insert(n)
+            if n < SL_COUNT:  # mapping_insert(n), inlined
+                fl, sl = 0, n
+            else:
+                bl = n.bit_length()
+                fl, sl = bl - SL_LOG2, (n >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
             w[W_HEADS + fl * SL_COUNT + sl] = nxt
             if nxt == NIL:
                 slmap = w[W_SL + fl] & ~(1 << sl)
@@ -231,9 +239,9 @@ class Tlsf:
             flmap = w[W_FL] & (-1 << (fl + 1))
             if not flmap:
                 return NIL
-            fl = lowest_bit(flmap)
+            fl = (flmap & -flmap).bit_length() - 1  # lowest set bit, inlined
             slmap = w[W_SL + fl]
-        return int(w[W_HEADS + fl * SL_COUNT + lowest_bit(slmap)])
+        return int(w[W_HEADS + fl * SL_COUNT + (slmap & -slmap).bit_length() - 1])
 
     # -- the operations ------------------------------------------------------------------
 
