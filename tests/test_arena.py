@@ -11,13 +11,12 @@ import contextlib
 import copy
 import dataclasses
 import os
-import pickle
 import threading
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _children import run_in_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -78,34 +77,6 @@ def unchanged(a: Arena) -> Iterator[None]:
     assert bytes(a._mm) == raw, "a refused operation changed the mapping"
     assert a._live == live
     assert comparable(a.stats()) == before
-
-
-def run_in_child(fn: Callable[[], Any]) -> Any:
-    """Run ``fn`` in a forked child; return its (picklable) result or fail with its traceback."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into pytest
-        code = 1
-        try:
-            os.close(r)
-            try:
-                payload = pickle.dumps(("ok", fn()))
-                code = 0
-            except BaseException:
-                payload = pickle.dumps(("error", traceback.format_exc()))
-            with os.fdopen(w, "wb") as f:
-                f.write(payload)
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    kind, value = pickle.loads(data) if data else ("error", f"child died: status {status}")
-    if kind != "ok":
-        pytest.fail(f"in the child:\n{value}")
-    assert os.waitstatus_to_exitcode(status) == 0
-    return value
 
 
 @pytest.fixture

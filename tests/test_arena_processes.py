@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import pickle
 import random
 import signal
 import struct
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _children import Child
 
 from arena import Arena, ArenaExhausted, Block
 from arena._layout import W_OP
@@ -36,56 +35,13 @@ GRANULE = 64
 # Children
 
 
-class Child:
-    """A forked child running ``fn``; its pickled result comes back through a pipe."""
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # never returns into pytest
-            code = 1
-            try:
-                os.close(r)
-                try:
-                    payload = pickle.dumps(("ok", fn()))
-                    code = 0
-                except BaseException:
-                    payload = pickle.dumps(("error", traceback.format_exc()))
-                with os.fdopen(w, "wb") as f:
-                    f.write(payload)
-            finally:
-                os._exit(code)
-        os.close(w)
-        self.pid, self._r, self._reaped = pid, r, False
-
-    def result(self) -> Any:
-        with os.fdopen(self._r, "rb") as f:
-            data = f.read()
-        self.reap()
-        kind, value = pickle.loads(data) if data else ("error", "the child died silently")
-        if kind != "ok":
-            pytest.fail(f"in child {self.pid}:\n{value}")
-        return value
-
-    def kill(self) -> None:
-        os.kill(self.pid, signal.SIGKILL)
-        status = self.reap()
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        os.close(self._r)
-
-    def reap(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
-        self._reaped = True
-        return status
-
-
 @pytest.fixture
 def children() -> Iterator[list[Child]]:
     """Every child a test starts; any left running when it ends is killed and reaped."""
     started: list[Child] = []
     yield started
     for c in started:
-        if not c._reaped:
+        if not c.reaped:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(c.pid, signal.SIGKILL)
             c.reap()
