@@ -321,10 +321,12 @@ class Arena:
                 self._quick[(size + self._gmask) >> self._gshift]
                 for size in range(1, min(n_max << self._gshift, QUICK_MAX_BYTES) + 1)]
         self._quick_max_size = len(self._quick_by_size) - 1
-        # Frees onto the quick lists and blocks given back from them, counted in Python ints
-        # (cheaper than the shared words) and added to the shared counts by stats(); quick
-        # allocations follow: pushed - given back - still cached. Threads may lose an increment
-        # of these statistics (load, add, store); blocks themselves are never lost or doubled.
+        # Frees onto the quick lists (counted in a Python int: cheaper than a shared word) and
+        # blocks given back from them (counted under the lock); stats() adds them to the
+        # shared counts, and quick allocations follow: pushed - given back - still cached.
+        # Racing threads may lose an increment of _quick_frees (load, add, store); that loses
+        # one allocation and one free alike, so allocations - frees stays exact. Blocks
+        # themselves are never lost or doubled.
         self._quick_frees = 0
         self._quick_drained = 0
         if fresh:
@@ -646,7 +648,7 @@ class Arena:
         try:
             used = int(w[W_USED]) << self._gshift
             largest = self._core.largest_free() << self._gshift
-            quick_allocs = self._quick_frees - self._quick_drained  # all drained just above
+            quick_allocs = self._quick_frees - self._quick_drained - self._quick_count()
             counts = (int(w[W_ALLOCS]) + quick_allocs, int(w[W_FREES]) + self._quick_frees,
                       int(w[W_FAILED]), int(w[W_RECOVERIES]))
         finally:

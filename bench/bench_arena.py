@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 import arena
+from arena import ArenaStats, Block
 
 PAIR_GROUP = "alloc+free 64 B"
 PAIR_ARENA_BYTES = 1 << 20
@@ -241,8 +242,8 @@ class FillLevel:
 
     level: float
     arena: arena.Arena
-    live: list[arena.Block]
-    stats: arena.ArenaStats
+    live: list[Block]  # not arena.Block: the field "arena" hides the module in this class body
+    stats: ArenaStats
     alloc_ns: list[int] = field(default_factory=list)
     pair_ns: list[int] = field(default_factory=list)
     fitted: list[int] = field(default_factory=list)

@@ -29,7 +29,7 @@ import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -179,7 +179,8 @@ def _record(benchmark: Any, name: str) -> None:
 
 
 def test_snapshot(benchmark: Any, domain: percpu.Domain) -> None:
-    reader = percpu.Domain.open(domain.path)  # a fresh reader: its first snapshot is cold
+    # a fresh reader: its first snapshot is cold
+    reader = percpu.Domain.open(cast(str, domain.path))
     try:
         t = time.perf_counter()
         first = reader.snapshot()
@@ -199,9 +200,10 @@ def test_snapshot_render(benchmark: Any, domain: percpu.Domain) -> None:
     exposition = pytest.importorskip("percpu._exposition")
 
     def scrape() -> bytes:
-        return exposition.render_prometheus(
+        text: bytes = exposition.render_prometheus(
             exposition.MetricSample(m.name, "counter", m.labels, m.value)
             for m in domain.snapshot())
+        return text
 
     benchmark.group = GROUP
     benchmark.name = "percpu snapshot() + render_prometheus"

@@ -199,7 +199,7 @@ def test_counter_inc_add_value() -> None:
         c.inc()
         c.add(0)
         c.add(41)
-        c.add(Index(100))
+        c.add(Index(100))  # type: ignore[arg-type]
         c.add(SneakyInt(1000))  # converted to a plain int first
         assert c.value == 1142
         assert d.counter("requests", {"path": "/"}) is c
@@ -240,7 +240,7 @@ def test_gauge_goes_both_ways() -> None:
         g.add(10)
         g.sub(25)
         g.add(-1)
-        g.sub(Index(-2))
+        g.sub(Index(-2))  # type: ignore[arg-type]
         assert g.value == -13
         for bad in (1.5, True, "2", None):
             with pytest.raises(InvalidType):

@@ -75,7 +75,7 @@ class Child:
 
     def read_all(self) -> bytes:
         """Everything the child writes, up to its end (EOF)."""
-        chunks = []
+        chunks: list[bytes] = []
         deadline = time.monotonic() + HANG
         while True:
             ready, _, _ = select.select([self.r], [], [], max(0.0, deadline - time.monotonic()))
@@ -149,7 +149,7 @@ def test_sigkill_at_random_points_loses_at_most_one_add_per_kill(
     workers, concurrency = 20, 4
     acked = [0] * N_COUNTERS
     kills = 0
-    last = [0] * N_COUNTERS
+    last: list[int | float] = [0] * N_COUNTERS
 
     def worker(w: int, seed: int) -> None:
         counters = [d.counter("work_total", {"c": str(i)}) for i in range(N_COUNTERS)]
@@ -175,7 +175,7 @@ def test_sigkill_at_random_points_loses_at_most_one_add_per_kill(
     while started < workers or running:
         while started < workers and len(running) < concurrency:
             seed = rng.randrange(1 << 30)
-            child = children.start(lambda w, seed=seed: worker(w, seed))
+            child = children.start(lambda w, seed=seed: worker(w, seed))  # type: ignore[misc]
             kill_after = rng.choice([None, None, 0, rng.randrange(STEPS), rng.randrange(200)])
             if kill_after == 0:
                 child.kill()  # at once: maybe mid-lease, mid-registration, mid-refill
@@ -270,7 +270,7 @@ def test_churn_of_1000_workers_stays_at_the_peak_concurrencys_memory(
     peak = None
     for first in range(0, total, wave):
         go_r, go_w = os.pipe()
-        batch = [children.start(lambda w, n=n, go=go_r: worker(w, go, n % 2 == 0))
+        batch = [children.start(lambda w, n=n, go=go_r: worker(w, go, n % 2 == 0))  # type: ignore[misc]
                  for n in range(first, first + wave)]
         os.close(go_r)
         for child in batch:

@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -519,7 +519,7 @@ def test_putting_back_twice_or_a_foreign_item_changes_nothing(maker: Maker) -> N
     ]
     for item, error in refusals:
         with pytest.raises(error):
-            pool.put(item)
+            pool.put(item)  # type: ignore[arg-type]
         assert pool.stats() == before, item
     assert maker.released == []
     pool.put(handed)  # the real one is still accepted
@@ -538,7 +538,7 @@ def test_double_put_of_a_block_and_foreign_blocks_change_nothing(
     for item, error in [(mine, DoubleFree), (stray, ForeignBlock), (theirs, ForeignBlock),
                         (b"bytes", InvalidType)]:
         with pytest.raises(error):
-            pool.put(item)
+            pool.put(item)  # type: ignore[arg-type]
         assert pool.stats() == before
         assert private_arena.stats().free_bytes == arena_before
     with pytest.raises(ForeignBlock, match="another arena"):
@@ -697,7 +697,7 @@ class PoolMachine(RuleBasedStateMachine):
             self.pool.put(stranger)
         assert self.pool.stats() == before
         if self.arena is not None:
-            self.arena.free(stranger)
+            self.arena.free(cast(Block, stranger))
 
     @rule(dt=st.sampled_from([0.0, 0.25, 0.5, 1.0, 3.0]))
     def advance(self, dt: float) -> None:
