@@ -9,7 +9,9 @@
    against the floor of any allocator written in Python (two method calls that do nothing but
    make one handle object), which shows how much of the arena's figure is its own work. The
    summary prints each median as a ratio to ``bytearray(64)`` and the speed-up over
-   ``BufferWrapper``.
+   ``BufferWrapper``. ``test_pair_interleaved`` times the private arena, the floor and both
+   peers again in turns, round after round, and prints ratios of their best rounds, which a
+   burst of load on a shared machine cannot tilt toward one row.
 
 2. ``test_fill_latency`` (groups "fill latency (private|shared)"): the arena is filled to the
    brim with blocks of random sizes (log-uniform, 16 B..4 KiB), then random blocks are freed
@@ -173,6 +175,61 @@ def test_pair_arena_shared(benchmark: Any, summary: Any, shared_arena: arena.Are
     _note_arena(benchmark, shared_arena)
     benchmark.extra_info["path"] = str(shared_arena.path)
     summary.record_pair(PAIR_GROUP, "Arena.create (file, OFD lock)", benchmark)
+
+
+INTERLEAVED_ROUNDS = 31  # rounds of the interleaved pair measurement (3 in a smoke run)
+INTERLEAVED_CALLS = 2_000  # calls of one candidate per round
+
+
+def test_pair_interleaved(benchmark: Any, summary: Any, measuring: bool,
+                          private_arena: arena.Arena) -> None:
+    """The same pairs, timed in turns: each round times every candidate for a batch of calls.
+
+    pytest-benchmark runs one test after the other, so a burst of load on this shared machine
+    lands on whichever row happens to be running. Here the candidates take turns within each
+    round, and each one's best round (the least disturbed) and median round are kept: ratios
+    of best rounds compare the code, not the moments it ran at.
+    """
+    floor = _FloorAllocator()
+    alloc, free, f_alloc, f_free = private_arena.alloc, private_arena.free, floor.alloc, floor.free
+
+    def arena_pair() -> None:
+        free(alloc(64))
+
+    def floor_pair() -> None:
+        f_free(f_alloc(64))
+
+    def bytearray_pair() -> None:
+        bytearray(64)
+
+    def buffer_wrapper_pair() -> None:
+        BufferWrapper(64)
+
+    candidates = {"bytearray(64)": bytearray_pair, "BufferWrapper(64)": buffer_wrapper_pair,
+                  "floor": floor_pair, "Arena private": arena_pair}
+    rounds = INTERLEAVED_ROUNDS if measuring else 3
+    ns = time.perf_counter_ns
+    per_call: dict[str, list[float]] = {label: [] for label in candidates}
+
+    def measure() -> None:
+        for _ in range(rounds):
+            for label, pair in candidates.items():
+                calls = INTERLEAVED_CALLS // (20 if label == "BufferWrapper(64)" else 1)
+                t0 = ns()
+                for _ in range(calls):
+                    pair()
+                per_call[label].append((ns() - t0) / calls)
+
+    # pytest-benchmark times the whole interleaved run once (its own figure means little);
+    # the per-candidate rounds are the result.
+    benchmark.group = f"{PAIR_GROUP}, interleaved"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    for label, times in per_call.items():
+        times.sort()
+        summary.interleaved[label] = (times[0], times[len(times) // 2])
+        benchmark.extra_info[f"{label} best_ns"] = round(times[0], 1)
+        benchmark.extra_info[f"{label} median_ns"] = round(times[len(times) // 2], 1)
+    assert private_arena.stats().used_bytes == 0  # every pair gave its block back
 
 
 # -- alloc latency by fill ----------------------------------------------------------------------

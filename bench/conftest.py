@@ -127,6 +127,7 @@ class Summary:
     ``pairs``: group -> label -> pytest-benchmark median seconds of one call, and per group
     the labels of the ``"baseline"`` (bytearray), the ``"peer"`` (multiprocessing.heap) and
     the ``"floor"`` (the least a Python-level allocator pays).
+    ``interleaved``: label -> (best, median) ns per call of the interleaved pair rounds.
     ``fill``: one row per (arena kind, fill level). ``pool``: one row per (item kind, mode).
     The benchmark modules reach this through the ``summary`` fixture and import nothing from
     here.
@@ -135,6 +136,7 @@ class Summary:
     measuring: bool = False
     pairs: dict[str, dict[str, float]] = field(default_factory=dict)
     pair_roles: dict[tuple[str, str], str] = field(default_factory=dict)
+    interleaved: dict[str, tuple[float, float]] = field(default_factory=dict)
     fill: list[dict[str, Any]] = field(default_factory=list)
     pool: list[dict[str, Any]] = field(default_factory=list)
 
@@ -180,6 +182,7 @@ class Summary:
             lines.append("benchmarks disabled (smoke run): the figures below are not "
                          "measurements; run with --benchmark-enable")
         lines += self._render_pairs()
+        lines += self._render_interleaved()
         lines += self._render_fill()
         lines += self._render_pool()
         return lines
@@ -201,6 +204,21 @@ class Summary:
                              f"{fmt_ratio(ratio(slow, median)):>20} {fmt_ns(above):>10}")
             lines.append("  (targets, issue 2: arena within 3x of bytearray(64); "
                          "at least 30x faster than multiprocessing.heap)")
+        return lines
+
+    def _render_interleaved(self) -> list[str]:
+        if not self.interleaved:
+            return []
+        base = self.interleaved.get("bytearray(64)", (0.0, 0.0))[0]
+        slow = self.interleaved.get("BufferWrapper(64)", (0.0, 0.0))[0]
+        floor = self.interleaved.get("floor", (0.0, 0.0))[0]
+        lines = ["", "alloc+free 64 B, interleaved rounds (ns per call; ratios of best rounds)",
+                 f"  {'':20} {'best':>9} {'median':>9} {'/ bytearray':>12} "
+                 f"{'BufferWrapper /':>16} {'- floor':>9}"]
+        for label, (best, median) in self.interleaved.items():
+            lines.append(f"  {label:20} {fmt_ns(best):>9} {fmt_ns(median):>9} "
+                         f"{fmt_ratio(ratio(best, base)):>12} {fmt_ratio(ratio(slow, best)):>16} "
+                         f"{fmt_ns(best - floor if floor else None):>9}")
         return lines
 
     def _render_fill(self) -> list[str]:
@@ -270,7 +288,7 @@ def summary(request: pytest.FixtureRequest, measuring: bool) -> Summary:
 @pytest.hookimpl(trylast=True)
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     s = config.stash.get(_SUMMARY_KEY, None)
-    if s is None or not (s.pairs or s.fill or s.pool):
+    if s is None or not (s.pairs or s.interleaved or s.fill or s.pool):
         return
     terminalreporter.write_sep("=", "arena benchmarks: ratios")
     terminalreporter.write_line(f"python {sys.version.split()[0]}, {os.cpu_count()} cpus, "
