@@ -89,13 +89,17 @@ class SharedLock:
     released again and the exception propagates.
     """
 
-    __slots__ = ("_depth", "_fd", "_mutex", "_on_acquire", "_start")
+    __slots__ = ("_depth", "_fd", "_lock_request", "_mutex", "_on_acquire", "_start",
+                 "_unlock_request")
 
     def __init__(self, fd: int | None, start: int,
                  on_acquire: Callable[[], object] | None = None) -> None:
         self._fd = fd
         self._start = start
         self._on_acquire = on_acquire
+        # The two fcntl requests, packed once: every operation of a shared arena makes both.
+        self._lock_request = _flock(fcntl.F_WRLCK, start, 1)
+        self._unlock_request = _flock(fcntl.F_UNLCK, start, 1)
         # Guards _depth and, with the OFD lock, whatever the owner protects; held by one thread.
         self._mutex = threading.RLock()
         self._depth = 0
@@ -111,7 +115,7 @@ class SharedLock:
         self._mutex.acquire()
         if self._depth == 0 and self._fd is not None:
             try:
-                lock(self._fd, self._start)
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLKW, self._lock_request)  # lock(), inlined
             except BaseException:
                 self._mutex.release()
                 raise
@@ -130,7 +134,7 @@ class SharedLock:
         """Release one level; the OFD lock goes with the outermost level."""
         self._depth -= 1
         if self._depth == 0 and self._fd is not None:
-            unlock(self._fd, self._start)
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._unlock_request)  # unlock(), inlined
         self._mutex.release()
 
     @property
