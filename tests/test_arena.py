@@ -11,6 +11,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import pickle
 import sys
 import threading
 from collections.abc import Iterator
@@ -551,10 +552,18 @@ def test_view_is_zero_copy_and_released_after_free(a: Arena) -> None:
 
 
 def test_a_view_exported_further_stays_valid_after_free(a: Arena) -> None:
+    """free() releases the block's own view; what was made from it stays valid memory."""
     b = a.alloc(64)
-    inner = memoryview(b.view)  # an export of the block's view (numpy would do the same)
-    a.free(b)
+    inner = memoryview(b.view)  # a second view of the same buffer: not an export of b.view
+    held = pickle.PickleBuffer(b.view)  # holds an export of b.view: its release() fails
+    a.free(b)  # the BufferError is swallowed: the block is freed all the same
+    assert b.freed and a.stats().used_bytes == 0
     inner[0] = 1  # still mapped memory: documented, and no crash
+    with memoryview(held) as again:
+        again[1] = 2
+        assert bytes(again[:2]) == b"\x01\x02"
+    with pytest.raises(DoubleFree):
+        b.view  # noqa: B018
 
 
 def test_context_manager_and_every_use_after_close() -> None:

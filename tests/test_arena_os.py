@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from arena._layout import (
     W_TOTAL,
     W_VERSION,
 )
+from arena._locks import SharedLock, is_locked, try_lock, unlock
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = 65534  # uid and gid of "nobody"
@@ -448,3 +450,68 @@ def test_open_after_a_refusal_of_a_repaired_file_works(arena_file: Path) -> None
     poke(arena_file, W_MAGIC, MAGIC)
     with Arena.open(arena_file, lock=False) as a:
         assert a.stats().used_bytes == 1024
+
+
+# ------------------------------------------------------------------------------------------
+# The lock (OFD byte-range lock plus a thread lock)
+
+
+@pytest.fixture
+def two_descriptions(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """Two open file descriptions of one file: what two processes of a shared arena hold."""
+    path = tmp_path / "lockfile"
+    path.write_bytes(b"\0" * 64)
+    fds = (os.open(path, os.O_RDWR), os.open(path, os.O_RDWR))
+    try:
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_shared_lock_excludes_another_description_and_is_reentrant(
+        two_descriptions: tuple[int, int]) -> None:
+    mine, theirs = two_descriptions
+    lock = SharedLock(mine, 5)
+    assert lock.acquire() is True  # outermost
+    assert lock.held and is_locked(theirs, 5) and not try_lock(theirs, 5)
+    assert not is_locked(theirs, 4) and try_lock(theirs, 6)  # one byte, nothing else
+    unlock(theirs, 6)
+    assert lock.acquire() is False  # re-entered: no second OFD lock
+    lock.release()
+    assert lock.held and is_locked(theirs, 5)  # still held by the outer level
+    lock.release()
+    assert not lock.held and not is_locked(theirs, 5)
+    assert try_lock(theirs, 5)  # now the other description gets it
+    assert is_locked(mine, 5)
+    unlock(theirs, 5)
+
+
+def test_shared_lock_left_free_when_taking_it_fails(two_descriptions: tuple[int, int]) -> None:
+    """A failing fcntl (here a closed descriptor) or a failing on_acquire hook leaves neither
+    the thread lock nor the OFD lock held, so the next caller is not stuck behind it."""
+    mine, theirs = two_descriptions
+    gone = os.dup(mine)
+    os.close(gone)
+    lock = SharedLock(gone, 5)
+    with pytest.raises(OSError):
+        lock.acquire()
+    assert not lock.held
+    taken: list[bool] = []
+    worker = threading.Thread(target=lambda: taken.append(lock._mutex.acquire(timeout=5)))
+    worker.start()
+    worker.join()
+    assert taken == [True]  # another thread gets the thread lock at once
+
+    calls: list[int] = []
+
+    def refuse() -> None:
+        calls.append(1)
+        raise BadArenaFile(117, "the repair hook refuses")
+
+    hooked = SharedLock(mine, 7, on_acquire=refuse)
+    with pytest.raises(BadArenaFile):
+        hooked.acquire()
+    assert calls == [1] and not hooked.held and not is_locked(theirs, 7)
+    assert try_lock(theirs, 7)
+    unlock(theirs, 7)
