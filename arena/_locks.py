@@ -89,13 +89,11 @@ class SharedLock:
     released again and the exception propagates.
     """
 
-    __slots__ = ("_depth", "_fd", "_lock_request", "_mutex", "_on_acquire", "_start",
-                 "_unlock_request")
+    __slots__ = ("_depth", "_fd", "_lock_request", "_mutex", "_on_acquire", "_unlock_request")
 
     def __init__(self, fd: int | None, start: int,
                  on_acquire: Callable[[], object] | None = None) -> None:
         self._fd = fd
-        self._start = start
         self._on_acquire = on_acquire
         # The two fcntl requests, packed once: every operation of a shared arena makes both.
         self._lock_request = _flock(fcntl.F_WRLCK, start, 1)
