@@ -1763,7 +1763,8 @@ class Domain:
         """The new ref of a handle whose ``_ref`` a reader loaded just before a sync."""
         if ref in self._by_ref:
             return ref
-        return self._mv_fwd.get(ref) or self._mv_fwd_prev.get(ref, ref)
+        new = self._mv_fwd.get(ref)  # not ``or``: 0 is a ref (slot 0 of pageset 0)
+        return self._mv_fwd_prev.get(ref, ref) if new is None else new
 
     def _mv_read(self, ref: int, read: Callable[[int], _T], add: Callable[[_T, _T], _T]) -> _T:
         """``read(ref)`` (a sum over ids), made exact and monotonic while slots move."""
@@ -1775,8 +1776,11 @@ class Domain:
             if gen != self._mv_seen:
                 with self._plock, self._lock:
                     self._mv_sync()
-                ref = self._mv_forward_stale(ref)
                 gen = int(r[D_MV_GEN])
+            # Always: another thread of this process may have synced since the caller loaded
+            # ``ref`` (the move then finished before ``gen`` was read, and its old pages may be
+            # gone already).
+            ref = self._mv_forward_stale(ref)
             seqs = self._mv_seqs() if gen & 1 else None
             if seqs is not None and any(s & 1 for s in seqs):
                 time.sleep(0)  # a copy is running: let its process finish it

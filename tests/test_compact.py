@@ -503,6 +503,21 @@ def test_threads_lose_no_update_while_the_compactor_rebinds() -> None:
         sys.setswitchinterval(old)
 
 
+def test_a_value_read_through_a_ref_loaded_before_the_move_is_forwarded() -> None:
+    """A reader thread loads ``_ref`` and is switched out; another thread of the same process
+    compacts, syncs this process and gives the old pages back. The read that resumes must
+    follow the move, although this process has seen the new generation already."""
+    with Domain(SIZE, max_vcpus=2, lock=False) as d:
+        hot = scattered(d, 3, "fwd")
+        for k, c in enumerate(hot):
+            c.add(1000 + k)
+        stale = [c._ref for c in hot]  # what the reader had loaded
+        assert d.compact().moved >= 2
+        assert [c._ref for c in hot] != stale
+        assert [d._read_sum(ref, 8) for ref in stale] == [1000, 1001, 1002]
+        assert [c.value for c in hot] == [1000, 1001, 1002]
+
+
 def test_readers_in_threads_never_see_a_counter_go_backwards() -> None:
     with Domain(SIZE, max_vcpus=2, lock=False) as d:
         problems: list[str] = []
