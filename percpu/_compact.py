@@ -76,19 +76,22 @@ The protocol (one batch at a time; every step under the domain lock unless said 
 
 Readers (``value``, ``snapshot``)
 ---------------------------------
-A reader loads ``g = D_MV_GEN``. Even: it sums its ref's slot over the ids, then retries if
-``D_MV_GEN`` moved (a whole batch may have published and completed meanwhile, and an old slot
-been reused). Odd: it records every id's ``L_SEQ`` (waiting while one is odd), sums, for a
-moved metric, each id's old *and* new copy (either ref maps to the pair), and keeps the result
-only if ``D_MV_GEN`` and every ``L_SEQ`` are unchanged. After ``READ_TRIES`` attempts it reads
-under the domain lock, after finishing any copy a dead holder left. Per id, ``old[k] + new[k]``
-only grows: hot-path writes add, and a copy moves ``v`` from one word to the other inside one
-odd ``L_SEQ`` window, which a kept read cannot straddle. A value is a sum of per-id parts, each
-non-decreasing and each read at some instant, so a later read is never below an earlier one
-(the per-cpu counter argument), across publish and completion too: after completion
-``new[k]`` holds what ``old[k] + new[k]`` held. No sequence count is needed on the hot path:
-it only adds to one word, and sums of non-decreasing words are monotone without
-synchronisation; only the copy moves value between words, so only it is bracketed.
+A reader loads ``g = D_MV_GEN`` (syncing this process first if it lags), then forwards its ref
+through the maps of this process's last two syncs: the handle's ref it was given may predate a
+move that another thread of the process has synced since. Even: it sums its ref's slot over the
+ids, then retries if ``D_MV_GEN`` moved (a whole batch may have published and completed
+meanwhile, and an old slot been reused). Odd: it records every id's ``L_SEQ`` (waiting while
+one is odd), sums, for a moved metric, each id's old *and* new copy (either ref maps to the
+pair), and keeps the result only if ``D_MV_GEN`` and every ``L_SEQ`` are unchanged. After
+``READ_TRIES`` attempts it reads under the domain lock, after finishing any copy a dead holder
+left. Per id, ``old[k] + new[k]`` only grows: hot-path writes add, and a copy moves ``v`` from
+one word to the other inside one odd ``L_SEQ`` window, which a kept read cannot straddle. A
+value is a sum of per-id parts, each non-decreasing and each read at some instant, so a later
+read is never below an earlier one (the per-cpu counter argument), across publish and
+completion too: after completion ``new[k]`` holds what ``old[k] + new[k]`` held. No sequence
+count is needed on the hot path: it only adds to one word, and sums of non-decreasing words are
+monotone without synchronisation; only the copy moves value between words, so only it is
+bracketed.
 
 Memory ordering: what needs a fence and what does not
 ------------------------------------------------------
