@@ -43,10 +43,22 @@ NOBODY = 65534  # uid and gid of "nobody"
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chown / drop privileges")
 
 
+# Defined in every child: the memory this process has locked, in KiB (VmLck).
+CHILD_PRELUDE = """
+def vmlck():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmLck:"):
+                return int(line.split()[1])
+"""
+
+
 def run_python(code: str, timeout: float = 120) -> Any:
-    """Run ``code`` in a fresh interpreter; return the JSON it prints on its last line."""
+    """Run ``code`` (after ``CHILD_PRELUDE``) in a fresh interpreter; return the JSON it
+    prints on its last line."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=env,
+    source = CHILD_PRELUDE + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", source], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"child failed ({proc.returncode}):\n{proc.stderr}"
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -104,12 +116,6 @@ LOW_MEMLOCK = """
         os.setgroups([])
         os.setgid(65534)
         os.setuid(65534)
-
-    def vmlck():
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmLck:"):
-                    return int(line.split()[1])
 
     out = {"limit": arena.memlock_limit(), "uid": os.geteuid(), "vmlck0": vmlck()}
     path = os.path.join(WORKDIR, "locked")
@@ -188,12 +194,6 @@ def test_lock_false_does_not_lock_and_require_does() -> None:
         import json
         from arena import Arena
 
-        def vmlck():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmLck:"):
-                        return int(line.split()[1])
-
         a = Arena(1 << 20, lock=False)
         out = {"false": [a.stats().locked, vmlck()]}
         try:
@@ -220,12 +220,6 @@ def test_mlockall_and_munlockall() -> None:
         import json
         import arena
 
-        def vmlck():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmLck:"):
-                        return int(line.split()[1])
-
         before = vmlck()
         arena.mlockall()
         locked = vmlck()
@@ -242,12 +236,6 @@ def test_a_forked_child_locks_the_arena_again() -> None:
     out = run_python("""
         import json, os
         from arena import Arena
-
-        def vmlck():
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmLck:"):
-                        return int(line.split()[1])
 
         try:
             a = Arena(1 << 20, lock="require")
