@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from _children import run_in_child
+from _model import free_runs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -50,18 +51,6 @@ from arena._layout import W_OP, W_RECOVERIES, W_SL, W_USED
 
 # ------------------------------------------------------------------------------------------
 # Helpers
-
-
-def free_runs(extents: dict[int, int], total: int) -> list[tuple[int, int]]:
-    """Maximal free runs (offset, bytes) around the live extents {offset: bytes}."""
-    runs, at = [], 0
-    for off in sorted(extents):
-        if off > at:
-            runs.append((at, off - at))
-        at = off + extents[off]
-    if at < total:
-        runs.append((at, total - at))
-    return runs
 
 
 def comparable(st_: ArenaStats) -> ArenaStats:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from _model import free_runs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -78,18 +79,6 @@ def make_core(n_granules: int, granule: int = MIN_GRANULE) -> tuple[Tlsf, memory
     core = Tlsf(words, layout.tags_offset // 8, layout.heap_offset // 8, granule, n_granules)
     core.format()
     return core, words
-
-
-def free_runs(model: dict[int, int], n_granules: int) -> list[tuple[int, int]]:
-    """Maximal free runs (start, size) left by the live blocks of ``model``."""
-    runs, at = [], 0
-    for start in sorted(model):
-        if start > at:
-            runs.append((at, start - at))
-        at = start + model[start]
-    if at < n_granules:
-        runs.append((at, n_granules - at))
-    return runs
 
 
 def fits_aligned(runs: list[tuple[int, int]], n: int, align: int) -> bool:
