@@ -6,8 +6,10 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from hypothesis.stateful import RuleBasedStateMachine
 
 from percpu import Domain
 
@@ -38,3 +40,32 @@ def shared(no_quiescer: None, request: pytest.FixtureRequest
         for d in holders:
             d.close()
         shutil.rmtree(tmp)
+
+
+class SharedDomainMachine(RuleBasedStateMachine):
+    """Base of the state machines over one shared domain file (counters, compaction).
+
+    It turns the background quiescer off (every grace period runs when a rule calls for it)
+    and makes a temporary directory with the file's ``path``. A subclass fills ``holders``
+    (objects with a ``dom``) and creates the file in an ``@initialize`` rule; ``teardown``
+    closes every holder's domain, turns the quiescer back on and removes the directory.
+    """
+
+    tmp_prefix = "domain_sm-"
+    holders: list[Any]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._saved = Domain.__dict__.get("_background_quiescer", True)
+        Domain._background_quiescer = False
+        self.tmp = tempfile.mkdtemp(dir=shm_dir(), prefix=self.tmp_prefix)
+        self.path = os.path.join(self.tmp, "domain")
+        self.holders = []
+
+    def teardown(self) -> None:
+        try:
+            for h in self.holders:
+                h.dom.close()
+        finally:
+            Domain._background_quiescer = self._saved
+            shutil.rmtree(self.tmp, ignore_errors=True)

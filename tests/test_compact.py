@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import dis
 import math
-import os
 import random
-import shutil
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import shm_dir
+from conftest import SharedDomainMachine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import percpu._domain as domain_module
 from percpu import Counter, Domain, InvalidArgument, MetricRemoved
@@ -837,18 +834,16 @@ class Holder:
     handles: dict[Key, Any] = field(default_factory=dict)
 
 
-class CompactMachine(RuleBasedStateMachine):
+class CompactMachine(SharedDomainMachine):
     """Holders (two ids and the overflow id) add, register, remove, churn, release and die;
     compaction batches are published, acknowledged and driven step by step. Every read, by
     every holder, must equal the model after every step."""
 
+    tmp_prefix = "test_compact_sm-"
+
     def __init__(self) -> None:
         super().__init__()
-        self._saved = Domain.__dict__.get("_background_quiescer", True)
-        Domain._background_quiescer = False
-        self.tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_compact_sm-")
         MACHINE_DIRS.append(self.tmp)
-        self.path = os.path.join(self.tmp, "domain")
         self.holders: list[Holder] = []
         self.model: dict[Key, Any] = {}  # value, or [count, sum] for a summary
         self.fillers = 0
@@ -856,14 +851,6 @@ class CompactMachine(RuleBasedStateMachine):
     @initialize()
     def create(self) -> None:
         self.holders.append(Holder(Domain.create(self.path, SIZE, max_vcpus=2)))
-
-    def teardown(self) -> None:
-        try:
-            for h in self.holders:
-                h.dom.close()
-        finally:
-            Domain._background_quiescer = self._saved
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
     def pick(self, data: st.DataObject) -> Holder:
         return data.draw(st.sampled_from(self.holders), label="holder")

@@ -15,20 +15,17 @@ from __future__ import annotations
 import dis
 import math
 import operator
-import os
-import shutil
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import shm_dir
+from conftest import SharedDomainMachine, shm_dir
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, precondition, rule
 
 from percpu import (
     Counter,
@@ -557,13 +554,11 @@ def kwargs(key: Key) -> dict[str, Any]:
     return {"labels": dict(key[1]) or None}
 
 
-class DomainMachine(RuleBasedStateMachine):
+class DomainMachine(SharedDomainMachine):
+    tmp_prefix = "test_counters_sm-"
+
     def __init__(self) -> None:
         super().__init__()
-        self._saved = Domain.__dict__.get("_background_quiescer", True)
-        Domain._background_quiescer = False
-        self.tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_counters_sm-")
-        self.path = os.path.join(self.tmp, "domain")
         self.holders: list[Holder] = []
         self.metrics: dict[Key, Metric] = {}
         self.leaked = 0  # raw objects of dead holders: taken slots nobody refers to
@@ -572,14 +567,6 @@ class DomainMachine(RuleBasedStateMachine):
     @initialize()
     def create(self) -> None:
         self.holders.append(Holder(Domain.create(self.path, SIZE, max_vcpus=2)))
-
-    def teardown(self) -> None:
-        try:
-            for h in self.holders:
-                h.dom.close()
-        finally:
-            Domain._background_quiescer = self._saved
-            shutil.rmtree(self.tmp, ignore_errors=True)
 
     # -- helpers ---------------------------------------------------------------------------
 
