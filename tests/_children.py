@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ class Child:
     """A forked child running ``fn``; its pickled result comes back through a pipe."""
 
     def __init__(self, fn: Callable[[], Any]) -> None:
+        sys.stdout.flush()  # or the child would print the parent's buffered output again
+        sys.stderr.flush()
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # never returns into pytest

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from _children import run_in_child
 
 import percpu
 from arena._arena import ARENA_LOCK_BYTE
@@ -115,22 +116,6 @@ class Child:
             os.kill(self.pid, signal.SIGCONT)
             time.sleep(0.001)
         raise AssertionError("the child always held the domain lock when stopped")
-
-
-def run_child(fn: Callable[[], object]) -> int:
-    """Fork, run ``fn`` in the child, reap it; its exit code."""
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 1
-        try:
-            fn()
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.fixture
@@ -251,7 +236,7 @@ def test_reuse_without_loss_across_many_holders(domains: Callable[..., Domain]) 
             d.close()
 
     for i in range(6):
-        assert run_child(lambda clean=i % 2 == 0: worker(clean)) == 0  # type: ignore[misc]
+        run_in_child(lambda clean=i % 2 == 0: worker(clean))  # type: ignore[misc]
     s = d.stats()
     assert s.highest_id_used == 0
     assert (s.fresh_ids, s.reused_ids, s.reclaimed_ids) == (1, 3, 2)  # clean, dirty, ...
@@ -546,7 +531,7 @@ def test_private_domain_is_always_id_0(domains: Callable[..., Domain]) -> None:
         assert d.stats().highest_id_used == -1 and d.stats().ids_ever_used == 0
         assert d.vcpu_id() == 0
         assert d.online_vcpus() == {0}
-        assert run_child(lambda: None if d.vcpu_id() == 0 else os._exit(3)) == 0
+        assert run_in_child(d.vcpu_id) == 0  # in a forked child too
     finally:
         d.close()
 

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import gc
 import math
-import os
 import random
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from _children import run_in_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -116,23 +115,6 @@ def wait_until(predicate: Callable[[], bool], deadline_s: float = 20.0) -> bool:
             return True
         time.sleep(0.001)
     return predicate()
-
-
-def run_in_child(body: Callable[[], int]) -> int:
-    """Fork; the child runs ``body`` and exits with its return value (99 on an exception)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child
-        code = 99
-        try:
-            code = body()
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
 
 
 @pytest.fixture
