@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import hashlib
 import os
 import struct
@@ -45,7 +46,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from arena import Arena, ArenaError, ArenaExhausted
 from arena._arena import LockPolicy
@@ -89,6 +90,9 @@ from ._handles import (
     _Removed,
     _Unbound,
     base_of,
+    bind_shared,
+    bind_view,
+    detach,
 )
 from ._layout import (
     BITMAP_WORDS,
@@ -192,6 +196,8 @@ from ._names import decode_key, encode_key, validate_labels, validate_metric_nam
 
 H = TypeVar("H", bound=_Handle)
 _T = TypeVar("_T")  # what a read returns (compaction: _mv_read)
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
 _SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
@@ -202,6 +208,8 @@ _CLASS_KIND = {cls: kind for kind, cls in _KIND_CLASS.items()}
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
 _REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
+_UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in _REMOVED_CLASSES)
+_SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))
 
 
 @dataclass(frozen=True)
@@ -264,6 +272,29 @@ class DomainCheck:
     unreferenced_slots: int  #: slots taken but in no registry entry, cache or pending queue
     reclaimed_slots: int
     arena: Any  #: the arena's CheckReport
+
+
+def _closed_guard(method: Callable[Concatenate[Domain, _P], _R]
+                  ) -> Callable[Concatenate[Domain, _P], _R]:
+    """Count the call in flight (``close`` waits for calls in flight before it unmaps), and
+    report as ``DomainClosed`` a ``close()`` that began under a call that had not yet been
+    counted: such a call may find the mapping released (``ValueError`` from a memoryview) or
+    the descriptor closed (``OSError``), and it changed nothing.
+
+    The count is one attribute update on each side, with no call in between: atomic under
+    the GIL, like the hot path."""
+    @functools.wraps(method)
+    def guarded(self: Domain, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        self._inflight += 1
+        try:
+            return method(self, *args, **kwargs)
+        except (ValueError, OSError, BufferError, ArenaError):
+            if self._closed or self._closing:
+                raise DomainClosed("the domain was closed during the call") from None
+            raise
+        finally:
+            self._inflight -= 1
+    return guarded
 
 
 def _key_hash(key: bytes) -> int:
@@ -341,9 +372,6 @@ class Domain:
         self._q = heap.cast("q")  # every slot, as int64 words
         self._d = heap.cast("d")  # the same words as float64 (summary sums)
         self._bytes = heap
-        # Where a retired handle points (see _retire): private scratch words, never read.
-        scratch = memoryview(bytearray(16))
-        self._trash_q, self._trash_d = scratch.cast("q"), scratch.cast("d")
         with self._lock:
             if fresh_bound is not None:
                 root = arena.alloc(root_words(fresh_bound) * 8, align=PAGE)
@@ -366,6 +394,8 @@ class Domain:
         self.last_lease_path: LeasePath | None = None  # how the current/last lease was taken
         self._ack = 0
         self._closed = False
+        self._closing = False  # close() has begun: no new call, lease or thread
+        self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
         self._reg_cache: tuple[int, list[tuple[int, int, int, bytes]]] = (-1, [])
         self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
         # (entries list it was made for, its rows): see _plan_values.
@@ -425,6 +455,7 @@ class Domain:
 
     # -- leases ------------------------------------------------------------------------
 
+    @_closed_guard
     def vcpu_id(self) -> int:
         """This holder's vcpu id, taking the lease on first use: the lowest id no live holder
         has. ``max_vcpus`` means every id was taken: this holder shares the overflow id, each
@@ -439,6 +470,7 @@ class Domain:
         Fixed for the life of the domain; per-cpu memory is never sized beyond it."""
         return frozenset(range(self._max))
 
+    @_closed_guard
     def online_vcpus(self) -> frozenset[int]:
         """The ids held by a live holder now, this process's included (seed 000's "online"
         mask): a hint, stale as soon as it returns. Takes the domain lock."""
@@ -493,6 +525,7 @@ class Domain:
         base = lease_base(self._max, vcpu) + L_CACHE
         return sum(int(self._root[base + c * CACHE_WORDS]) for c in range(len(SIZE_CLASSES)))
 
+    @_closed_guard
     def release(self) -> None:
         """Give this process's id back now. Handles stay usable: each is bound again, to
         whatever id the process then gets, on its next use (raw objects are freed).
@@ -512,6 +545,10 @@ class Domain:
             # for _plock in _quiesce, and would never see the stop.
             self._stop.set()
             quiescer, self._quiescer = self._quiescer, None
+            # Every handle leaves the id before the id leaves us: once _unbind_all returns, no
+            # update of any thread of ours can land on the id (``_handles``: handle states),
+            # so the next holder of the id is its only writer.
+            self._unbind_all()
             self._vcpu = None
             fd = self.arena.fd
             with self._lock:
@@ -521,7 +558,6 @@ class Domain:
                     unlock(fd, LEASE_LOCK_BASE + vcpu)
                 else:
                     self._clear_overflow_ack()
-            self._unbind_all()
         nested = self._plock._is_owned()  # type: ignore[attr-defined]  # release() re-entered
         if quiescer is not None and quiescer is not threading.current_thread() and not nested:
             quiescer.join()
@@ -532,7 +568,7 @@ class Domain:
         for ref, handles in list(self._by_ref.items()):
             keep = []
             for h in handles:
-                h.__class__ = UNBOUND_VARIANT[base_of(type(h))]
+                detach(h, UNBOUND_VARIANT)
                 if not isinstance(h, PerCpu):
                     keep.append(h)
             if keep:
@@ -774,25 +810,57 @@ class Domain:
                 page = self._page(ps, vcpu)
                 if isinstance(h, PerCpu):
                     h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
-                h._index = (page + slot * size) // 8
-                base = base_of(type(h))
-                h.__class__ = SHARED_VARIANT[base] if vcpu == self._max else base
+                if vcpu == self._max:
+                    bind_shared(h, (page + slot * size) // 8)
+                else:
+                    bind_view(h, (page + slot * size) // 8, self._q, self._d)
                 return
+
+    def _slow_update(self, h: _Handle, n: int, x: float | None) -> None:
+        """Add ``n`` to ``h``'s int word (and ``x`` to its float word: a Summary's sum) where
+        ``h`` is bound once the process lock is held, binding it first if it is unbound: the
+        path of every update that does not run the lock-free statement (the overflow id, an
+        unbound or retired handle; see "Handle states" in ``_handles``). Raises
+        ``MetricRemoved`` or ``DomainClosed`` rather than drop the update."""
+        with self._plock:
+            while True:
+                self._check_open()
+                cls = type(h)
+                if cls in _REMOVED_CLASSES:
+                    h._gone()  # type: ignore[attr-defined]  # raises
+                if cls not in _UNBOUND_CLASSES:
+                    break
+                self._bind(h)  # takes a lease if we hold none; may find the metric removed
+            i = h._index
+            if cls in _SHARED_CLASSES:
+                with self._overflow_op():
+                    if x is not None:
+                        self._d[i + 1] += x
+                    if n:
+                        self._q[i] += n
+            else:  # bound to our leased id meanwhile
+                if x is not None:
+                    self._d[i + 1] += x
+                if n:
+                    self._q[i] += n
 
     def _make_handle(self, cls_: type[H], ref: int, name: str,
                      labels: tuple[tuple[str, str], ...]) -> H:
         h = object.__new__(cls_)
         h._domain = self
         h._ref = ref
-        h._cells = self._q
+        h._index = 0
         h.name = name
         h.labels = labels
-        if isinstance(h, Summary):
-            h._floats = self._d
+        if isinstance(h, PerCpu):
+            h._cells = self._q  # never updated through _cells: its copy is ``local``
+        else:
+            detach(h, UNBOUND_VARIANT)  # _bind binds it (or retires it)
         self._bind(h)
         self._by_ref.setdefault(h._ref, []).append(h)  # _bind may follow a move
         return h
 
+    @_closed_guard
     def counter(self, name: str, labels: dict[str, str] | None = None) -> Counter:
         """The monotonic counter ``name{labels}``: the same one in every process of the domain.
 
@@ -800,10 +868,12 @@ class Domain:
         """
         return self._metric(KIND_COUNTER, Counter, name, labels)
 
+    @_closed_guard
     def gauge(self, name: str, labels: dict[str, str] | None = None) -> Gauge:
         """The signed gauge ``name{labels}`` (add/sub; its value is the sum over ids)."""
         return self._metric(KIND_GAUGE, Gauge, name, labels)
 
+    @_closed_guard
     def summary(self, name: str, labels: dict[str, str] | None = None) -> Summary:
         """The summary ``name{labels}``: count and sum of observations."""
         return self._metric(KIND_SUMMARY, Summary, name, labels)
@@ -970,6 +1040,7 @@ class Domain:
             self._reg_cache = (gen, out)
             return out
 
+    @_closed_guard
     def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
         """Remove the metric ``name{labels}`` in every process; False if it does not exist.
 
@@ -1035,18 +1106,11 @@ class Domain:
                 self._reclaim_pending(wait=False)
 
     def _retire(self, h: _Handle) -> None:
-        """Make every later use of ``h`` raise. The GIL is held (we run Python): a thread of
-        this process that was switched out at the entry of ``h.add`` (already dispatched to the
-        live class) resumes after these stores and reads the scratch ``_cells``/``_index``, so
-        its update lands in private scratch, never in the slot about to be reused. The stores
-        are consecutive, with no call between them: no thread switch can split them."""
+        """Make every later use of ``h`` raise, even a call already dispatched or a bound
+        method cached by the caller: its update reaches ``SlowCells``, which raises, never the
+        slot about to be reused (``_handles``: handle states). ``_plock`` held."""
         base = base_of(type(h))
-        removed, summary = REMOVED_VARIANT[base], isinstance(h, Summary)
-        h._cells = self._trash_q
-        h._index = 0
-        if summary:
-            h._floats = self._trash_d  # type: ignore[attr-defined]
-        h.__class__ = removed
+        detach(h, REMOVED_VARIANT)
         kind = _CLASS_KIND.get(base)
         if kind is not None:
             k = (kind, encode_key(h.name, h.labels))
@@ -1150,6 +1214,7 @@ class Domain:
             except (ValueError, PercpuError, ArenaError):
                 return  # the domain was closed under us
 
+    @_closed_guard
     def synchronize(self, timeout: float | None = None) -> bool:
         """Wait until every pending slot has been reclaimed (a full grace period).
 
@@ -1160,6 +1225,7 @@ class Domain:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            self._check_open()  # a close() from another thread ends the wait
             self._quiesce()
             if self._root[D_PENDING] == 0:
                 return True
@@ -1197,6 +1263,7 @@ class Domain:
         self._policy_runs = 0  # compactions the background policy started in this process
         _membarrier.register()
 
+    @_closed_guard
     def compact(self, timeout: float | None = 5.0, *, max_moves: int = MOVE_CAP) -> CompactResult:
         """Move live metrics out of sparse pagesets into dense ones, through a grace period,
         and give the emptied pagesets' pages back to the arena (seed 002).
@@ -1254,6 +1321,7 @@ class Domain:
             ideal_pages=ideal, pending_moves=pending, batches=after[4] - before[4],
             seconds=time.monotonic() - start, grace_seconds=tuple(graces))
 
+    @_closed_guard
     def set_compaction(self, threshold: float | None, *, interval: float = POLICY_INTERVAL,
                        timeout: float = POLICY_TIMEOUT) -> None:
         """The background policy (off by default): every ``interval`` seconds a daemon thread
@@ -1328,6 +1396,7 @@ class Domain:
     def _mv_wait(self, deadline: float | None) -> bool:
         """Drive the batch in flight until it completes (True) or ``deadline`` passes."""
         while True:
+            self._check_open()  # a close() from another thread ends the wait
             with self._plock, self._lock:
                 if self._mv_advance():
                     return True
@@ -1339,6 +1408,7 @@ class Domain:
         """Let the pending frees' grace period pass (until ``deadline``): a slot waiting for
         one pins its pageset."""
         while True:
+            self._check_open()
             self._quiesce()
             if not self._root[D_PENDING] or (deadline is not None
                                              and time.monotonic() >= deadline):
@@ -1850,6 +1920,7 @@ class Domain:
 
     # -- raw per-cpu objects ---------------------------------------------------------------
 
+    @_closed_guard
     def alloc(self, size: int) -> PerCpu:
         """A per-cpu object of ``size`` bytes (1..64) from the smallest class that fits.
 
@@ -1872,10 +1943,12 @@ class Domain:
             h.size = size
             return h
 
+    @_closed_guard
     def _local_view(self, h: PerCpu) -> memoryview:
         off = h._offset
         return self._bytes[off : off + h.size]
 
+    @_closed_guard
     def _copies(self, ref: int, size: int) -> dict[int, memoryview]:
         ps, slot = split_ref(ref)
         e = self._ps_entry(ps)
@@ -1888,18 +1961,20 @@ class Domain:
                 out[vcpu] = self._bytes[off : off + size]
         return out
 
+    @_closed_guard
     def _free_object(self, h: PerCpu) -> None:
         with self._plock:
             handles = self._by_ref.get(h._ref)
             if not handles or h not in handles:
                 raise InvalidArgument(f"{h!r} was already freed")
             self._by_ref.pop(h._ref)
-            h.__class__ = REMOVED_VARIANT[PerCpu]
+            detach(h, REMOVED_VARIANT)
             self._zero_slot(h._ref)  # only this process ever wrote it
             self._cache_push(class_index(h.size), h._ref)
 
     # -- reads ---------------------------------------------------------------------------
 
+    @_closed_guard
     def _read_sum(self, ref: int, size: int) -> int:
         """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
         slots while a compaction moves it: ``_mv_read``)."""
@@ -1917,6 +1992,7 @@ class Domain:
                 total += q[(page - 1) // 8 + word]
         return total
 
+    @_closed_guard
     def _read_summary(self, ref: int) -> tuple[int, float]:
         """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
         return self._mv_read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
@@ -1953,6 +2029,7 @@ class Domain:
         return (list(map(sum, zip(*rows_q, strict=True))),
                 list(map(sum, zip(*rows_d, strict=True))) if floats else [])
 
+    @_closed_guard
     def snapshot(self) -> list[MetricValue]:
         """Every named metric's value, at a cost proportional to metrics x ids in use.
 
@@ -2008,6 +2085,7 @@ class Domain:
 
     # -- health --------------------------------------------------------------------------
 
+    @_closed_guard
     def stats(self) -> DomainStats:
         """Health figures: ids, path counters, pagesets, memory, page faults."""
         self._check_open()
@@ -2036,6 +2114,7 @@ class Domain:
             bytes_per_metric=pages * PAGE / metrics if metrics else 0.0,
             minor_faults=a.minor_faults, major_faults=a.major_faults, **figures, **moves)
 
+    @_closed_guard
     def check(self, reclaim: bool = False) -> DomainCheck:
         """Verify the domain's shared structures and the arena under it.
 
@@ -2129,22 +2208,33 @@ class Domain:
     # -- life cycle ------------------------------------------------------------------------
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._closed or self._closing:
             raise DomainClosed("the domain is closed")
 
     def close(self) -> None:
-        """Release this process's id, stop the quiescer and unmap. Idempotent."""
-        if self._closed:
-            return
+        """Release this process's id, stop the quiescer and unmap. Idempotent.
+
+        Safe while other threads of the process use the domain: from the moment ``close``
+        starts, each of their calls either completes (an update is counted) or raises
+        :class:`DomainClosed`.
+        """
+        with self._plock:
+            if self._closed or self._closing:
+                return
+            self._closing = True  # from here no lease is taken and no thread started
         self._mv_stop_policy()  # compaction's background thread, if any
-        self.release()
-        self._unmap()
+        self._stop_quiescer()
+        while self._inflight:  # calls that began before: each completes (none waits for long
+            time.sleep(0.0005)  # once closing: compact and synchronize stop waiting)
+        with self._plock:  # updates in flight wait for it, then find the domain closed
+            self.release()
+            self._unmap()
 
     def _unmap(self) -> None:
         self._closed = True
         for handles in self._by_ref.values():
             for h in handles:
-                self._retire(h)  # any use raises DomainClosed; a late update hits scratch
+                self._retire(h)  # any use, even a late one, raises DomainClosed
         self._by_ref.clear()
         self._local.clear()
         for view in (self._root, self._q, self._d):
@@ -2184,6 +2274,7 @@ class Domain:
         parent's (their handles raise in the child)."""
         self._pid = os.getpid()
         self._plock = threading.RLock()
+        self._inflight = 0  # the calls of the parent's other threads do not exist here
         self._quiescer = None
         self._stop = threading.Event()
         if self._closed:

@@ -28,20 +28,38 @@ Failure leaves the slot as it was: a refused argument raises before the statemen
 that would leave int64 raises ``ValueError`` inside the memoryview before writing anything; it
 is reported as :class:`~percpu.InvalidArgument`.
 
-Rebinding without cost on the hot path: a handle's slot changes (removal, fork, a move by
-compaction, overflow) only by assigning ``_cells``/``_index`` or ``__class__`` from a thread
-that holds the GIL, as consecutive stores with no call between them, so a thread of this process
-runs between none of them. An operation that was already dispatched (its thread was switched
-out at the method's entry) then reads the new ``_cells``/``_index``: a retired handle points at
-a private scratch area (``Domain._retire``), so a late update can never land on a slot that the
-domain has reused.
+Handle states, and the rule that makes rebinding safe
+---------------------------------------------------
+A handle is in one of four states, told by its class and its ``_cells``:
+
+* *bound* to a leased id: the base class, ``_cells`` the arena view, ``_index`` this id's word;
+* *bound* to the overflow id: a ``Shared*`` class; ``_cells`` is a :class:`SlowCells`;
+* *unbound* (after ``release`` or a fork): an ``Unbound*`` class, ``_cells`` a ``SlowCells``;
+* *retired* (removed, freed, domain closed): a ``Removed*`` class, ``_cells`` a ``SlowCells``.
+
+Only the bound-to-a-leased-id state writes arena words on the hot path. In every other state
+an update, even one through a bound method the caller cached (``inc = c.inc``), or one
+dispatched before the state changed, reaches :class:`SlowCells`, whose ``__setitem__`` hands
+the amount to the domain (``Domain._slow_update``): under the process lock it raises for a
+retired handle, binds an unbound one (taking a lease) and adds where the handle now points,
+under the overflow lock for the overflow id. So no update is ever dropped silently: it counts,
+or it raises (``MetricRemoved``, ``DomainClosed``).
+
+Every store to a handle's state is made by the functions at the end of this module
+(:func:`bind_view`, :func:`bind_shared`, :func:`detach`), from a thread that holds the
+domain's process lock and the GIL. Each makes its stores consecutively with no call between
+them, ``_cells`` first when leaving the bound state and last when entering it, so that a
+thread of this process that runs in between (at a call or a backward jump elsewhere) sees
+either the old binding, whose id this process still holds, or a ``SlowCells``, which waits
+for the process lock. Leaving the bound state therefore needs no wait: once :func:`detach`
+returned for every handle, no update in flight can still land on the id, and the lease may go.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved
 from ._layout import split_ref
@@ -50,6 +68,14 @@ if TYPE_CHECKING:
     from ._domain import Domain
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class Cells(Protocol):
+    """What a handle updates: the arena's words (a memoryview) or a :class:`SlowCells`."""
+
+    def __getitem__(self, index: int, /) -> Any: ...
+
+    def __setitem__(self, index: int, value: Any, /) -> None: ...
 
 
 def _count(n: Any, what: str, signed: bool) -> int:
@@ -94,7 +120,7 @@ class _Handle:
 
     __slots__ = ("__weakref__", "_cells", "_domain", "_index", "_ref", "labels", "name")
 
-    _cells: memoryview
+    _cells: Cells
     _index: int
     _domain: Domain
     _ref: int
@@ -195,7 +221,7 @@ class Summary(_Handle):
 
     __slots__ = ("_floats",)
 
-    _floats: memoryview[float]
+    _floats: Cells
 
     def observe(self, x: float) -> None:
         """Record one observation ``x``: a finite float or an int (not a bool, NaN or inf)."""
@@ -318,11 +344,10 @@ class SharedCounter(Counter):
         """Add ``n >= 0`` under the overflow lock."""
         if n.__class__ is not int or n < 0:
             n = _count(n, "Counter.add", signed=False)
-        with self._domain._overflow_op():
-            try:
-                self._cells[self._index] += n
-            except ValueError:
-                self._store_failed("Counter.add", n)
+        try:
+            self._domain._slow_update(self, n, None)
+        except ValueError:
+            self._store_failed("Counter.add", n)
 
 
 class SharedGauge(Gauge):
@@ -342,21 +367,19 @@ class SharedGauge(Gauge):
         """Add ``n`` under the overflow lock."""
         if n.__class__ is not int:
             n = _count(n, "Gauge.add", signed=True)
-        with self._domain._overflow_op():
-            try:
-                self._cells[self._index] += n
-            except ValueError:
-                self._store_failed("Gauge.add", n)
+        try:
+            self._domain._slow_update(self, n, None)
+        except ValueError:
+            self._store_failed("Gauge.add", n)
 
     def sub(self, n: int) -> None:
         """Subtract ``n`` under the overflow lock."""
         if n.__class__ is not int:
             n = _count(n, "Gauge.sub", signed=True)
-        with self._domain._overflow_op():
-            try:
-                self._cells[self._index] -= n
-            except ValueError:
-                self._store_failed("Gauge.sub", n)
+        try:
+            self._domain._slow_update(self, -n, None)
+        except ValueError:
+            self._store_failed("Gauge.sub", n)
 
 
 class SharedSummary(Summary):
@@ -368,9 +391,7 @@ class SharedSummary(Summary):
         """Record ``x`` under the overflow lock."""
         if x.__class__ is not float or x - x:
             x = _observation(x)
-        with self._domain._overflow_op():
-            self._floats[self._index + 1] += x
-            self._cells[self._index] += 1
+        self._domain._slow_update(self, 1, x)
 
 
 class _Unbound:
@@ -435,3 +456,93 @@ def base_of(cls: type) -> type:
         if issubclass(cls, base):
             return base
     raise TypeError(f"{cls.__name__} is not a handle class")
+
+
+_REMOVED_TYPES = frozenset(REMOVED_VARIANT.values())
+
+
+class _Amount:
+    """What reading a :class:`SlowCells` word gives: the amount a ``+=``/``-=`` adds to it."""
+
+    __slots__ = ("amount",)
+
+    amount: Any  # an int for the int words, a float for a Summary's sum
+
+    def __init__(self, amount: int | float) -> None:
+        self.amount = amount
+
+    def __add__(self, n: int | float) -> _Amount:
+        return _Amount(self.amount + n)
+
+    def __sub__(self, n: int | float) -> _Amount:
+        return _Amount(self.amount - n)
+
+
+_NOTHING = _Amount(0)
+
+
+class SlowCells:
+    """Stands in for the arena's words in a handle that is not bound to a leased id.
+
+    ``cells[i] += n`` on it reads an :class:`_Amount` (raising at once for a retired handle)
+    and stores ``_Amount(n)``, which hands ``n`` to ``Domain._slow_update``: the update is
+    counted where the handle points once the process lock is held, or raises. ``floats``:
+    this stands for the float words (a Summary's sum) rather than the int words.
+    """
+
+    __slots__ = ("_floats", "_handle")
+
+    def __init__(self, handle: _Handle, floats: bool) -> None:
+        self._handle = handle
+        self._floats = floats
+
+    def __getitem__(self, index: int) -> _Amount:
+        h = self._handle
+        if type(h) in _REMOVED_TYPES:
+            h._gone()  # type: ignore[attr-defined]  # raises MetricRemoved or DomainClosed
+        return _NOTHING
+
+    def __setitem__(self, index: int, value: _Amount) -> None:
+        if value.__class__ is not _Amount:
+            raise TypeError("SlowCells only takes updates made by a handle's += or -=")
+        h = self._handle
+        if self._floats:
+            h._domain._slow_update(h, 0, value.amount)
+        else:
+            h._domain._slow_update(h, value.amount, None)
+
+
+# -- every store to a handle's state (see "Handle states" in the module docstring) ----------
+
+
+def bind_view(h: _Handle, index: int, q: memoryview[int], d: memoryview[float]) -> None:
+    """Bind ``h`` to a leased id's word ``index`` of the arena views ``q`` (int64) and ``d``
+    (float64). ``_cells`` is stored last: until then an update takes the slow path."""
+    base = base_of(type(h))
+    h._index = index
+    if base is Summary:
+        h._floats = d  # type: ignore[attr-defined]
+    h._cells = q
+    h.__class__ = base
+
+
+def bind_shared(h: _Handle, index: int) -> None:
+    """Bind ``h`` to the overflow id's word ``index``: every update takes the locked path."""
+    base = base_of(type(h))
+    cells, floats = SlowCells(h, False), SlowCells(h, True)
+    h._cells = cells
+    if base is Summary:
+        h._floats = floats  # type: ignore[attr-defined]
+    h._index = index
+    h.__class__ = SHARED_VARIANT[base]
+
+
+def detach(h: _Handle, variant: dict[type, type]) -> None:
+    """Leave the bound state for ``variant`` (``UNBOUND_VARIANT`` or ``REMOVED_VARIANT``).
+    ``_cells`` is stored first: from then on no update of this process writes the old id."""
+    base = base_of(type(h))
+    cells, floats = SlowCells(h, False), SlowCells(h, True)
+    h._cells = cells
+    if base is Summary:
+        h._floats = floats  # type: ignore[attr-defined]
+    h.__class__ = variant[base]
