@@ -69,11 +69,28 @@ def map_private(size: int, populate: bool) -> mmap.mmap:
 
 
 def map_shared(fd: int, size: int, populate: bool) -> mmap.mmap:
-    """A shared read-write mapping of the first ``size`` bytes of ``fd``."""
+    """A shared read-write mapping of the first ``size`` bytes of ``fd``.
+
+    ``mmap.mmap`` keeps a ``dup`` of the descriptor it maps for as long as the mapping lives,
+    and a dup shares the open file description, hence its OFD locks. A child forked later
+    would inherit that dup and keep the parent's locks (its lease, the domain lock) alive
+    after the parent died, for ever. So the mapping is made through a second open file
+    description of the same file (``/proc/self/fd``), which never takes a lock.
+    """
     flags = mmap.MAP_SHARED
     if populate and _MAP_POPULATE is not None:
         flags |= _MAP_POPULATE
-    return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        lockless = os.open(f"/proc/self/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:  # no /proc: map through fd itself (forks then keep the parent's locks)
+        lockless = os.dup(fd)
+    try:
+        if os.path.samestat(os.fstat(lockless), os.fstat(fd)):
+            return mmap.mmap(lockless, size, flags=flags,
+                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        raise OSError(f"descriptor {fd} could not be reopened as the same file")
+    finally:
+        os.close(lockless)
 
 
 def touch_pages(mm: mmap.mmap, write: bool) -> None:

@@ -126,6 +126,8 @@ from ._layout import (
     D_REG_USED,
     D_REUSED,
     D_SHARED_OPS,
+    D_SPILL,
+    D_SPILL_N,
     D_VERSION,
     E_HASH,
     E_KEY,
@@ -154,6 +156,10 @@ from ._layout import (
     MOVE_CAP,
     MOVE_WORDS,
     MS_DONE,
+    MS_NEW,
+    MS_NEW_F,
+    MS_OLD,
+    MS_OLD_F,
     MS_STEP,
     OVERFLOW_ACK_BASE,
     OVERFLOW_LOCK,
@@ -396,6 +402,8 @@ class Domain:
         self._closed = False
         self._closing = False  # close() has begun: no new call, lease or thread
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
+        self._double_frees = 0  # slots this process was asked to free twice (a bug if not 0)
+        self.quiescer_errors: list[str] = []  # what the quiescer thread survived (last 16)
         self._reg_cache: tuple[int, list[tuple[int, int, int, bytes]]] = (-1, [])
         self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
         # (entries list it was made for, its rows): see _plan_values.
@@ -434,6 +442,11 @@ class Domain:
         table, cap = _unpack_table(int(self._root[D_REG_TABLE]))
         if cap < REG_MIN_CAP or table + cap * ENTRY_WORDS * 8 > arena.size:
             raise BadDomainFile(22, "bad registry table in the domain header")
+        r = self._root
+        spill, spill_cap = _unpack_table(int(r[D_SPILL])) if r[D_SPILL] else (0, 0)
+        if (r[D_PENDING] > PENDING_CAP or r[D_SPILL_N] > spill_cap
+                or spill + spill_cap * PENDING_WORDS * 8 > arena.size):
+            raise BadDomainFile(22, "bad pending-free queue in the domain header")
         return off
 
     # -- properties --------------------------------------------------------------------
@@ -718,11 +731,17 @@ class Domain:
         return refs
 
     def _return_to_pagesets(self, refs: list[int]) -> None:
-        """Give zeroed slots back to their pagesets. Lock held."""
+        """Give zeroed slots back to their pagesets. Lock held. A slot already free is left
+        as it is (and counted in ``_double_frees``): freeing it again would corrupt the
+        pageset's count, and every later reclaim with it."""
         for ref in refs:
             ps, slot = split_ref(ref)
             e = self._ps_entry(ps)
-            e[P_BITMAP + slot // 64] &= ~(1 << (slot % 64)) & 0xFFFFFFFFFFFFFFFF
+            bit = 1 << (slot % 64)
+            if not e[P_BITMAP + slot // 64] & bit or not e[P_TAKEN]:
+                self._double_frees += 1
+                continue
+            e[P_BITMAP + slot // 64] &= ~bit & 0xFFFFFFFFFFFFFFFF
             e[P_TAKEN] -= 1
 
     def _cache_pop(self, cls: int) -> int:
@@ -791,10 +810,13 @@ class Domain:
         cannot fall between choosing the id and storing the class: 1. thread A calls
         ``vcpu_id()`` and gets k; 2. thread B releases k (or retires ``h``); 3. A would bind
         ``h`` to id k's copy, which another process may now hold (or resurrect ``h``).
+        And under the domain lock, so that no compaction batch publishes between following
+        the moves and checking the registry (the registry would already name the new slot
+        while ``h`` still named the old one, and a live metric would look removed).
         """
         while True:
             vcpu = self.vcpu_id()
-            with self._plock:
+            with self._plock, self._lock:
                 if self._vcpu != vcpu:
                     continue  # released meanwhile: take a lease again
                 if type(h) in _REMOVED_CLASSES:
@@ -1026,10 +1048,16 @@ class Domain:
 
     def _entries(self) -> list[tuple[int, int, int, bytes]]:
         """(kind, class, ref, key) of every live metric; cached by registry generation."""
+        return self._entries_at()[1]
+
+    def _entries_at(self) -> tuple[int, list[tuple[int, int, int, bytes]]]:
+        """The registry generation and the entries read at it, as one pair: another thread may
+        replace the cache the moment this returns, so a caller never reads it back."""
         with self._lock:
             gen = int(self._root[D_REG_GEN])
-            if self._reg_cache[0] == gen:
-                return self._reg_cache[1]
+            cached = self._reg_cache
+            if cached[0] == gen:
+                return cached
             t = self._table()
             out = []
             for i in range(len(t) // ENTRY_WORDS):
@@ -1038,7 +1066,7 @@ class Domain:
                     out.append((meta & 0xFF, meta >> 8 & 0xFF, int(t[i * ENTRY_WORDS + E_REF]),
                                 self._read_key(t, i)))
             self._reg_cache = (gen, out)
-            return out
+            return gen, out
 
     @_closed_guard
     def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
@@ -1056,9 +1084,13 @@ class Domain:
             idx, _ = self._lookup(key, _key_hash(key))
             if idx < 0:
                 return False
+            self._reclaim_pending()  # what is due makes room
+            self._pending_reserve()  # may raise DomainFull: nothing is changed yet
             t = self._table()
             e = idx * ENTRY_WORDS
-            ref = int(t[e + E_REF])
+            # The registry word lags a move whose publisher died before updating it; the
+            # handles follow the move, so the slot to retire and free is the current one.
+            ref = self._mv_current(int(t[e + E_REF]))
             key_off = int(t[e + E_KEY])
             t[e + E_HASH] = HASH_TOMBSTONE  # commit: the name is gone
             r = self._root
@@ -1071,18 +1103,66 @@ class Domain:
 
     # -- grace periods -------------------------------------------------------------------
 
-    def _publish_pending(self, ref: int) -> None:
-        """Queue ``ref`` for reuse after a grace period. Lock held."""
+    # The queue of slots waiting for a grace period: PENDING_CAP entries in the root block,
+    # then a spill table in an arena block (D_SPILL: offset | log2 capacity) that doubles when
+    # full. Nothing ever waits for room: a stopped holder delays reclamation, never remove().
+
+    def _pending_parts(self) -> list[tuple[memoryview, int, int]]:
+        """(words, index of the first entry, root word of its count) of each part of the
+        queue, inline part first. Lock held."""
         r = self._root
-        n = int(r[D_PENDING])
-        if n == PENDING_CAP:
-            self._reclaim_pending(wait=True)
-            n = int(r[D_PENDING])
+        parts = [(r, self._pending, D_PENDING)]
+        if r[D_SPILL]:
+            off, cap = _unpack_table(int(r[D_SPILL]))
+            parts.append((self._bytes[off : off + cap * PENDING_WORDS * 8].cast("Q"), 0,
+                          D_SPILL_N))
+        return parts
+
+    def _pending_count(self) -> int:
+        """Slots waiting for a grace period (a hint without the lock)."""
+        return int(self._root[D_PENDING]) + int(self._root[D_SPILL_N])
+
+    def _pending_entries(self) -> list[tuple[int, int]]:
+        """(ref, epoch) of every pending slot. Lock held."""
+        r = self._root
+        out = []
+        for words, base, count in self._pending_parts():
+            for i in range(int(r[count])):
+                p = base + i * PENDING_WORDS
+                out.append((int(words[p + PE_REF]), int(words[p + PE_EPOCH])))
+        return out
+
+    def _pending_reserve(self) -> None:
+        """Make room for one more pending slot, growing the spill table if it is full: raises
+        DomainFull (nothing changed) when the arena has no room. Lock held."""
+        r = self._root
+        if r[D_PENDING] < PENDING_CAP:
+            return
+        word, n = int(r[D_SPILL]), int(r[D_SPILL_N])
+        old_off, cap = _unpack_table(word) if word else (0, 0)
+        if n < cap:
+            return
+        new_cap = max(PENDING_CAP, cap * 2)
+        off = self._alloc_block(new_cap * PENDING_WORDS * 8, "the pending-free queue",
+                                align=_REG_TABLE_ALIGN)
+        used = n * PENDING_WORDS * 8
+        self._bytes[off : off + used] = self._bytes[old_off : old_off + used]
+        r[D_SPILL] = _pack_table(off, new_cap)  # commit: a crash before it leaks the block
+        if word:
+            self.arena.free(self.arena.block_at(old_off))
+
+    def _publish_pending(self, ref: int) -> None:
+        """Queue ``ref`` for reuse after a grace period (``_pending_reserve`` made room).
+        Lock held."""
+        r = self._root
+        self._pending_reserve()
         r[D_EPOCH] += 1
-        p = self._pending + n * PENDING_WORDS
-        r[p + PE_REF] = ref
-        r[p + PE_EPOCH] = r[D_EPOCH]
-        r[D_PENDING] = n + 1  # commit
+        words, base, count = self._pending_parts()[0 if r[D_PENDING] < PENDING_CAP else 1]
+        n = int(r[count])
+        p = base + n * PENDING_WORDS
+        words[p + PE_REF] = ref
+        words[p + PE_EPOCH] = r[D_EPOCH]
+        r[count] = n + 1  # commit
 
     def _quiesce(self) -> None:
         """Acknowledge the current epoch: retire handles of every pending slot. The caller
@@ -1091,10 +1171,9 @@ class Domain:
             self._mv_sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = int(r[D_EPOCH])
-            for i in range(int(r[D_PENDING])):
-                p = self._pending + i * PENDING_WORDS
-                if r[p + PE_EPOCH] > self._ack:
-                    for h in self._by_ref.pop(int(r[p + PE_REF]), ()):
+            for ref, since in self._pending_entries():
+                if since > self._ack:
+                    for h in self._by_ref.pop(ref, ()):
                         self._retire(h)
             self._ack = epoch
             vcpu = self._vcpu
@@ -1102,8 +1181,8 @@ class Domain:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
             elif vcpu == self._max:
                 self._set_overflow_ack(epoch)
-            if r[D_PENDING]:
-                self._reclaim_pending(wait=False)
+            if self._pending_count():
+                self._reclaim_pending()
 
     def _retire(self, h: _Handle) -> None:
         """Make every later use of ``h`` raise, even a call already dispatched or a bound
@@ -1148,35 +1227,34 @@ class Domain:
         return live_ids(self._root, self._max, lambda k: k == mine or (
             fd is not None and is_locked(fd, LEASE_LOCK_BASE + k)))
 
-    def _reclaim_pending(self, wait: bool) -> int:
-        """Zero and return every pending slot whose grace period is over. Lock held."""
+    def _reclaim_pending(self) -> int:
+        """Zero and return every pending slot whose grace period is over; never waits. The
+        grace period counts every live holder's acknowledgement, this process's own included
+        (``self._ack``: ``F_OFD_GETLK`` never reports our own overflow acknowledgement lock, and
+        our handles of a slot are retired only when we acknowledge). Lock held."""
         r = self._root
-        while True:
-            acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in self._live_holders()]
-            oldest = min(acks, default=int(r[D_EPOCH]))
-            oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
-            moving = self._mv_moving_refs()  # a compaction still copies into/out of these
-            done = 0
+        acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in self._live_holders()]
+        oldest = min(acks, default=int(r[D_EPOCH]))
+        oldest = min(oldest, self._ack)
+        oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
+        moving = self._mv_moving_refs()  # a compaction still copies into/out of these
+        done = 0
+        for words, base, count in self._pending_parts():
             i = 0
-            while i < int(r[D_PENDING]):
-                p = self._pending + i * PENDING_WORDS
-                if r[p + PE_EPOCH] <= oldest and int(r[p + PE_REF]) not in moving:
-                    ref = int(r[p + PE_REF])
+            while i < int(r[count]):
+                p = base + i * PENDING_WORDS
+                ref = int(words[p + PE_REF])
+                if words[p + PE_EPOCH] <= oldest and ref not in moving:
+                    last = base + (int(r[count]) - 1) * PENDING_WORDS
+                    words[p + PE_REF], words[p + PE_EPOCH] = (words[last + PE_REF],
+                                                              words[last + PE_EPOCH])
+                    r[count] -= 1  # commit: a crash from here leaks the slot (check finds it)
                     self._zero_slot(ref)
                     self._return_to_pagesets([ref])
-                    last = self._pending + (int(r[D_PENDING]) - 1) * PENDING_WORDS
-                    r[p + PE_REF], r[p + PE_EPOCH] = r[last + PE_REF], r[last + PE_EPOCH]
-                    r[D_PENDING] -= 1
                     done += 1
                 else:
                     i += 1
-            if done or not wait:
-                return done
-            self._lock.release()
-            try:
-                self._stop.wait(QUIESCE_INTERVAL)
-            finally:
-                self._lock.acquire()
+        return done
 
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
     #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
@@ -1207,12 +1285,17 @@ class Domain:
         root = self._root
         while not stop.wait(QUIESCE_INTERVAL):
             try:
-                if root[D_EPOCH] != self._ack or root[D_PENDING]:
+                if root[D_EPOCH] != self._ack or self._pending_count():
                     self._quiesce()
                 if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._mv_seen:
                     self._mv_tick()  # compaction: follow and drive the batch in flight
-            except (ValueError, PercpuError, ArenaError):
-                return  # the domain was closed under us
+            except Exception as exc:  # the loop must outlive any one failure
+                if self._closed or self._closing or stop.is_set():
+                    return  # the domain was closed under us
+                # Anything else is a bug or a damaged file: keep acknowledging (a quiescer
+                # that stops stalls every grace period of the domain), and say what happened.
+                self.quiescer_errors = [*self.quiescer_errors[-15:], repr(exc)]
+                stop.wait(QUIESCE_INTERVAL * 10)
 
     @_closed_guard
     def synchronize(self, timeout: float | None = None) -> bool:
@@ -1227,7 +1310,7 @@ class Domain:
         while True:
             self._check_open()  # a close() from another thread ends the wait
             self._quiesce()
-            if self._root[D_PENDING] == 0:
+            if self._pending_count() == 0:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -1410,7 +1493,7 @@ class Domain:
         while True:
             self._check_open()
             self._quiesce()
-            if not self._root[D_PENDING] or (deadline is not None
+            if not self._pending_count() or (deadline is not None
                                              and time.monotonic() >= deadline):
                 return
             time.sleep(GRACE_POLL)
@@ -1711,17 +1794,63 @@ class Domain:
         with self._lock:
             self._mv_adopt(self._max)
 
-    def _mv_finish_dead(self) -> None:
+    def _mv_finish_dead(self) -> dict[int, Any]:
         """Under the domain lock, an odd ``L_SEQ`` means its copier died (copies run entirely
-        under the lock) and nobody has written the id since (a lease taker adopts under the
-        lock before binding; an overflow operation finishes the copy before writing): finish
-        those copies so that a locked read sees no half-moved value. Domain lock held."""
+        under the lock). For an id ``k < max_vcpus`` nobody has written it since (a lease taker
+        adopts under the lock before binding): finish those copies, so that a locked read sees
+        no half-moved value. The overflow id is written by its holders under the overflow lock
+        only, so its copy is finished only by whoever gets that lock (``try_lock``: the domain
+        lock is held); when an overflow operation holds it, the copy is left to that operation
+        and the read corrects for the one interrupted move instead (returned: ref -> what to
+        add to a read of that metric, a count or a (count, sum) pair). ``_plock`` and the
+        domain lock held."""
         r = self._root
-        if not int(r[D_MV_GEN]) & 1:
-            return
+        gen = int(r[D_MV_GEN])
+        if not gen & 1:
+            return {}
+        fix: dict[int, Any] = {}
         for k, s in enumerate(self._mv_seqs()):
-            if s & 1:
+            if not s & 1:
+                continue
+            if k < self._max:
                 self._mv_adopt(k, drain=False)  # its cache is its next owner's business
+                continue
+            fd = self.arena.fd
+            if fd is None or try_lock(fd, OVERFLOW_LOCK):  # private: _plock excludes them
+                try:
+                    self._mv_adopt(k, drain=False)
+                finally:
+                    if fd is not None:
+                        unlock(fd, OVERFLOW_LOCK)
+            else:
+                fix = self._mv_overflow_fix(self._mv_batch(gen))
+        return fix
+
+    def _mv_overflow_fix(self, batch: MoveBatch) -> dict[int, Any]:
+        """What a read must add for the overflow id's interrupted move (its journal step set):
+        its words are (v, w), (v, w + v) or (0, w + v) for the journalled (v, w), untouched
+        since (overflow operations finish it first, and they wait for the domain lock we
+        hold), so the pair holds ``v + w``. Between moves (step 0) the pairs are exact."""
+        q, d = self._q, self._d
+        st = self._root_q + move_state_base(self._max, self._max)
+        step = int(q[st + MS_STEP])
+        if not 0 < step <= len(batch.moves):
+            return {}
+        old, new, kind = batch.moves[step - 1]
+        words = []
+        for ref in (old, new):
+            ps, slot = split_ref(ref)
+            e = self._ps_entry(ps)
+            page = int(e[P_PAGES + self._max])
+            if not page:
+                return {}
+            words.append((page - 1 + slot * SIZE_CLASSES[int(e[P_CLASS]) - 1]) // 8)
+        o, n = words
+        dq = int(q[st + MS_OLD]) + int(q[st + MS_NEW]) - int(q[o]) - int(q[n])
+        if kind == KIND_SUMMARY:
+            dd = d[st + MS_OLD_F] + d[st + MS_NEW_F] - d[o + 1] - d[n + 1]
+            return {old: (dq, dd), new: (dq, dd)}
+        return {old: dq, new: dq}
 
     # Grace period and completion (protocol step 5).
 
@@ -1867,10 +1996,11 @@ class Domain:
         with self._plock, self._lock:  # batches and copies wait for us
             self._mv_sync()
             ref = self._mv_forward_stale(ref)
-            self._mv_finish_dead()
+            fix = self._mv_finish_dead()
             gen = int(r[D_MV_GEN])
             pair = self._mv_batch(gen).pairs.get(ref) if gen & 1 else None
-            return read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
+            value = read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
+            return value if ref not in fix else add(value, fix[ref])
 
     def _mv_read_begin(self) -> tuple[int, list[int] | None] | None:
         """For ``snapshot``: the batch generation and, while a batch is in flight, every id's
@@ -2040,15 +2170,24 @@ class Domain:
         """
         self._check_open()
         for _ in range(_SNAPSHOT_TRIES):
-            entries = self._entries()
-            gen = self._reg_cache[0]
+            gen, entries = self._entries_at()
             moves = self._mv_read_begin()  # compaction: the batch and the ids' sequences
             out = self._values(entries)
             if self._root[D_REG_GEN] == gen and self._mv_read_end(moves):
                 return out
-        with self._lock:  # removals wait for us: the slots read cannot be reused under us
-            self._mv_finish_dead()  # compaction: no half-moved value under the lock
-            return self._values(self._entries())
+        with self._plock, self._lock:  # removals wait: the slots read cannot be reused
+            fix = self._mv_finish_dead()  # compaction: no half-moved value under the lock
+            entries = self._entries()
+            out = self._values(entries)
+            for i, (_kind, _cls, ref, _key) in enumerate(entries):
+                if ref in fix:  # the overflow id's interrupted move (rare)
+                    v = out[i]
+                    if v.kind == "summary":
+                        out[i] = replace(v, count=v.count + fix[ref][0],
+                                         value=v.value + fix[ref][1])
+                    else:
+                        out[i] = replace(v, value=v.value + fix[ref])
+            return out
 
     def _values(self, entries: list[tuple[int, int, int, bytes]]) -> list[MetricValue]:
         plan = self._snapshot_plan
@@ -2102,9 +2241,10 @@ class Domain:
                 ("fresh_ids", D_FRESH),
                 ("reused_ids", D_REUSED), ("reclaimed_ids", D_RECLAIMED),
                 ("overflow_holders", D_OVERFLOW_HOLDERS),
-                ("shared_id_operations", D_SHARED_OPS), ("pending_frees", D_PENDING),
+                ("shared_id_operations", D_SHARED_OPS),
                 ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
             moves = self._mv_stats(a.used_bytes)  # compaction figures
+            figures["pending_frees"] = self._pending_count()
         return DomainStats(
             max_vcpus=self._max, vcpu_id=self._vcpu, holders_now=len(live),
             ids_in_use=tuple(live), holder_pids=pids, ids_ever_used=ever,
@@ -2144,8 +2284,7 @@ class Domain:
                         problems.append(f"id {k} class {c}: cache count {n} > {CACHE_CAP}")
                         continue
                     shared.extend(int(r[cb + 1 + i]) for i in range(n))
-            shared.extend(int(r[self._pending + i * PENDING_WORDS + PE_REF])
-                          for i in range(int(r[D_PENDING])))
+            shared.extend(ref for ref, _epoch in self._pending_entries())
             referenced = set(shared)
             if len(referenced) != len(shared):
                 problems.append(f"{len(shared) - len(referenced)} slots are held twice (by the "
@@ -2323,7 +2462,29 @@ def _arena_size(size: object, bound: int) -> int:
     return size
 
 
+# Fork: every domain's process lock is taken before the fork and released after it in the
+# parent, so that no fork falls inside a section that has handles out of their tables (a
+# quiescer retiring or rebinding them): the child then finds every handle where _unbind_all
+# sees it. The lock is re-entrant and held only for short sections that never wait for
+# another holder, so the forking thread waits microseconds, or takes it at once if it already
+# holds it (a fork from inside a callback of ours).
+_held_for_fork: list[threading.RLock] = []
+
+
+def _lock_before_fork() -> None:
+    for d in list(_domains):
+        lock_ = d._plock
+        lock_.acquire()
+        _held_for_fork.append(lock_)
+
+
+def _unlock_after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
 def _reset_after_fork() -> None:
+    _held_for_fork.clear()  # the child makes itself new process locks
     for d in list(_domains):
         d._after_fork_in_child()
 
@@ -2335,5 +2496,6 @@ def _release_at_exit() -> None:
             d.release()
 
 
-os.register_at_fork(after_in_child=_reset_after_fork)
+os.register_at_fork(before=_lock_before_fork, after_in_parent=_unlock_after_fork_in_parent,
+                    after_in_child=_reset_after_fork)
 atexit.register(_release_at_exit)

@@ -59,9 +59,10 @@ from __future__ import annotations
 
 import math
 import operator
+import sys
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
-from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved
+from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
 from ._layout import split_ref
 
 if TYPE_CHECKING:
@@ -135,8 +136,13 @@ class _Handle:
         return f"<{type(self).__name__} {self.name}{{{labels}}}>"
 
     def _store_failed(self, what: str, n: int) -> NoReturn:
-        """A store raised ValueError (nothing was written): say why."""
-        if self._domain._closed:
+        """A store raised ValueError (nothing was written): say why. Called from the
+        ``except ValueError`` of an update, which also catches the slow path's own errors
+        (``DomainClosed`` and ``InvalidArgument`` are ValueErrors): those pass unchanged."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, PercpuError):
+            raise exc
+        if self._domain._closed or self._domain._closing:
             raise DomainClosed(f"{self!r}: the domain is closed") from None
         raise InvalidArgument(f"{what}({n}) would take this holder's copy of {self!r} "
                               "outside int64; nothing was added") from None

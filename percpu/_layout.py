@@ -19,7 +19,7 @@ from __future__ import annotations
 
 PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
 MAGIC = int.from_bytes(b"PCDOMAN1", "little")
-VERSION = 2  # 2: the move region and the D_MV_* words (pageset compaction)
+VERSION = 3  # 2: the move region and the D_MV_* words (compaction); 3: the pending spill
 
 SIZE_CLASSES = (4, 8, 16, 32, 64)  # bytes; seed 002's FreeBSD-style per-cpu zones
 MAX_OBJECT_SIZE = SIZE_CLASSES[-1]
@@ -57,6 +57,8 @@ D_MV_PAGES = 25  # pages given back to the arena by compaction, ever
 D_MV_BATCHES = 26  # batches completed, ever
 D_MV_STARTED = 27  # CLOCK_MONOTONIC ns when the batch in flight was published
 D_MV_REG_DONE = 28  # = D_MV_GEN once the registry points at the batch's new refs
+D_SPILL = 29  # the pending queue's spill table: offset | log2(entries), 0 = none (see below)
+D_SPILL_N = 30  # entries in the spill table
 HEADER_WORDS = 32
 
 # One lease record per id (max_vcpus + 1 of them: the last is the overflow id).
@@ -79,7 +81,9 @@ P_PAGES = P_BITMAP + BITMAP_WORDS  # one word per id: offset + 1 of its page, 0 
 PS_PER_CHUNK = 64
 MAX_CHUNKS = 1024  # so at most 65536 pagesets in one domain
 
-# Pending frees: slots waiting for a grace period before they are zeroed and reused.
+# Pending frees: slots waiting for a grace period before they are zeroed and reused. The first
+# PENDING_CAP wait in the root block; more (while a holder is stopped, say) wait in the spill
+# table, an arena block that doubles when full, so that remove() never waits for a holder.
 PENDING_CAP = 4096
 PE_REF = 0
 PE_EPOCH = 1
