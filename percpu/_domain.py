@@ -816,27 +816,29 @@ class Domain:
         """
         while True:
             vcpu = self.vcpu_id()
-            with self._plock, self._lock:
-                if self._vcpu != vcpu:
-                    continue  # released meanwhile: take a lease again
-                if type(h) in _REMOVED_CLASSES:
-                    return  # retired meanwhile: its next use raises MetricRemoved
-                self._mv_follow(h)  # compaction: bind to where the metric lives now
-                if isinstance(h, _Unbound) and not self._still_registered(h):
-                    # Removed while this process held no lease (released, or a forked child):
-                    # its slot may be reused already, so the registry decides, not the queue.
-                    self._drop_handle(h)
+            with self._plock:
+                self._check_open()  # close() unmaps under _plock: from here the fd is ours
+                with self._lock:
+                    if self._vcpu != vcpu:
+                        continue  # released meanwhile: take a lease again
+                    if type(h) in _REMOVED_CLASSES:
+                        return  # retired meanwhile: its next use raises MetricRemoved
+                    self._mv_follow(h)  # compaction: bind to where the metric lives now
+                    if isinstance(h, _Unbound) and not self._still_registered(h):
+                        # Removed while this process held no lease (released, or a forked child):
+                        # its slot may be reused already, so the registry decides, not the queue.
+                        self._drop_handle(h)
+                        return
+                    ps, slot = split_ref(h._ref)
+                    size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
+                    page = self._page(ps, vcpu)
+                    if isinstance(h, PerCpu):
+                        h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
+                    if vcpu == self._max:
+                        bind_shared(h, (page + slot * size) // 8)
+                    else:
+                        bind_view(h, (page + slot * size) // 8, self._q, self._d)
                     return
-                ps, slot = split_ref(h._ref)
-                size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
-                page = self._page(ps, vcpu)
-                if isinstance(h, PerCpu):
-                    h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
-                if vcpu == self._max:
-                    bind_shared(h, (page + slot * size) // 8)
-                else:
-                    bind_view(h, (page + slot * size) // 8, self._q, self._d)
-                return
 
     def _slow_update(self, h: _Handle, n: int, x: float | None) -> None:
         """Add ``n`` to ``h``'s int word (and ``x`` to its float word: a Summary's sum) where
@@ -2075,11 +2077,13 @@ class Domain:
 
     @_closed_guard
     def _local_view(self, h: PerCpu) -> memoryview:
+        self._check_open()
         off = h._offset
         return self._bytes[off : off + h.size]
 
     @_closed_guard
     def _copies(self, ref: int, size: int) -> dict[int, memoryview]:
+        self._check_open()
         ps, slot = split_ref(ref)
         e = self._ps_entry(ps)
         csize = SIZE_CLASSES[int(e[P_CLASS]) - 1]
@@ -2094,6 +2098,8 @@ class Domain:
     @_closed_guard
     def _free_object(self, h: PerCpu) -> None:
         with self._plock:
+            if self._closed:
+                raise DomainClosed("the domain is closed")
             handles = self._by_ref.get(h._ref)
             if not handles or h not in handles:
                 raise InvalidArgument(f"{h!r} was already freed")
@@ -2108,6 +2114,7 @@ class Domain:
     def _read_sum(self, ref: int, size: int) -> int:
         """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
         slots while a compaction moves it: ``_mv_read``)."""
+        self._check_open()  # counted in flight first (_closed_guard): no use after close
         return self._mv_read(ref, lambda x: self._sum_slot(x, size), int.__add__)
 
     def _sum_slot(self, ref: int, size: int) -> int:
@@ -2125,6 +2132,7 @@ class Domain:
     @_closed_guard
     def _read_summary(self, ref: int) -> tuple[int, float]:
         """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
+        self._check_open()
         return self._mv_read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
 
     def _summary_slot(self, ref: int) -> tuple[int, float]:
@@ -2427,6 +2435,14 @@ class Domain:
         # the parent's lease nor its overflow acknowledgement; the parent keeps both.
         self._overflow_ack_byte = None
         self.last_lease_path = None
+        # A named handle that a thread of the parent had taken out of _by_ref (to retire or
+        # rebind it) when the fork came is still in _local: put it back, so that it is
+        # unbound too (its first use then checks the registry). Only possible when the
+        # fork did not get the process lock in time (_lock_before_fork).
+        tabled = {id(h) for hs in self._by_ref.values() for h in hs}
+        for h in self._local.values():
+            if id(h) not in tabled:
+                self._by_ref.setdefault(h._ref, []).append(h)
         self._unbind_all()
 
 
@@ -2465,17 +2481,19 @@ def _arena_size(size: object, bound: int) -> int:
 # Fork: every domain's process lock is taken before the fork and released after it in the
 # parent, so that no fork falls inside a section that has handles out of their tables (a
 # quiescer retiring or rebinding them): the child then finds every handle where _unbind_all
-# sees it. The lock is re-entrant and held only for short sections that never wait for
-# another holder, so the forking thread waits microseconds, or takes it at once if it already
-# holds it (a fork from inside a callback of ours).
+# sees it. The lock is re-entrant (a fork from inside a section of ours takes it at once) and
+# its sections are short, except one that waits for the domain lock while another process
+# holds it (stopped, say): a fork waits at most FORK_LOCK_WAIT for that, then goes ahead, and
+# the child recovers the handles it may find out of their tables from _local.
+FORK_LOCK_WAIT = 0.5  # seconds
 _held_for_fork: list[threading.RLock] = []
 
 
 def _lock_before_fork() -> None:
     for d in list(_domains):
         lock_ = d._plock
-        lock_.acquire()
-        _held_for_fork.append(lock_)
+        if lock_.acquire(timeout=FORK_LOCK_WAIT):
+            _held_for_fork.append(lock_)
 
 
 def _unlock_after_fork_in_parent() -> None:

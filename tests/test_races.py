@@ -320,11 +320,14 @@ def _wait_state(pid: int, state: str, timeout: float = 10, fail: bool = True) ->
 # -- 6. fork while a quiescer has handles out of its table --------------------------------
 
 
+@pytest.mark.parametrize("pause", [0.3, 3 * getattr(domain_mod, "FORK_LOCK_WAIT", 0.5)])
 def test_a_fork_never_falls_inside_a_retirement(
-        shared: tuple[str, list[Domain]], monkeypatch: pytest.MonkeyPatch) -> None:
+        shared: tuple[str, list[Domain]], monkeypatch: pytest.MonkeyPatch, pause: float) -> None:
     """A thread acknowledges a removal: it has taken the removed metric's handles out of the
     table and is about to retire them when another thread forks. In the child the handle must
-    be retired (or unbound), never left bound to the parent's id."""
+    be retired (or unbound), never left bound to the parent's id. A short pause: the fork
+    waits for the process lock; a long one (a section stuck behind a stopped holder): the
+    fork goes ahead after FORK_LOCK_WAIT and the child recovers the handle."""
     path, holders = shared
     d1 = holders[0]
     h = d1.counter("gone")
@@ -338,7 +341,7 @@ def test_a_fork_never_falls_inside_a_retirement(
     def slow_retire(self: Domain, handle: Any) -> None:
         if threading.current_thread().name == "acker":
             inside.set()
-            time.sleep(0.3)  # the fork is asked for meanwhile
+            time.sleep(pause)  # the fork is asked for meanwhile
         retire(self, handle)
 
     monkeypatch.setattr(Domain, "_retire", slow_retire)
@@ -537,3 +540,42 @@ def test_a_locked_read_never_finishes_the_overflow_copy_under_an_overflow_writer
 
 class _Died(Exception):
     """A copier's death, in process (the state it leaves is what a SIGKILL leaves)."""
+
+
+def test_a_rebind_that_close_overtakes_raises_domain_closed(
+        shared: tuple[str, list[Domain]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unbound handle's first use takes a lease, then binds under the domain lock; a
+    close() in between must not leave the bind locking a descriptor that is closed (or
+    reused by then): DomainClosed, found by the torture test as a raw EBADF."""
+    _path, holders = shared
+    d = holders[0]
+    c = d.counter("c")
+    c.inc()
+    d.release()
+    took, resume = threading.Event(), threading.Event()
+    vcpu_id = Domain.vcpu_id
+
+    def vcpu_id_then_pause(self: Domain) -> int:
+        out = vcpu_id(self)
+        if threading.current_thread().name == "T" and not took.is_set():
+            took.set()
+            resume.wait(10)
+        return out
+
+    monkeypatch.setattr(Domain, "vcpu_id", vcpu_id_then_pause)
+    outcome: list[BaseException | None] = []
+
+    def count() -> None:
+        try:
+            c.inc()
+            outcome.append(None)
+        except BaseException as exc:  # the outcome is what is checked
+            outcome.append(exc)
+
+    t = threading.Thread(target=count, name="T")
+    t.start()
+    assert took.wait(10)
+    d.close()
+    resume.set()
+    t.join(10)
+    assert len(outcome) == 1 and isinstance(outcome[0], DomainClosed), outcome
