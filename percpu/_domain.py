@@ -391,6 +391,7 @@ class Domain:
                 arena.root_offset = root_off
             else:
                 root_off = self._validate_root(arena)
+        self._ps_views: dict[int, memoryview] = {}  # pageset -> its entry (see _ps_entry)
         self._local: dict[tuple[int, bytes], _Handle] = {}  # (kind, key) -> handle
         self._by_ref: dict[int, list[_Handle]] = {}  # ref -> this process's handles on it
         # Guards this process's lease and cache state; never held across processes.
@@ -650,8 +651,15 @@ class Domain:
         return int(chunk_off) - 1 + (ps % PS_PER_CHUNK) * self._ps_words * 8
 
     def _ps_entry(self, ps: int) -> memoryview:
-        base = self._ps_base(ps)
-        return self._bytes[base : base + self._ps_words * 8].cast("Q")
+        """Pageset ``ps``'s entry words. Entries never move once their chunk exists (chunks are
+        never freed), so each view is made once (a cast costs ~40% of a value read)."""
+        e = self._ps_views.get(ps)
+        if e is None:
+            base = self._ps_base(ps)
+            e = self._bytes[base : base + self._ps_words * 8].cast("Q")
+            if self._root[self._chunks + ps // PS_PER_CHUNK]:  # never cache a missing chunk
+                self._ps_views[ps] = e
+        return e
 
     def _new_pageset(self, cls: int) -> int:
         """Create (or reuse a given-back entry for) a pageset of class ``cls``. Lock held."""
@@ -2110,12 +2118,21 @@ class Domain:
 
     # -- reads ---------------------------------------------------------------------------
 
-    @_closed_guard
     def _read_sum(self, ref: int, size: int) -> int:
         """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
-        slots while a compaction moves it: ``_mv_read``)."""
-        self._check_open()  # counted in flight first (_closed_guard): no use after close
-        return self._mv_read(ref, lambda x: self._sum_slot(x, size), int.__add__)
+        slots while a compaction moves it: ``_mv_read``). ``_closed_guard`` written out: this
+        is ``Counter.value``, and the wrapper's call would cost a fifth of it."""
+        self._inflight += 1
+        try:
+            if self._closing or self._closed:
+                raise DomainClosed("the domain is closed")
+            return self._mv_read(ref, lambda x: self._sum_slot(x, size), int.__add__)
+        except (ValueError, OSError, BufferError, ArenaError):
+            if self._closed or self._closing:
+                raise DomainClosed("the domain was closed during the call") from None
+            raise
+        finally:
+            self._inflight -= 1
 
     def _sum_slot(self, ref: int, size: int) -> int:
         ps, slot = split_ref(ref)
@@ -2384,8 +2401,9 @@ class Domain:
                 self._retire(h)  # any use, even a late one, raises DomainClosed
         self._by_ref.clear()
         self._local.clear()
-        for view in (self._root, self._q, self._d):
+        for view in (*self._ps_views.values(), self._root, self._q, self._d):
             view.release()
+        self._ps_views.clear()
         self.arena.close()
         _domains.discard(self)
 
