@@ -6,7 +6,8 @@ segregated-fit allocator whose metadata lives inside the mapping, so a file-back
 allocator shared by several processes. See docs/architecture.md.
 """
 
-from ._arena import Arena, ArenaStats, Block, CheckReport, LeakedBlock
+from ._arena import Arena, ArenaStats, Block, CheckReport, LeakedBlock, LockPolicy
+from ._cli import open_error
 from ._errors import (
     ArenaClosed,
     ArenaError,
@@ -40,6 +41,7 @@ __all__ = [
     "InvalidArgument",
     "InvalidType",
     "LeakedBlock",
+    "LockPolicy",
     "MemlockError",
     "Pool",
     "PoolEmpty",
@@ -49,4 +51,5 @@ __all__ = [
     "memlock_limit",
     "mlockall",
     "munlockall",
+    "open_error",
 ]

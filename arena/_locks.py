@@ -44,6 +44,12 @@ def lock(fd: int, start: int, length: int = 1) -> None:
     fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _flock(fcntl.F_WRLCK, start, length))
 
 
+def read_lock(fd: int, start: int, length: int = 1) -> None:
+    """Take a shared OFD read lock without waiting (``BlockingIOError`` if a write lock is
+    held there). Several descriptions may hold read locks on the same bytes at once."""
+    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_RDLCK, start, length))
+
+
 def unlock(fd: int, start: int, length: int = 1) -> None:
     """Release an OFD lock held through ``fd``'s open file description."""
     fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _flock(fcntl.F_UNLCK, start, length))

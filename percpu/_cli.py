@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from arena._cli import open_error
+from arena import open_error
 
 from ._exposition import _escape_label_value
 

@@ -15,14 +15,42 @@ Invariants
    (a grace period): ``remove`` publishes the slot in the pending queue with a new epoch; each
    process's quiescer thread, holding the GIL (so no thread of its process is inside a hot-path
    statement), rebinds or retires its handles and stores the epoch in its lease record's
-   ``L_ACK``; the slot is zeroed and returned when every live lease has acknowledged. A holder
-   that never acknowledges (stopped, stuck in C) delays the reuse, never correctness.
+   ``L_ACK``; the slot is zeroed and returned when every live holder, the reclaiming process
+   included, has acknowledged. A holder that never acknowledges (stopped, stuck in C) delays
+   the reuse, never correctness, and never makes another holder wait.
+6. A process writes an id's slots only while it holds that id: ``release`` detaches every
+   handle before the lease goes, a forked child starts with every handle unbound, and an
+   update that meets a handle in any other state goes through ``_slow_update`` (``_handles``).
+   After ``close`` begins, every call either completes (an update is counted) or raises
+   ``DomainClosed``.
 4. Crash safety: each shared update under the lock ends with one commit store (a registry entry
    becomes visible when its hash word is written; a cache pop commits its count before the ref
    is used), so a holder killed mid-update leaks at most a slot, which ``check`` finds.
 5. Compaction (``compact``; protocol and memory ordering in ``_compact``) moves a metric's
    slot only through a batch that every live holder acknowledges; each id's values are copied
    by that id's owner alone; readers pair old and new slots while a batch is in flight.
+
+Locks, their order, and what may wait
+-------------------------------------
+* ``_plock``: a re-entrant thread lock of this process; guards its lease, its handles (their
+  states change only under it: ``_handles``) and its caches. Never shared across processes.
+* the domain lock (``self._lock``, the arena's lock: a thread lock, then an OFD write lock on
+  byte 0 of the file); guards every shared word but the slots.
+* the overflow lock (OFD byte ``OVERFLOW_LOCK``); guards the overflow id's words, which any
+  number of overflow holders write.
+* lease bytes (one OFD byte per id), held for the life of a lease; and the overflow holders'
+  acknowledgement bytes (read locks).
+
+Order: ``_plock``, then the domain lock; while holding the domain lock, a lease byte or the
+overflow lock is only ever *tried* (``try_lock``), never waited for. An overflow operation
+takes ``_plock``, then the overflow lock, then (to finish a dead copier's copy) the domain
+lock. Wait rules: nothing waits for another holder to *acknowledge* (grace periods, batches:
+a stopped holder delays reclamation and compaction, never a caller, and ``remove`` never
+waits, its queue spills into the arena). What can wait for another process is one of the two
+locks it holds for a short section; a holder stopped inside one stalls the others until it
+resumes or dies (the kernel drops a dead holder's locks). ``close`` waits for this process's
+calls in flight (each of them bounded as above); ``fork`` waits at most ``FORK_LOCK_WAIT`` for
+``_plock``.
 
 Pagesets: one page per vcpu id, allocated from the arena the first time that id touches the
 pageset, so memory follows the ids in use, not the CPU count. Per-vcpu caches (in the lease
@@ -33,11 +61,9 @@ pageset layer in batches of ``CACHE_REFILL``.
 from __future__ import annotations
 
 import atexit
-import fcntl
 import functools
 import hashlib
 import os
-import struct
 import sys
 import threading
 import time
@@ -48,9 +74,8 @@ from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from arena import Arena, ArenaError, ArenaExhausted
-from arena._arena import LockPolicy
-from arena._locks import is_locked, lock, try_lock, unlock
+from arena import Arena, ArenaError, ArenaExhausted, LockPolicy
+from arena.locks import is_locked, lock, read_lock, try_lock, unlock
 
 from . import _cpuset, _membarrier
 from ._compact import (
@@ -623,7 +648,7 @@ class Domain:
         old, new = self._overflow_ack_byte, OVERFLOW_ACK_BASE + epoch
         if fd is None or old == new:
             return
-        _read_lock(fd, new)  # the new lock first: the published ack never jumps ahead
+        read_lock(fd, new)  # the new lock first: the published ack never jumps ahead
         if old is not None:
             unlock(fd, old)
         self._overflow_ack_byte = new
@@ -2401,7 +2426,8 @@ class Domain:
                 self._retire(h)  # any use, even a late one, raises DomainClosed
         self._by_ref.clear()
         self._local.clear()
-        for view in (*self._ps_views.values(), self._root, self._q, self._d):
+        views: list[memoryview[Any]] = [*self._ps_views.values(), self._root, self._q, self._d]
+        for view in views:
             view.release()
         self._ps_views.clear()
         self.arena.close()
@@ -2462,15 +2488,6 @@ class Domain:
             if id(h) not in tabled:
                 self._by_ref.setdefault(h._ref, []).append(h)
         self._unbind_all()
-
-
-_FLOCK = struct.Struct("hhqqi4x")  # struct flock on Linux 64-bit, as in arena._locks
-
-
-def _read_lock(fd: int, start: int) -> None:
-    """Take a shared OFD read lock on byte ``start``. Only overflow acknowledgements use these
-    bytes and nobody write-locks them, so it never has to wait."""
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, start, 1, 0))
 
 
 def _check_max_vcpus(max_vcpus: object) -> int:

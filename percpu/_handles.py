@@ -60,15 +60,35 @@ from __future__ import annotations
 import math
 import operator
 import sys
-from typing import TYPE_CHECKING, Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
 from ._layout import split_ref
 
-if TYPE_CHECKING:
-    from ._domain import Domain
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class Owner(Protocol):
+    """What a handle asks of the domain that made it (``Domain`` implements it): handles
+    depend on this, not on ``Domain``, so the two modules import one way."""
+
+    _closed: bool
+    _closing: bool
+
+    def _read_sum(self, ref: int, size: int, /) -> int: ...
+
+    def _read_summary(self, ref: int, /) -> tuple[int, float]: ...
+
+    def _local_view(self, h: PerCpu, /) -> memoryview: ...
+
+    def _copies(self, ref: int, size: int, /) -> dict[int, memoryview]: ...
+
+    def _free_object(self, h: PerCpu, /) -> None: ...
+
+    def _bind(self, h: _Handle, /) -> None: ...
+
+    def _slow_update(self, h: _Handle, n: int, x: float | None, /) -> None: ...
 
 
 class Cells(Protocol):
@@ -123,7 +143,7 @@ class _Handle:
 
     _cells: Cells
     _index: int
-    _domain: Domain
+    _domain: Owner
     _ref: int
     name: str
     labels: tuple[tuple[str, str], ...]

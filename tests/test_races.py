@@ -25,8 +25,8 @@ from conftest import shm_dir
 
 import percpu
 import percpu._domain as domain_mod
-from arena._locks import lock as real_lock
-from arena._locks import unlock as real_unlock
+from arena.locks import lock as real_lock
+from arena.locks import unlock as real_unlock
 from percpu import Counter, Domain, DomainClosed, MetricRemoved
 from percpu._compact import copy_moves, plan_compaction
 from percpu._layout import D_MV_GEN, L_SEQ, LEASE_LOCK_BASE, MOVE_CAP, OVERFLOW_LOCK, lease_base
