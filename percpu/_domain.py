@@ -561,8 +561,7 @@ class Domain:
             return vcpu
 
     def _cached_slots(self, vcpu: int) -> int:
-        base = lease_base(self._max, vcpu) + L_CACHE
-        return sum(int(self._root[base + c * CACHE_WORDS]) for c in range(len(SIZE_CLASSES)))
+        return sum(len(refs) for _cb, _n, refs in self._cache_lists(vcpu))
 
     @_closed_guard
     def release(self) -> None:
@@ -685,6 +684,28 @@ class Domain:
             if self._root[self._chunks + ps // PS_PER_CHUNK]:  # never cache a missing chunk
                 self._ps_views[ps] = e
         return e
+
+    def _id_pages(self, e: memoryview) -> list[tuple[int, int]]:
+        """(id, byte offset of its page) of every id, the overflow id included, that has a
+        page of the pageset whose entry is ``e``: the walk behind every per-slot sum."""
+        return [(k, p - 1) for k, p in enumerate(e[P_PAGES : P_PAGES + self._max + 1].tolist())
+                if p]
+
+    def _page_offsets(self, e: memoryview) -> list[int]:
+        """The same walk without the ids, for the reads (``value``, ``snapshot``)."""
+        return [p - 1 for p in e[P_PAGES : P_PAGES + self._max + 1].tolist() if p]
+
+    def _cache_lists(self, k: int) -> list[tuple[int, int, list[int]]]:
+        """(count word, count, refs) of each size class's cache of id ``k``; a count above
+        ``CACHE_CAP`` (a damaged file) comes with no refs. The one walk over an id's caches."""
+        r = self._root
+        base = lease_base(self._max, k) + L_CACHE
+        out = []
+        for c in range(len(SIZE_CLASSES)):
+            cb = base + c * CACHE_WORDS
+            n = int(r[cb])
+            out.append((cb, n, r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []))
+        return out
 
     def _new_pageset(self, cls: int) -> int:
         """Create (or reuse a given-back entry for) a pageset of class ``cls``. Lock held."""
@@ -828,11 +849,9 @@ class Domain:
         e = self._ps_entry(ps)
         size = SIZE_CLASSES[int(e[P_CLASS]) - 1]
         zero = bytes(size)
-        for vcpu in range(self._max + 1):
-            page = e[P_PAGES + vcpu]
-            if page:
-                off = page - 1 + slot * size
-                self._bytes[off : off + size] = zero
+        for _k, page in self._id_pages(e):
+            off = page + slot * size
+            self._bytes[off : off + size] = zero
 
     # -- handles -------------------------------------------------------------------------
 
@@ -1484,13 +1503,11 @@ class Domain:
 
     def _mv_occupancy(self) -> float:
         """Taken slots over the capacity of the pagesets that cost memory. Lock held."""
-        n = self._max + 1
         rows = []
         for ps in range(int(self._root[D_PS_COUNT])):
             e = self._ps_entry(ps)
             if e[P_CLASS]:
-                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]),
-                             any(e[P_PAGES : P_PAGES + n].tolist())))
+                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]), bool(self._id_pages(e))))
         return occupancy(rows)
 
     def _mv_totals(self) -> tuple[int, int, int, int, int]:
@@ -1562,14 +1579,8 @@ class Domain:
         live = {ref: (i, meta & 0xFF) for i, (h, meta, ref) in enumerate(zip(
             t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
             t[E_REF::ENTRY_WORDS].tolist(), strict=True)) if h > HASH_TOMBSTONE}
-        cached: set[int] = set()
-        for k in range(self._max):
-            base = lease_base(self._max, k) + L_CACHE
-            for c in range(len(SIZE_CLASSES)):
-                cb = base + c * CACHE_WORDS
-                n = int(r[cb])
-                if 0 < n <= CACHE_CAP:
-                    cached.update(r[cb + 1 : cb + 1 + n].tolist())
+        cached = {ref for k in range(self._max) for _cb, _n, refs in self._cache_lists(k)
+                  for ref in refs}
         infos = []
         for ps in range(int(r[D_PS_COUNT])):
             e = self._ps_entry(ps)
@@ -1577,7 +1588,7 @@ class Domain:
             if cls < 0:
                 continue
             bits = e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()
-            pages = e[P_PAGES : P_PAGES + self._max + 1].tolist()
+            ids = frozenset(k for k, _page in self._id_pages(e))
             lv: list[int] = []
             ca: list[int] = []
             free: list[int] = []
@@ -1594,7 +1605,7 @@ class Domain:
                 else:
                     free.append(s)
             infos.append(PagesetInfo(ps, cls, tuple(lv), tuple(ca), pinned, tuple(free),
-                                     frozenset(k for k, p in enumerate(pages) if p)))
+                                     ids))
         return infos, live
 
     def _mv_publish(self, plan: Plan, live: dict[int, tuple[int, int]]) -> None:
@@ -1781,13 +1792,7 @@ class Domain:
         if not sources:
             return
         r = self._root
-        base = lease_base(self._max, k) + L_CACHE
-        for c in range(len(SIZE_CLASSES)):
-            cb = base + c * CACHE_WORDS
-            n = int(r[cb])
-            if not 0 < n <= CACHE_CAP:
-                continue
-            refs = r[cb + 1 : cb + 1 + n].tolist()
+        for cb, _n, refs in self._cache_lists(k):
             out = [x for x in refs if split_ref(x)[0] in sources]
             if not out:
                 continue
@@ -1800,15 +1805,8 @@ class Domain:
             self._return_to_pagesets(out)
 
     def _mv_cached_in(self, k: int, sources: frozenset[int]) -> bool:
-        r = self._root
-        base = lease_base(self._max, k) + L_CACHE
-        for c in range(len(SIZE_CLASSES)):
-            cb = base + c * CACHE_WORDS
-            n = int(r[cb])
-            if 0 < n <= CACHE_CAP and any(split_ref(x)[0] in sources
-                                          for x in r[cb + 1 : cb + 1 + n].tolist()):
-                return True
-        return False
+        return any(split_ref(x)[0] in sources
+                   for _cb, _n, refs in self._cache_lists(k) for x in refs)
 
     def _mv_need_ids(self, batch: MoveBatch) -> frozenset[int]:
         """Ids with a page in a pageset that a move leaves: their values must move. Only
@@ -1818,8 +1816,7 @@ class Domain:
             return self._mv_need[1]
         ids: set[int] = set()
         for ps in {split_ref(old)[0] for old, _new, _kind in batch.moves}:
-            pages = self._ps_entry(ps)[P_PAGES : P_PAGES + self._max + 1].tolist()
-            ids.update(k for k, p in enumerate(pages) if p)
+            ids.update(k for k, _page in self._id_pages(self._ps_entry(ps)))
         self._mv_need = (batch.gen, frozenset(ids))
         return self._mv_need[1]
 
@@ -1954,13 +1951,11 @@ class Domain:
             e = self._ps_entry(ps)
             if not e[P_CLASS] or e[P_TAKEN]:
                 continue  # given back already, or a slot was taken meanwhile: kept
-            for k in range(self._max + 1):
-                page = int(e[P_PAGES + k])
-                if page:
-                    e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases
-                    r[D_PAGES] -= 1
-                    self.arena.free(self.arena.block_at(page - 1))
-                    pages += 1
+            for k, page in self._id_pages(e):
+                e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases
+                r[D_PAGES] -= 1
+                self.arena.free(self.arena.block_at(page))
+                pages += 1
             e[P_CLASS] = 0  # the entry is free for _new_pageset
             pagesets += 1
         r[D_REG_GEN] += 1  # a snapshot() that straddled the batch reads again
@@ -2120,13 +2115,8 @@ class Domain:
         ps, slot = split_ref(ref)
         e = self._ps_entry(ps)
         csize = SIZE_CLASSES[int(e[P_CLASS]) - 1]
-        out = {}
-        for vcpu in range(self._max + 1):
-            page = int(e[P_PAGES + vcpu])
-            if page:
-                off = page - 1 + slot * csize
-                out[vcpu] = self._bytes[off : off + size]
-        return out
+        return {k: self._bytes[page + slot * csize : page + slot * csize + size]
+                for k, page in self._id_pages(e)}
 
     @_closed_guard
     def _free_object(self, h: PerCpu) -> None:
@@ -2165,7 +2155,7 @@ class Domain:
         q = self._q
         word = slot * SIZE_CLASSES[int(e[P_CLASS]) - 1] // 8
         total = 0
-        for vcpu in range(self._max + 1):
+        for vcpu in range(self._max + 1):  # _page_offsets inlined: this is Counter.value
             page = e[P_PAGES + vcpu]
             if page:
                 total += q[(page - 1) // 8 + word]
@@ -2182,7 +2172,7 @@ class Domain:
         e = self._ps_entry(ps)
         word = slot * 2
         count, total = 0, 0.0
-        for vcpu in range(self._max + 1):
+        for vcpu in range(self._max + 1):  # _page_offsets inlined: this is Summary.value
             page = e[P_PAGES + vcpu]
             if page:
                 w = (page - 1) // 8 + word
@@ -2197,13 +2187,11 @@ class Domain:
         n = PAGE // 8
         floats = int(e[P_CLASS]) - 1 == class_index(KIND_SIZES[KIND_SUMMARY])
         rows_q, rows_d = [], []
-        for vcpu in range(self._max + 1):
-            page = e[P_PAGES + vcpu]
-            if page:
-                w = (page - 1) // 8
-                rows_q.append(self._q[w : w + n].tolist())
-                if floats:
-                    rows_d.append(self._d[w : w + n].tolist())
+        for page in self._page_offsets(e):
+            w = page // 8
+            rows_q.append(self._q[w : w + n].tolist())
+            if floats:
+                rows_d.append(self._d[w : w + n].tolist())
         if not rows_q:
             return [0] * n, [0.0] * n if floats else []
         return (list(map(sum, zip(*rows_q, strict=True))),
@@ -2326,14 +2314,10 @@ class Domain:
             r = self._root
             shared = [ref for _kind, _cls, ref, _key in self._entries()]
             for k in range(self._max):
-                base = lease_base(self._max, k) + L_CACHE
-                for c in range(len(SIZE_CLASSES)):
-                    cb = base + c * CACHE_WORDS
-                    n = int(r[cb])
+                for c, (_cb, n, refs) in enumerate(self._cache_lists(k)):
                     if n > CACHE_CAP:
                         problems.append(f"id {k} class {c}: cache count {n} > {CACHE_CAP}")
-                        continue
-                    shared.extend(int(r[cb + 1 + i]) for i in range(n))
+                    shared.extend(refs)
             shared.extend(ref for ref, _epoch in self._pending_entries())
             referenced = set(shared)
             if len(referenced) != len(shared):
@@ -2354,8 +2338,7 @@ class Domain:
                     continue
                 size = SIZE_CLASSES[cls]
                 zero = bytes(size)
-                pages = [bytes(self._bytes[p - 1 : p - 1 + PAGE])
-                         for p in (int(e[P_PAGES + v]) for v in range(self._max + 1)) if p]
+                pages = [bytes(self._bytes[p : p + PAGE]) for _k, p in self._id_pages(e)]
                 count = 0
                 for slot in range(slots_per_page(cls)):
                     if e[P_BITMAP + slot // 64] >> (slot % 64) & 1:

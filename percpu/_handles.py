@@ -65,7 +65,6 @@ from typing import Any, NoReturn, Protocol
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
 from ._layout import split_ref
 
-
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
