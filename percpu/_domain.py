@@ -139,7 +139,6 @@ from ._layout import (
     D_MV_STARTED,
     D_OVERFLOW_HOLDERS,
     D_PAGES,
-    D_PENDING,
     D_PS_COUNT,
     D_RECLAIMED,
     D_RECLAIMED_PAGESETS,
@@ -151,8 +150,6 @@ from ._layout import (
     D_REG_USED,
     D_REUSED,
     D_SHARED_OPS,
-    D_SPILL,
-    D_SPILL_N,
     D_VERSION,
     E_HASH,
     E_KEY,
@@ -193,13 +190,10 @@ from ._layout import (
     P_PAGES,
     P_TAKEN,
     PAGE,
-    PE_EPOCH,
-    PE_REF,
-    PENDING_CAP,
-    PENDING_WORDS,
     PS_PER_CHUNK,
     REG_MIN_CAP,
     SIZE_CLASSES,
+    TABLE_ALIGN,
     VERSION,
     chunk_table,
     class_index,
@@ -208,11 +202,13 @@ from ._layout import (
     move_records_base,
     move_sources_base,
     move_state_base,
+    pack_table,
     pageset_words,
     pending_base,
     root_words,
     slots_per_page,
     split_ref,
+    unpack_table,
 )
 from ._leases import (
     LeasePath,
@@ -224,6 +220,7 @@ from ._leases import (
     record_release,
 )
 from ._names import decode_key, encode_key, validate_labels, validate_metric_name
+from ._pending import PendingQueue
 
 H = TypeVar("H", bound=_Handle)
 _T = TypeVar("_T")  # what a read returns (compaction: _mv_read)
@@ -333,20 +330,6 @@ def _key_hash(key: bytes) -> int:
     return h if h > HASH_TOMBSTONE else h + 2  # 0 and 1 mean empty and tombstone
 
 
-_REG_TABLE_ALIGN = 64  # bytes; the low 6 bits of D_REG_TABLE hold log2(capacity)
-
-
-def _pack_table(off: int, cap: int) -> int:
-    """The D_REG_TABLE word of a registry table at ``off`` with ``cap`` entries."""
-    assert off % _REG_TABLE_ALIGN == 0 and cap > 0 and cap & (cap - 1) == 0
-    return off | (cap.bit_length() - 1)
-
-
-def _unpack_table(word: int) -> tuple[int, int]:
-    """(offset, capacity) of the registry table from its D_REG_TABLE word."""
-    return word & ~(_REG_TABLE_ALIGN - 1), 1 << (word & (_REG_TABLE_ALIGN - 1))
-
-
 class Domain:
     """A set of per-cpu objects indexed by compact vcpu ids; see the module docstring.
 
@@ -447,7 +430,8 @@ class Domain:
         self._max = bound
         n = root_words(bound)
         self._root = self._bytes[offset : offset + n * 8].cast("Q")
-        self._pending = pending_base(bound)
+        self._pending = PendingQueue(self._root, self._bytes, pending_base(bound),
+                                     self._alloc_block, self._free_block)
         self._chunks = chunk_table(bound)
         self._ps_words = pageset_words(bound)
 
@@ -465,14 +449,12 @@ class Domain:
         if not 1 <= bound <= _cpuset.MAX_VCPUS_LIMIT or off + root_words(bound) * 8 > arena.size:
             raise BadDomainFile(22, f"bad max_vcpus {bound} in the domain header")
         self._bind_root(off, bound)
-        table, cap = _unpack_table(int(self._root[D_REG_TABLE]))
+        table, cap = unpack_table(int(self._root[D_REG_TABLE]))
         if cap < REG_MIN_CAP or table + cap * ENTRY_WORDS * 8 > arena.size:
             raise BadDomainFile(22, "bad registry table in the domain header")
-        r = self._root
-        spill, spill_cap = _unpack_table(int(r[D_SPILL])) if r[D_SPILL] else (0, 0)
-        if (r[D_PENDING] > PENDING_CAP or r[D_SPILL_N] > spill_cap
-                or spill + spill_cap * PENDING_WORDS * 8 > arena.size):
-            raise BadDomainFile(22, "bad pending-free queue in the domain header")
+        problem = self._pending.problem(arena.size)
+        if problem:
+            raise BadDomainFile(22, f"bad pending-free queue: {problem}")
         return off
 
     # -- properties --------------------------------------------------------------------
@@ -739,6 +721,10 @@ class Domain:
         self.arena.keep(blk)
         return blk.offset
 
+    def _free_block(self, offset: int) -> None:
+        """Give a kept block back to the arena. Lock held."""
+        self.arena.free(self.arena.block_at(offset))
+
     def _page(self, ps: int, vcpu: int) -> int:
         """Byte offset of id ``vcpu``'s page of pageset ``ps``, allocating it on first touch."""
         e = self._ps_entry(ps)
@@ -979,7 +965,7 @@ class Domain:
 
     # -- the registry (shared hash table, lock held) --------------------------------------
 
-    # The table's offset and capacity are one word, D_REG_TABLE (see _pack_table), so that
+    # The table's offset and capacity are one word, D_REG_TABLE (see pack_table), so that
     # growing the table commits with one store: a holder killed while growing it leaves the
     # old table in place (and a kept block leaked), never a table read with the wrong size.
     # D_REG_CAP mirrors the capacity for people reading the header; nothing relies on it.
@@ -987,21 +973,21 @@ class Domain:
     def _new_table(self, cap: int) -> int:
         """A zeroed registry table block of ``cap`` entries, not yet published; its offset."""
         nbytes = cap * ENTRY_WORDS * 8
-        off = self._alloc_block(nbytes, "the metric registry", align=_REG_TABLE_ALIGN)
+        off = self._alloc_block(nbytes, "the metric registry", align=TABLE_ALIGN)
         self._bytes[off : off + nbytes] = bytes(nbytes)
         return off
 
     def _init_registry(self, cap: int) -> None:
         off = self._new_table(cap)
         r = self._root
-        r[D_REG_TABLE] = _pack_table(off, cap)  # commit
+        r[D_REG_TABLE] = pack_table(off, cap)  # commit
         r[D_REG_CAP] = cap
         r[D_REG_USED] = 0
         r[D_REG_LIVE] = 0
         r[D_REG_GEN] += 1
 
     def _table(self) -> memoryview:
-        off, cap = _unpack_table(int(self._root[D_REG_TABLE]))
+        off, cap = unpack_table(int(self._root[D_REG_TABLE]))
         return self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
 
     def _read_key(self, t: memoryview, i: int) -> bytes:
@@ -1049,7 +1035,7 @@ class Domain:
                                            f"{KIND_NAMES[kind]}")
                     return int(t[idx * ENTRY_WORDS + E_REF])
                 r = self._root
-                if (r[D_REG_USED] + 1) * 2 > _unpack_table(int(r[D_REG_TABLE]))[1]:
+                if (r[D_REG_USED] + 1) * 2 > unpack_table(int(r[D_REG_TABLE]))[1]:
                     self._grow_registry()
                     _, free = self._lookup(key, h)
                 key_off = self._alloc_block(max(len(key), 1), "a metric name")
@@ -1075,7 +1061,7 @@ class Domain:
 
         The new table is filled completely before the one-word commit that publishes it."""
         old = self._table()
-        old_off, old_cap = _unpack_table(int(self._root[D_REG_TABLE]))
+        old_off, old_cap = unpack_table(int(self._root[D_REG_TABLE]))
         entries = [tuple(int(old[i * ENTRY_WORDS + j]) for j in range(ENTRY_WORDS))
                    for i in range(len(old) // ENTRY_WORDS)]
         old.release()
@@ -1093,7 +1079,7 @@ class Domain:
                 t[i * ENTRY_WORDS + j] = e[j]
         t.release()
         r = self._root
-        r[D_REG_TABLE] = _pack_table(off, cap)  # commit
+        r[D_REG_TABLE] = pack_table(off, cap)  # commit
         r[D_REG_CAP] = cap
         r[D_REG_USED] = len(live)
         r[D_REG_LIVE] = len(live)
@@ -1139,7 +1125,7 @@ class Domain:
             if idx < 0:
                 return False
             self._reclaim_pending()  # what is due makes room
-            self._pending_reserve()  # may raise DomainFull: nothing is changed yet
+            self._pending.reserve()  # may raise DomainFull: nothing is changed yet
             t = self._table()
             e = idx * ENTRY_WORDS
             # The registry word lags a move whose publisher died before updating it; the
@@ -1157,66 +1143,12 @@ class Domain:
 
     # -- grace periods -------------------------------------------------------------------
 
-    # The queue of slots waiting for a grace period: PENDING_CAP entries in the root block,
-    # then a spill table in an arena block (D_SPILL: offset | log2 capacity) that doubles when
-    # full. Nothing ever waits for room: a stopped holder delays reclamation, never remove().
-
-    def _pending_parts(self) -> list[tuple[memoryview, int, int]]:
-        """(words, index of the first entry, root word of its count) of each part of the
-        queue, inline part first. Lock held."""
-        r = self._root
-        parts = [(r, self._pending, D_PENDING)]
-        if r[D_SPILL]:
-            off, cap = _unpack_table(int(r[D_SPILL]))
-            parts.append((self._bytes[off : off + cap * PENDING_WORDS * 8].cast("Q"), 0,
-                          D_SPILL_N))
-        return parts
-
-    def _pending_count(self) -> int:
-        """Slots waiting for a grace period (a hint without the lock)."""
-        return int(self._root[D_PENDING]) + int(self._root[D_SPILL_N])
-
-    def _pending_entries(self) -> list[tuple[int, int]]:
-        """(ref, epoch) of every pending slot. Lock held."""
-        r = self._root
-        out = []
-        for words, base, count in self._pending_parts():
-            for i in range(int(r[count])):
-                p = base + i * PENDING_WORDS
-                out.append((int(words[p + PE_REF]), int(words[p + PE_EPOCH])))
-        return out
-
-    def _pending_reserve(self) -> None:
-        """Make room for one more pending slot, growing the spill table if it is full: raises
-        DomainFull (nothing changed) when the arena has no room. Lock held."""
-        r = self._root
-        if r[D_PENDING] < PENDING_CAP:
-            return
-        word, n = int(r[D_SPILL]), int(r[D_SPILL_N])
-        old_off, cap = _unpack_table(word) if word else (0, 0)
-        if n < cap:
-            return
-        new_cap = max(PENDING_CAP, cap * 2)
-        off = self._alloc_block(new_cap * PENDING_WORDS * 8, "the pending-free queue",
-                                align=_REG_TABLE_ALIGN)
-        used = n * PENDING_WORDS * 8
-        self._bytes[off : off + used] = self._bytes[old_off : old_off + used]
-        r[D_SPILL] = _pack_table(off, new_cap)  # commit: a crash before it leaks the block
-        if word:
-            self.arena.free(self.arena.block_at(old_off))
-
     def _publish_pending(self, ref: int) -> None:
-        """Queue ``ref`` for reuse after a grace period (``_pending_reserve`` made room).
-        Lock held."""
+        """Queue ``ref`` for reuse after a grace period (the caller reserved room). Lock held."""
         r = self._root
-        self._pending_reserve()
+        self._pending.reserve()
         r[D_EPOCH] += 1
-        words, base, count = self._pending_parts()[0 if r[D_PENDING] < PENDING_CAP else 1]
-        n = int(r[count])
-        p = base + n * PENDING_WORDS
-        words[p + PE_REF] = ref
-        words[p + PE_EPOCH] = r[D_EPOCH]
-        r[count] = n + 1  # commit
+        self._pending.push(ref, int(r[D_EPOCH]))
 
     def _quiesce(self) -> None:
         """Acknowledge the current epoch: retire handles of every pending slot. The caller
@@ -1225,7 +1157,7 @@ class Domain:
             self._mv_sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = int(r[D_EPOCH])
-            for ref, since in self._pending_entries():
+            for ref, since in self._pending.entries():
                 if since > self._ack:
                     for h in self._by_ref.pop(ref, ()):
                         self._retire(h)
@@ -1235,7 +1167,7 @@ class Domain:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
             elif vcpu == self._max:
                 self._set_overflow_ack(epoch)
-            if self._pending_count():
+            if self._pending.count():
                 self._reclaim_pending()
 
     def _retire(self, h: _Handle) -> None:
@@ -1292,22 +1224,11 @@ class Domain:
         oldest = min(oldest, self._ack)
         oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
         moving = self._mv_moving_refs()  # a compaction still copies into/out of these
-        done = 0
-        for words, base, count in self._pending_parts():
-            i = 0
-            while i < int(r[count]):
-                p = base + i * PENDING_WORDS
-                ref = int(words[p + PE_REF])
-                if words[p + PE_EPOCH] <= oldest and ref not in moving:
-                    last = base + (int(r[count]) - 1) * PENDING_WORDS
-                    words[p + PE_REF], words[p + PE_EPOCH] = (words[last + PE_REF],
-                                                              words[last + PE_EPOCH])
-                    r[count] -= 1  # commit: a crash from here leaks the slot (check finds it)
-                    self._zero_slot(ref)
-                    self._return_to_pagesets([ref])
-                    done += 1
-                else:
-                    i += 1
+        due = self._pending.take_due(oldest, moving)
+        for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
+            self._zero_slot(ref)
+            self._return_to_pagesets([ref])
+        done = len(due)
         return done
 
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
@@ -1339,7 +1260,7 @@ class Domain:
         root = self._root
         while not stop.wait(QUIESCE_INTERVAL):
             try:
-                if root[D_EPOCH] != self._ack or self._pending_count():
+                if root[D_EPOCH] != self._ack or self._pending.count():
                     self._quiesce()
                 if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._mv_seen:
                     self._mv_tick()  # compaction: follow and drive the batch in flight
@@ -1364,7 +1285,7 @@ class Domain:
         while True:
             self._check_open()  # a close() from another thread ends the wait
             self._quiesce()
-            if self._pending_count() == 0:
+            if self._pending.count() == 0:
                 return True
             if deadline is not None and time.monotonic() >= deadline:
                 return False
@@ -1545,7 +1466,7 @@ class Domain:
         while True:
             self._check_open()
             self._quiesce()
-            if not self._pending_count() or (deadline is not None
+            if not self._pending.count() or (deadline is not None
                                              and time.monotonic() >= deadline):
                 return
             time.sleep(GRACE_POLL)
@@ -2282,7 +2203,7 @@ class Domain:
                 ("shared_id_operations", D_SHARED_OPS),
                 ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
             moves = self._mv_stats(a.used_bytes)  # compaction figures
-            figures["pending_frees"] = self._pending_count()
+            figures["pending_frees"] = self._pending.count()
         return DomainStats(
             max_vcpus=self._max, vcpu_id=self._vcpu, holders_now=len(live),
             ids_in_use=tuple(live), holder_pids=pids, ids_ever_used=ever,
@@ -2318,7 +2239,7 @@ class Domain:
                     if n > CACHE_CAP:
                         problems.append(f"id {k} class {c}: cache count {n} > {CACHE_CAP}")
                     shared.extend(refs)
-            shared.extend(ref for ref, _epoch in self._pending_entries())
+            shared.extend(ref for ref, _epoch in self._pending.entries())
             referenced = set(shared)
             if len(referenced) != len(shared):
                 problems.append(f"{len(shared) - len(referenced)} slots are held twice (by the "

@@ -193,3 +193,19 @@ def make_ref(pageset: int, slot: int) -> int:
 def split_ref(ref: int) -> tuple[int, int]:
     """(pageset, slot) of a ref."""
     return ref >> REF_SHIFT, ref & SLOT_MASK
+
+
+TABLE_ALIGN = 64  # bytes: a table block's offset keeps its low 6 bits for log2(capacity)
+
+
+def pack_table(off: int, cap: int) -> int:
+    """One word naming a table block at ``off`` of ``cap`` entries (a power of two): the
+    registry's D_REG_TABLE and the pending spill's D_SPILL, so that moving a table commits
+    with one store."""
+    assert off % TABLE_ALIGN == 0 and cap > 0 and cap & (cap - 1) == 0
+    return off | (cap.bit_length() - 1)
+
+
+def unpack_table(word: int) -> tuple[int, int]:
+    """(offset, capacity) of a table from its word (see :func:`pack_table`)."""
+    return word & ~(TABLE_ALIGN - 1), 1 << (word & (TABLE_ALIGN - 1))

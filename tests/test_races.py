@@ -25,6 +25,7 @@ from conftest import shm_dir
 
 import percpu
 import percpu._domain as domain_mod
+import percpu._pending as pending_mod
 from arena.locks import lock as real_lock
 from arena.locks import unlock as real_unlock
 from percpu import Counter, Domain, DomainClosed, MetricRemoved
@@ -233,7 +234,7 @@ def test_an_overflow_holder_never_reclaims_a_slot_it_still_uses(
     """d3 shares the overflow id and still counts into ``m`` when another holder removes it;
     when the queue is full, d3's own removal must not reuse ``m``'s slot before d3 has
     acknowledged (``F_OFD_GETLK`` never shows a process its own acknowledgement lock)."""
-    monkeypatch.setattr(domain_mod, "PENDING_CAP", 4)
+    monkeypatch.setattr(pending_mod, "PENDING_CAP", 4)
     path, holders = shared
     d1 = holders[0]
     d2, d3 = Domain.open(path), Domain.open(path)
@@ -265,7 +266,7 @@ def test_remove_with_a_full_queue_and_a_stopped_holder_does_not_wait(
     """One holder is SIGSTOPped (it cannot acknowledge); another process removes more metrics
     than the pending queue holds, with its own quiescer running. Every remove returns; the
     slots wait until the stopped holder resumes and acknowledges."""
-    monkeypatch.setattr(domain_mod, "PENDING_CAP", 4)
+    monkeypatch.setattr(pending_mod, "PENDING_CAP", 4)
     path, holders = shared
     d = holders[0]
     for i in range(12):
