@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import hashlib
 import os
 import sys
 import threading
@@ -143,21 +142,11 @@ from ._layout import (
     D_RECLAIMED,
     D_RECLAIMED_PAGESETS,
     D_RECOVERED_SLOTS,
-    D_REG_CAP,
     D_REG_GEN,
     D_REG_LIVE,
-    D_REG_TABLE,
-    D_REG_USED,
     D_REUSED,
     D_SHARED_OPS,
     D_VERSION,
-    E_HASH,
-    E_KEY,
-    E_META,
-    E_REF,
-    ENTRY_WORDS,
-    HASH_EMPTY,
-    HASH_TOMBSTONE,
     KIND_COUNTER,
     KIND_GAUGE,
     KIND_NAMES,
@@ -191,9 +180,7 @@ from ._layout import (
     P_TAKEN,
     PAGE,
     PS_PER_CHUNK,
-    REG_MIN_CAP,
     SIZE_CLASSES,
-    TABLE_ALIGN,
     VERSION,
     chunk_table,
     class_index,
@@ -202,13 +189,11 @@ from ._layout import (
     move_records_base,
     move_sources_base,
     move_state_base,
-    pack_table,
     pageset_words,
     pending_base,
     root_words,
     slots_per_page,
     split_ref,
-    unpack_table,
 )
 from ._leases import (
     LeasePath,
@@ -221,6 +206,7 @@ from ._leases import (
 )
 from ._names import decode_key, encode_key, validate_labels, validate_metric_name
 from ._pending import PendingQueue
+from ._registry import Registry
 
 H = TypeVar("H", bound=_Handle)
 _T = TypeVar("_T")  # what a read returns (compaction: _mv_read)
@@ -325,11 +311,6 @@ def _closed_guard(method: Callable[Concatenate[Domain, _P], _R]
     return guarded
 
 
-def _key_hash(key: bytes) -> int:
-    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-    return h if h > HASH_TOMBSTONE else h + 2  # 0 and 1 mean empty and tombstone
-
-
 class Domain:
     """A set of per-cpu objects indexed by compact vcpu ids; see the module docstring.
 
@@ -394,7 +375,7 @@ class Domain:
                 self._bind_root(root_off, fresh_bound)
                 self._root[D_VERSION] = VERSION
                 self._root[D_MAX_VCPUS] = fresh_bound
-                self._init_registry(REG_MIN_CAP)
+                self._registry.create()
                 self._root[D_MAGIC] = MAGIC  # last: an opener trusts nothing before it
                 arena.root_offset = root_off
             else:
@@ -413,7 +394,6 @@ class Domain:
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
         self._double_frees = 0  # slots this process was asked to free twice (a bug if not 0)
         self.quiescer_errors: list[str] = []  # what the quiescer thread survived (last 16)
-        self._reg_cache: tuple[int, list[tuple[int, int, int, bytes]]] = (-1, [])
         self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
         # (entries list it was made for, its rows): see _plan_values.
         self._snapshot_plan: tuple[list[tuple[int, int, int, bytes]],
@@ -432,6 +412,7 @@ class Domain:
         self._root = self._bytes[offset : offset + n * 8].cast("Q")
         self._pending = PendingQueue(self._root, self._bytes, pending_base(bound),
                                      self._alloc_block, self._free_block)
+        self._registry = Registry(self._root, self._bytes, self._alloc_block, self._free_block)
         self._chunks = chunk_table(bound)
         self._ps_words = pageset_words(bound)
 
@@ -449,9 +430,9 @@ class Domain:
         if not 1 <= bound <= _cpuset.MAX_VCPUS_LIMIT or off + root_words(bound) * 8 > arena.size:
             raise BadDomainFile(22, f"bad max_vcpus {bound} in the domain header")
         self._bind_root(off, bound)
-        table, cap = unpack_table(int(self._root[D_REG_TABLE]))
-        if cap < REG_MIN_CAP or table + cap * ENTRY_WORDS * 8 > arena.size:
-            raise BadDomainFile(22, "bad registry table in the domain header")
+        problem = self._registry.problem(arena.size)
+        if problem:
+            raise BadDomainFile(22, problem)
         problem = self._pending.problem(arena.size)
         if problem:
             raise BadDomainFile(22, f"bad pending-free queue: {problem}")
@@ -965,148 +946,38 @@ class Domain:
 
     # -- the registry (shared hash table, lock held) --------------------------------------
 
-    # The table's offset and capacity are one word, D_REG_TABLE (see pack_table), so that
-    # growing the table commits with one store: a holder killed while growing it leaves the
-    # old table in place (and a kept block leaked), never a table read with the wrong size.
-    # D_REG_CAP mirrors the capacity for people reading the header; nothing relies on it.
-
-    def _new_table(self, cap: int) -> int:
-        """A zeroed registry table block of ``cap`` entries, not yet published; its offset."""
-        nbytes = cap * ENTRY_WORDS * 8
-        off = self._alloc_block(nbytes, "the metric registry", align=TABLE_ALIGN)
-        self._bytes[off : off + nbytes] = bytes(nbytes)
-        return off
-
-    def _init_registry(self, cap: int) -> None:
-        off = self._new_table(cap)
-        r = self._root
-        r[D_REG_TABLE] = pack_table(off, cap)  # commit
-        r[D_REG_CAP] = cap
-        r[D_REG_USED] = 0
-        r[D_REG_LIVE] = 0
-        r[D_REG_GEN] += 1
-
-    def _table(self) -> memoryview:
-        off, cap = unpack_table(int(self._root[D_REG_TABLE]))
-        return self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
-
-    def _read_key(self, t: memoryview, i: int) -> bytes:
-        off = int(t[i * ENTRY_WORDS + E_KEY])
-        n = int(t[i * ENTRY_WORDS + E_META]) >> 16
-        if off + n > self.arena.size:
-            raise BadDomainFile(22, f"registry entry {i} points outside the arena")
-        return bytes(self._bytes[off : off + n])
-
-    def _lookup(self, key: bytes, h: int) -> tuple[int, int]:
-        """(entry index or -1, first free index on the probe path). Lock held."""
-        t = self._table()
-        cap = len(t) // ENTRY_WORDS
-        i, free = h & (cap - 1), -1
-        for _ in range(cap):
-            eh = t[i * ENTRY_WORDS + E_HASH]
-            if eh == HASH_EMPTY:
-                return -1, free if free >= 0 else i
-            if eh == HASH_TOMBSTONE:
-                if free < 0:
-                    free = i
-            elif eh == h and self._read_key(t, i) == key:
-                return i, free
-            i = (i + 1) & (cap - 1)
-        return -1, free
-
     def _register(self, kind: int, key: bytes) -> int:
         """The ref of the metric ``key`` of ``kind``, creating it if needed."""
-        h = _key_hash(key)
-        size = KIND_SIZES[kind]
-        cls = class_index(size)
+        cls = class_index(KIND_SIZES[kind])
+        reg = self._registry
         with self._lock:
             # The spare slot is taken under the lock (re-entrant: a refill takes it too), so a
             # check() in another process never sees it in transit and takes it for a leak.
             spare = self._cache_pop(cls)
             committed = False
             try:
-                idx, free = self._lookup(key, h)
+                idx, _ = reg.lookup(key)
                 if idx >= 0:
-                    t = self._table()
-                    meta = int(t[idx * ENTRY_WORDS + E_META])
-                    if meta & 0xFF != kind:
+                    found, ref = reg.kind_ref(idx)
+                    if found != kind:
                         raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
-                                           f"{KIND_NAMES[meta & 0xFF]}, not a "
-                                           f"{KIND_NAMES[kind]}")
-                    return int(t[idx * ENTRY_WORDS + E_REF])
-                r = self._root
-                if (r[D_REG_USED] + 1) * 2 > unpack_table(int(r[D_REG_TABLE]))[1]:
-                    self._grow_registry()
-                    _, free = self._lookup(key, h)
-                key_off = self._alloc_block(max(len(key), 1), "a metric name")
-                self._bytes[key_off : key_off + len(key)] = key
-                t = self._table()
-                e = free * ENTRY_WORDS
-                was_empty = t[e + E_HASH] == HASH_EMPTY
-                t[e + E_KEY] = key_off
-                t[e + E_META] = kind | cls << 8 | len(key) << 16
-                t[e + E_REF] = spare
-                t[e + E_HASH] = h  # commit
+                                           f"{KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
+                    return ref
+                reg.insert(key, kind, cls, spare)
                 committed = True
-                r[D_REG_USED] += 1 if was_empty else 0
-                r[D_REG_LIVE] += 1
-                r[D_REG_GEN] += 1
                 return spare
             finally:
                 if not committed:  # found, refused (KindMismatch) or failed (DomainFull)
                     self._cache_push(cls, spare)
-
-    def _grow_registry(self) -> None:
-        """Rehash the live entries into a new table (dropping tombstones). Lock held.
-
-        The new table is filled completely before the one-word commit that publishes it."""
-        old = self._table()
-        old_off, old_cap = unpack_table(int(self._root[D_REG_TABLE]))
-        entries = [tuple(int(old[i * ENTRY_WORDS + j]) for j in range(ENTRY_WORDS))
-                   for i in range(len(old) // ENTRY_WORDS)]
-        old.release()
-        live = [e for e in entries if e[E_HASH] > HASH_TOMBSTONE]
-        cap = max(REG_MIN_CAP, old_cap)
-        while (len(live) + 1) * 3 > cap:  # doubling: 25-50% full after a grow
-            cap *= 2
-        off = self._new_table(cap)
-        t = self._bytes[off : off + cap * ENTRY_WORDS * 8].cast("Q")
-        for e in live:
-            i = e[E_HASH] & (cap - 1)
-            while t[i * ENTRY_WORDS + E_HASH] != HASH_EMPTY:
-                i = (i + 1) & (cap - 1)
-            for j in (E_KEY, E_META, E_REF, E_HASH):
-                t[i * ENTRY_WORDS + j] = e[j]
-        t.release()
-        r = self._root
-        r[D_REG_TABLE] = pack_table(off, cap)  # commit
-        r[D_REG_CAP] = cap
-        r[D_REG_USED] = len(live)
-        r[D_REG_LIVE] = len(live)
-        r[D_REG_GEN] += 1
-        self.arena.free(self.arena.block_at(old_off))
 
     def _entries(self) -> list[tuple[int, int, int, bytes]]:
         """(kind, class, ref, key) of every live metric; cached by registry generation."""
         return self._entries_at()[1]
 
     def _entries_at(self) -> tuple[int, list[tuple[int, int, int, bytes]]]:
-        """The registry generation and the entries read at it, as one pair: another thread may
-        replace the cache the moment this returns, so a caller never reads it back."""
+        """The registry generation and the entries read at it (``Registry.entries_at``)."""
         with self._lock:
-            gen = int(self._root[D_REG_GEN])
-            cached = self._reg_cache
-            if cached[0] == gen:
-                return cached
-            t = self._table()
-            out = []
-            for i in range(len(t) // ENTRY_WORDS):
-                if t[i * ENTRY_WORDS + E_HASH] > HASH_TOMBSTONE:
-                    meta = int(t[i * ENTRY_WORDS + E_META])
-                    out.append((meta & 0xFF, meta >> 8 & 0xFF, int(t[i * ENTRY_WORDS + E_REF]),
-                                self._read_key(t, i)))
-            self._reg_cache = (gen, out)
-            return gen, out
+            return self._registry.entries_at()
 
     @_closed_guard
     def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
@@ -1121,22 +992,14 @@ class Domain:
         self._check_open()
         self.vcpu_id()
         with self._plock, self._lock:
-            idx, _ = self._lookup(key, _key_hash(key))
+            idx, _ = self._registry.lookup(key)
             if idx < 0:
                 return False
             self._reclaim_pending()  # what is due makes room
             self._pending.reserve()  # may raise DomainFull: nothing is changed yet
-            t = self._table()
-            e = idx * ENTRY_WORDS
             # The registry word lags a move whose publisher died before updating it; the
             # handles follow the move, so the slot to retire and free is the current one.
-            ref = self._mv_current(int(t[e + E_REF]))
-            key_off = int(t[e + E_KEY])
-            t[e + E_HASH] = HASH_TOMBSTONE  # commit: the name is gone
-            r = self._root
-            r[D_REG_LIVE] -= 1
-            r[D_REG_GEN] += 1
-            self.arena.free(self.arena.block_at(key_off))
+            ref = self._mv_current(self._registry.tombstone(idx))
             self._publish_pending(ref)
             self._quiesce()
         return True
@@ -1198,13 +1061,11 @@ class Domain:
             return True  # a raw object: not in the registry
         key = encode_key(h.name, h.labels)
         with self._lock:
-            idx, _ = self._lookup(key, _key_hash(key))
+            idx, _ = self._registry.lookup(key)
             if idx < 0:
                 return False
-            t = self._table()
-            e = idx * ENTRY_WORDS
-            ref = self._mv_current(int(t[e + E_REF]))  # a registry entry may lag a move
-            return bool(ref == h._ref and int(t[e + E_META]) & 0xFF == kind)
+            found, ref = self._registry.kind_ref(idx)
+            return self._mv_current(ref) == h._ref and found == kind  # the entry may lag a move
 
     def _live_holders(self) -> list[int]:
         """Ids whose holder is alive: a pid recorded and the lock held (ours, or another open
@@ -1496,10 +1357,7 @@ class Domain:
         """Every pageset's slots by role for the planner, and the registry's live refs ->
         (entry index, kind). Lock held, no batch in flight."""
         r = self._root
-        t = self._table()
-        live = {ref: (i, meta & 0xFF) for i, (h, meta, ref) in enumerate(zip(
-            t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
-            t[E_REF::ENTRY_WORDS].tolist(), strict=True)) if h > HASH_TOMBSTONE}
+        live = self._registry.live_refs()
         cached = {ref for k in range(self._max) for _cb, _n, refs in self._cache_lists(k)
                   for ref in refs}
         infos = []
@@ -1553,9 +1411,8 @@ class Domain:
         r[D_MV_EPOCH] = r[D_EPOCH]
         r[D_MV_STARTED] = time.monotonic_ns()
         r[D_MV_GEN] += 1  # commit: the batch is in flight
-        t = self._table()
         for m in plan.moves:
-            t[live[m.old][0] * ENTRY_WORDS + E_REF] = m.new
+            self._registry.set_ref(live[m.old][0], m.new)
         r[D_MV_REG_DONE] = r[D_MV_GEN]
         r[D_REG_GEN] += 1
 
@@ -1642,14 +1499,12 @@ class Domain:
         """Point every named handle at the ref the registry has for it. Only after a batch
         completed while this process held no lease (its handles were unbound); a handle whose
         metric is gone is left to ``_bind``'s registry check. Locks held."""
-        t = self._table()
         for (kind, key), h in list(self._local.items()):
-            idx, _ = self._lookup(key, _key_hash(key))
+            idx, _ = self._registry.lookup(key)
             if idx < 0:
                 continue
-            e = idx * ENTRY_WORDS
-            ref = int(t[e + E_REF])
-            if int(t[e + E_META]) & 0xFF != kind or ref == h._ref:
+            found, ref = self._registry.kind_ref(idx)
+            if found != kind or ref == h._ref:
                 continue
             old = h._ref
             handles = self._by_ref.get(old)
@@ -1892,15 +1747,8 @@ class Domain:
 
     def _mv_fix_registry(self, batch: MoveBatch) -> None:
         """Point every live registry entry still on an old ref at its new ref. Lock held."""
-        news = {old: new for old, new, _kind in batch.moves}
-        t = self._table()
-        for i, (h, ref) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
-                                         t[E_REF::ENTRY_WORDS].tolist(), strict=True)):
-            if h > HASH_TOMBSTONE and ref in news:
-                t[i * ENTRY_WORDS + E_REF] = news[ref]
-        r = self._root
-        r[D_MV_REG_DONE] = batch.gen
-        r[D_REG_GEN] += 1
+        self._registry.repoint({old: new for old, new, _kind in batch.moves})
+        self._root[D_MV_REG_DONE] = batch.gen
 
     # Readers (the reader rule in _compact's docstring).
 

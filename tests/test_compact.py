@@ -61,6 +61,7 @@ from percpu._layout import (
     slots_per_page,
     split_ref,
 )
+from percpu._registry import Registry
 
 SIZE = 4 << 20  # bytes of arena: room for a few thousand metrics and their pagesets
 
@@ -783,21 +784,21 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
 
         monkeypatch.setattr(Domain, method, wrapped)
 
-    def dies_on(method: str, at: int) -> None:
-        real = getattr(Domain, method)
+    def dies_on(method: str, at: int, owner: type = Domain) -> None:
+        real = getattr(owner, method)
 
-        def wrapped(self: Domain, *args: Any) -> Any:
+        def wrapped(self: Any, *args: Any) -> Any:
             if inside[0]:
                 calls[0] += 1
                 if calls[0] == at:
                     raise Killed
             return real(self, *args)
 
-        monkeypatch.setattr(Domain, method, wrapped)
+        monkeypatch.setattr(owner, method, wrapped)
 
     if when == "registry":  # after the commit, before the registry points at the new refs
         during("_mv_publish")
-        dies_on("_table", 1)
+        dies_on("set_ref", 1, Registry)
         with pytest.raises(Killed):
             a.compact(timeout=0)
     else:  # some old slots returned (or some pages freed), then killed

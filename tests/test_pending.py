@@ -1,12 +1,14 @@
 """The pending-free queue as pure logic (``percpu._pending``), against a model.
 
-Words live in a bytearray; the arena is a bump allocator that records what it gave and got
-back. A small inline capacity makes the spill table grow (and move) within a few pushes.
+Words live in a bytearray; the arena is ``_model.FakeHeap``, a bump allocator that records
+what it gave and got back. A small inline capacity makes the spill table grow (and move)
+within a few pushes.
 """
 
 from __future__ import annotations
 
 import pytest
+from _model import FakeHeap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -18,27 +20,7 @@ CAP = 4  # inline entries in these tests
 BASE = HEADER_WORDS  # the inline part's first word in the fake root
 
 
-class Heap:
-    """A bytearray heap with a bump allocator: blocks given and freed are recorded."""
-
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.mem = bytearray(size)
-        self.view = memoryview(self.mem)
-        self.next = 4096  # the fake root block lives below
-        self.live: set[int] = set()
-
-    def alloc(self, nbytes: int, what: str, align: int) -> int:
-        off = -(-self.next // align) * align
-        self.next = off + nbytes
-        assert self.next <= len(self.mem), what
-        self.live.add(off)
-        return off
-
-    def free(self, off: int) -> None:
-        self.live.remove(off)
-
-
-def make(heap: Heap) -> PendingQueue:
+def make(heap: FakeHeap) -> PendingQueue:
     root = heap.view[: BASE * 8 + CAP * PENDING_WORDS * 8].cast("Q")
     return PendingQueue(root, heap.view, BASE, heap.alloc, heap.free)
 
@@ -52,7 +34,7 @@ def small_cap(monkeypatch: pytest.MonkeyPatch) -> None:
 @given(st.lists(st.one_of(st.tuples(st.just("push"), st.integers(0, 50)),
                           st.tuples(st.just("take"), st.integers(0, 60))), max_size=60))
 def test_the_queue_holds_exactly_what_the_model_holds(ops: list[tuple[str, int]]) -> None:
-    heap = Heap()
+    heap = FakeHeap()
     q = make(heap)
     model: list[tuple[int, int]] = []
     epoch = 0
@@ -75,7 +57,7 @@ def test_the_queue_holds_exactly_what_the_model_holds(ops: list[tuple[str, int]]
 
 
 def test_the_spill_table_doubles_and_a_failed_reserve_changes_nothing() -> None:
-    big = Heap()
+    big = FakeHeap()
     q = make(big)
     caps = []
     for i in range(CAP + 7 * CAP):
@@ -83,7 +65,7 @@ def test_the_spill_table_doubles_and_a_failed_reserve_changes_nothing() -> None:
         caps.append(len(q.parts()[-1][0]) // PENDING_WORDS if len(q.parts()) > 1 else 0)
     assert sorted(set(caps)) == [0, CAP, 2 * CAP, 4 * CAP, 8 * CAP]  # doubling
     assert sorted(ref for ref, _ in q.entries()) == list(range(8 * CAP))
-    heap = Heap(size=4096 + CAP * PENDING_WORDS * 8 + 100)  # room for the first table only
+    heap = FakeHeap(size=4096 + CAP * PENDING_WORDS * 8 + 100)  # room for the first table only
     q = make(heap)
     for i in range(CAP + CAP):  # inline part full, then the first spill table (CAP entries)
         q.push(i, i + 1)
@@ -96,7 +78,7 @@ def test_the_spill_table_doubles_and_a_failed_reserve_changes_nothing() -> None:
 
 
 def test_damaged_counts_are_reported() -> None:
-    heap = Heap()
+    heap = FakeHeap()
     q = make(heap)
     root = q.parts()[0][0]
     root[D_PENDING] = CAP + 1

@@ -31,6 +31,7 @@ from arena.locks import unlock as real_unlock
 from percpu import Counter, Domain, DomainClosed, MetricRemoved
 from percpu._compact import copy_moves, plan_compaction
 from percpu._layout import D_MV_GEN, L_SEQ, LEASE_LOCK_BASE, MOVE_CAP, OVERFLOW_LOCK, lease_base
+from percpu._registry import Registry
 
 SIZE = 1 << 20
 
@@ -189,20 +190,20 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
 
     def die_after_commit() -> None:
         dc = Domain.open(path)
-        publish, table = Domain._mv_publish, Domain._table
+        publish, table = Domain._mv_publish, Registry.table
         inside = [False]
 
         def publishing(self: Domain, *args: Any) -> None:
             inside[0] = True
             publish(self, *args)
 
-        def table_or_die(self: Domain) -> memoryview:
-            if inside[0] and int(self._root[D_MV_GEN]) & 1:
+        def table_or_die(self: Registry) -> memoryview:
+            if inside[0] and int(dc._root[D_MV_GEN]) & 1:
                 os.kill(os.getpid(), signal.SIGKILL)  # committed, registry not updated
             return table(self)
 
         Domain._mv_publish = publishing  # type: ignore[method-assign, assignment]
-        Domain._table = table_or_die  # type: ignore[method-assign]
+        Registry.table = table_or_die  # type: ignore[method-assign]
         dc.compact(timeout=1)
 
     child = Child(die_after_commit)
