@@ -151,7 +151,7 @@ def pageset_occupancy(domain: Domain) -> tuple[ClassOccupancy, ...] | None:
         from . import _layout as lay
 
         root = getattr(domain, "_root")  # noqa: B009 - private, may change: getattr, not .
-        ps_entry: Callable[[int], Any] = getattr(domain, "_ps_entry")  # noqa: B009
+        ps_entry: Callable[[int], Any] = getattr(domain, "_pagesets").entry  # noqa: B009
         lock = getattr(domain, "_lock")  # noqa: B009
         max_vcpus = domain.max_vcpus
         per_class: dict[int, list[int]] = {}

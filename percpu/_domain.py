@@ -162,7 +162,6 @@ from ._layout import (
     M_NEW,
     M_OLD,
     MAGIC,
-    MAX_CHUNKS,
     MAX_OBJECT_SIZE,
     MOVE_CAP,
     MOVE_WORDS,
@@ -179,7 +178,6 @@ from ._layout import (
     P_PAGES,
     P_TAKEN,
     PAGE,
-    PS_PER_CHUNK,
     SIZE_CLASSES,
     VERSION,
     chunk_table,
@@ -205,6 +203,7 @@ from ._leases import (
     record_release,
 )
 from ._names import decode_key, encode_key, validate_labels, validate_metric_name
+from ._pagesets import Pagesets
 from ._pending import PendingQueue
 from ._registry import Registry
 
@@ -380,7 +379,6 @@ class Domain:
                 arena.root_offset = root_off
             else:
                 root_off = self._validate_root(arena)
-        self._ps_views: dict[int, memoryview] = {}  # pageset -> its entry (see _ps_entry)
         self._local: dict[tuple[int, bytes], _Handle] = {}  # (kind, key) -> handle
         self._by_ref: dict[int, list[_Handle]] = {}  # ref -> this process's handles on it
         # Guards this process's lease and cache state; never held across processes.
@@ -392,7 +390,6 @@ class Domain:
         self._closed = False
         self._closing = False  # close() has begun: no new call, lease or thread
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
-        self._double_frees = 0  # slots this process was asked to free twice (a bug if not 0)
         self.quiescer_errors: list[str] = []  # what the quiescer thread survived (last 16)
         self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
         # (entries list it was made for, its rows): see _plan_values.
@@ -413,8 +410,9 @@ class Domain:
         self._pending = PendingQueue(self._root, self._bytes, pending_base(bound),
                                      self._alloc_block, self._free_block)
         self._registry = Registry(self._root, self._bytes, self._alloc_block, self._free_block)
-        self._chunks = chunk_table(bound)
-        self._ps_words = pageset_words(bound)
+        self._pagesets = Pagesets(self._root, self._bytes, chunk_table(bound),
+                                  pageset_words(bound), bound + 1, self._lock,
+                                  self._alloc_block, self._free_block, self._mv_draining)
 
     def _validate_root(self, arena: Arena) -> int:
         off = arena.root_offset
@@ -632,32 +630,6 @@ class Domain:
 
     # -- pagesets and slots --------------------------------------------------------------
 
-    def _ps_base(self, ps: int) -> int:
-        """Byte offset (in the heap) of pageset ``ps``'s entry; its chunk must exist."""
-        chunk_off = self._root[self._chunks + ps // PS_PER_CHUNK]
-        return int(chunk_off) - 1 + (ps % PS_PER_CHUNK) * self._ps_words * 8
-
-    def _ps_entry(self, ps: int) -> memoryview:
-        """Pageset ``ps``'s entry words. Entries never move once their chunk exists (chunks are
-        never freed), so each view is made once (a cast costs ~40% of a value read)."""
-        e = self._ps_views.get(ps)
-        if e is None:
-            base = self._ps_base(ps)
-            e = self._bytes[base : base + self._ps_words * 8].cast("Q")
-            if self._root[self._chunks + ps // PS_PER_CHUNK]:  # never cache a missing chunk
-                self._ps_views[ps] = e
-        return e
-
-    def _id_pages(self, e: memoryview) -> list[tuple[int, int]]:
-        """(id, byte offset of its page) of every id, the overflow id included, that has a
-        page of the pageset whose entry is ``e``: the walk behind every per-slot sum."""
-        return [(k, p - 1) for k, p in enumerate(e[P_PAGES : P_PAGES + self._max + 1].tolist())
-                if p]
-
-    def _page_offsets(self, e: memoryview) -> list[int]:
-        """The same walk without the ids, for the reads (``value``, ``snapshot``)."""
-        return [p - 1 for p in e[P_PAGES : P_PAGES + self._max + 1].tolist() if p]
-
     def _cache_lists(self, k: int) -> list[tuple[int, int, list[int]]]:
         """(count word, count, refs) of each size class's cache of id ``k``; a count above
         ``CACHE_CAP`` (a damaged file) comes with no refs. The one walk over an id's caches."""
@@ -669,29 +641,6 @@ class Domain:
             n = int(r[cb])
             out.append((cb, n, r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []))
         return out
-
-    def _new_pageset(self, cls: int) -> int:
-        """Create (or reuse a given-back entry for) a pageset of class ``cls``. Lock held."""
-        r = self._root
-        count = int(r[D_PS_COUNT])
-        for ps in range(count):
-            e = self._ps_entry(ps)
-            if e[P_CLASS] == 0:
-                e[P_CLASS] = cls + 1
-                return ps
-        ps = count
-        chunk = ps // PS_PER_CHUNK
-        if chunk >= MAX_CHUNKS:
-            raise DomainFull(f"the domain already has {ps} pagesets, the most it can describe")
-        if r[self._chunks + chunk] == 0:
-            blk = self._alloc_block(PS_PER_CHUNK * self._ps_words * 8, "a pageset directory chunk")
-            self._bytes[blk : blk + PS_PER_CHUNK * self._ps_words * 8] = bytes(
-                PS_PER_CHUNK * self._ps_words * 8)
-            r[self._chunks + chunk] = blk + 1
-        e = self._ps_entry(ps)
-        e[P_CLASS] = cls + 1
-        r[D_PS_COUNT] = ps + 1
-        return ps
 
     def _alloc_block(self, nbytes: int, what: str, align: int | None = None) -> int:
         """A block kept by the domain (survives its allocator's death); its offset."""
@@ -706,65 +655,6 @@ class Domain:
         """Give a kept block back to the arena. Lock held."""
         self.arena.free(self.arena.block_at(offset))
 
-    def _page(self, ps: int, vcpu: int) -> int:
-        """Byte offset of id ``vcpu``'s page of pageset ``ps``, allocating it on first touch."""
-        e = self._ps_entry(ps)
-        page = int(e[P_PAGES + vcpu])
-        if page:
-            return page - 1
-        with self._lock:
-            page = int(e[P_PAGES + vcpu])
-            if page:
-                return page - 1
-            off = self._alloc_block(PAGE, "a pageset page", align=PAGE)
-            self._bytes[off : off + PAGE] = bytes(PAGE)
-            e[P_PAGES + vcpu] = off + 1  # commit
-            self._root[D_PAGES] += 1
-            return off
-
-    def _take_from_pagesets(self, cls: int, want: int) -> list[int]:
-        """Up to ``want`` free refs of class ``cls``, densest pageset first. Lock held."""
-        per_page = slots_per_page(cls)
-        best, best_taken = -1, -1
-        draining = self._mv_draining()  # pagesets a compaction is emptying: closed
-        for ps in range(int(self._root[D_PS_COUNT])):
-            e = self._ps_entry(ps)
-            if (e[P_CLASS] == cls + 1 and best_taken < e[P_TAKEN] < per_page
-                    and ps not in draining):
-                best, best_taken = ps, int(e[P_TAKEN])
-        if best < 0:
-            best = self._new_pageset(cls)
-        e = self._ps_entry(best)
-        refs: list[int] = []
-        for w in range(BITMAP_WORDS):
-            if len(refs) == want:
-                break
-            bits = int(e[P_BITMAP + w])
-            for b in range(64):
-                slot = w * 64 + b
-                if slot >= per_page or len(refs) == want:
-                    break
-                if not bits >> b & 1:
-                    bits |= 1 << b
-                    refs.append(make_ref(best, slot))
-            e[P_BITMAP + w] = bits
-        e[P_TAKEN] += len(refs)
-        return refs
-
-    def _return_to_pagesets(self, refs: list[int]) -> None:
-        """Give zeroed slots back to their pagesets. Lock held. A slot already free is left
-        as it is (and counted in ``_double_frees``): freeing it again would corrupt the
-        pageset's count, and every later reclaim with it."""
-        for ref in refs:
-            ps, slot = split_ref(ref)
-            e = self._ps_entry(ps)
-            bit = 1 << (slot % 64)
-            if not e[P_BITMAP + slot // 64] & bit or not e[P_TAKEN]:
-                self._double_frees += 1
-                continue
-            e[P_BITMAP + slot // 64] &= ~bit & 0xFFFFFFFFFFFFFFFF
-            e[P_TAKEN] -= 1
-
     def _cache_pop(self, cls: int) -> int:
         """A ref from this holder's cache of class ``cls``, refilling it in bulk if empty.
 
@@ -777,10 +667,10 @@ class Domain:
             r = self._root
             if vcpu == self._max:  # the overflow id keeps no cache: one slot, under the lock
                 with self._lock:
-                    return self._take_from_pagesets(cls, 1)[0]
+                    return self._pagesets.take(cls, 1)[0]
             if r[base] == 0:
                 with self._lock:
-                    refs = self._take_from_pagesets(cls, CACHE_REFILL)
+                    refs = self._pagesets.take(cls, CACHE_REFILL)
                     for i, ref in enumerate(refs):
                         r[base + 1 + i] = ref
                     r[base] = len(refs)  # commit
@@ -796,7 +686,7 @@ class Domain:
             r = self._root
             if vcpu == self._max:
                 with self._lock:
-                    self._return_to_pagesets([ref])
+                    self._pagesets.give_back([ref])
                 return
             base = lease_base(self._max, vcpu) + L_CACHE + cls * CACHE_WORDS
             n = int(r[base])
@@ -805,20 +695,10 @@ class Domain:
                     keep = CACHE_CAP - CACHE_REFILL
                     spill = [int(r[base + 1 + i]) for i in range(keep, CACHE_CAP)]
                     r[base] = keep  # commit
-                    self._return_to_pagesets(spill)
+                    self._pagesets.give_back(spill)
                     n = keep
             r[base + 1 + n] = ref
             r[base] = n + 1  # commit
-
-    def _zero_slot(self, ref: int) -> None:
-        """Clear every id's copy of a slot (no holder may be using it)."""
-        ps, slot = split_ref(ref)
-        e = self._ps_entry(ps)
-        size = SIZE_CLASSES[int(e[P_CLASS]) - 1]
-        zero = bytes(size)
-        for _k, page in self._id_pages(e):
-            off = page + slot * size
-            self._bytes[off : off + size] = zero
 
     # -- handles -------------------------------------------------------------------------
 
@@ -849,8 +729,8 @@ class Domain:
                         self._drop_handle(h)
                         return
                     ps, slot = split_ref(h._ref)
-                    size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
-                    page = self._page(ps, vcpu)
+                    size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
+                    page = self._pagesets.page(ps, vcpu)
                     if isinstance(h, PerCpu):
                         h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
                     if vcpu == self._max:
@@ -1087,8 +967,8 @@ class Domain:
         moving = self._mv_moving_refs()  # a compaction still copies into/out of these
         due = self._pending.take_due(oldest, moving)
         for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
-            self._zero_slot(ref)
-            self._return_to_pagesets([ref])
+            self._pagesets.zero(ref)
+            self._pagesets.give_back([ref])
         done = len(due)
         return done
 
@@ -1287,9 +1167,10 @@ class Domain:
         """Taken slots over the capacity of the pagesets that cost memory. Lock held."""
         rows = []
         for ps in range(int(self._root[D_PS_COUNT])):
-            e = self._ps_entry(ps)
+            e = self._pagesets.entry(ps)
             if e[P_CLASS]:
-                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]), bool(self._id_pages(e))))
+                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]),
+                             bool(self._pagesets.page_offsets(e))))
         return occupancy(rows)
 
     def _mv_totals(self) -> tuple[int, int, int, int, int]:
@@ -1362,12 +1243,12 @@ class Domain:
                   for ref in refs}
         infos = []
         for ps in range(int(r[D_PS_COUNT])):
-            e = self._ps_entry(ps)
+            e = self._pagesets.entry(ps)
             cls = int(e[P_CLASS]) - 1
             if cls < 0:
                 continue
             bits = e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()
-            ids = frozenset(k for k, _page in self._id_pages(e))
+            ids = frozenset(k for k, _page in self._pagesets.id_pages(e))
             lv: list[int] = []
             ca: list[int] = []
             free: list[int] = []
@@ -1391,7 +1272,7 @@ class Domain:
         """Protocol step 2. ``_plock`` and the domain lock held, no batch in flight."""
         r = self._root
         for ps, k in plan.new_pages:
-            self._page(ps, k)  # may raise DomainFull: nothing is published yet
+            self._pagesets.page(ps, k)  # may raise DomainFull: nothing is published yet
         base = move_records_base(self._max)
         for j, m in enumerate(plan.moves):
             w = base + j * MOVE_WORDS
@@ -1402,11 +1283,8 @@ class Domain:
         r[D_MV_COUNT] = len(plan.moves)
         r[D_MV_SOURCES] = len(plan.sources)
         for m in plan.moves:  # reserve the targets (a crash before the commit leaks them)
-            ps, slot = split_ref(m.new)
-            e = self._ps_entry(ps)
-            self._zero_slot(m.new)
-            e[P_BITMAP + slot // 64] |= 1 << (slot % 64)
-            e[P_TAKEN] += 1
+            self._pagesets.zero(m.new)
+            self._pagesets.reserve(m.new)
         r[D_EPOCH] += 1  # every quiescer looks at the batch within QUIESCE_INTERVAL
         r[D_MV_EPOCH] = r[D_EPOCH]
         r[D_MV_STARTED] = time.monotonic_ns()
@@ -1484,14 +1362,14 @@ class Domain:
         bound, ``_index`` (the hot path reads ``_index`` once per update: old or new slot,
         never a mix)."""
         ps, slot = split_ref(new)
-        size = SIZE_CLASSES[int(self._ps_entry(ps)[P_CLASS]) - 1]
+        size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
         vcpu = self._vcpu
         index = -1
         for h in handles:
             h._ref = new
             if vcpu is not None and type(h) in self._MV_BOUND:
                 if index < 0:
-                    index = (self._page(ps, vcpu) + slot * size) // 8
+                    index = (self._pagesets.page(ps, vcpu) + slot * size) // 8
                 h._index = index
         self._by_ref.setdefault(new, []).extend(handles)
 
@@ -1548,7 +1426,7 @@ class Domain:
             ops, oslot = split_ref(old)
             e = entries.get(ops)
             if e is None:
-                e = entries[ops] = self._ps_entry(ops)
+                e = entries[ops] = self._pagesets.entry(ops)
             page = int(e[P_PAGES + k])
             if not page:
                 pairs.append(None)
@@ -1560,7 +1438,7 @@ class Domain:
                 pairs.append(None)  # nothing to move, and nobody writes it any more
                 continue
             nps, nslot = split_ref(new)
-            pairs.append((ow, (self._page(nps, k) + nslot * size) // 8, summary))
+            pairs.append((ow, (self._pagesets.page(nps, k) + nslot * size) // 8, summary))
         return pairs
 
     def _mv_drain_cache(self, k: int, sources: frozenset[int]) -> None:
@@ -1577,8 +1455,8 @@ class Domain:
                 r[cb + 1 + i] = x
             r[cb] = len(keep)  # commit: a crash from here leaks the slots below (check())
             for x in out:
-                self._zero_slot(x)
-            self._return_to_pagesets(out)
+                self._pagesets.zero(x)
+            self._pagesets.give_back(out)
 
     def _mv_cached_in(self, k: int, sources: frozenset[int]) -> bool:
         return any(split_ref(x)[0] in sources
@@ -1592,7 +1470,7 @@ class Domain:
             return self._mv_need[1]
         ids: set[int] = set()
         for ps in {split_ref(old)[0] for old, _new, _kind in batch.moves}:
-            ids.update(k for k, _page in self._id_pages(self._ps_entry(ps)))
+            ids.update(k for k, _page in self._pagesets.id_pages(self._pagesets.entry(ps)))
         self._mv_need = (batch.gen, frozenset(ids))
         return self._mv_need[1]
 
@@ -1648,7 +1526,7 @@ class Domain:
         words = []
         for ref in (old, new):
             ps, slot = split_ref(ref)
-            e = self._ps_entry(ps)
+            e = self._pagesets.entry(ps)
             page = int(e[P_PAGES + self._max])
             if not page:
                 return {}
@@ -1716,23 +1594,17 @@ class Domain:
         r = self._root
         if int(r[D_MV_REG_DONE]) != batch.gen:
             self._mv_fix_registry(batch)  # the publisher died before pointing it all at new
+        ps_ = self._pagesets
         for old, _new, _kind in batch.moves:
-            ps, slot = split_ref(old)
-            e = self._ps_entry(ps)
-            if e[P_CLASS] and e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
-                self._zero_slot(old)
-                self._return_to_pagesets([old])
+            if ps_.is_taken(old):
+                ps_.zero(old)
+                ps_.give_back([old])
         pagesets = pages = 0
         for ps in sorted(batch.sources):
-            e = self._ps_entry(ps)
+            e = ps_.entry(ps)
             if not e[P_CLASS] or e[P_TAKEN]:
                 continue  # given back already, or a slot was taken meanwhile: kept
-            for k, page in self._id_pages(e):
-                e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases
-                r[D_PAGES] -= 1
-                self.arena.free(self.arena.block_at(page))
-                pages += 1
-            e[P_CLASS] = 0  # the entry is free for _new_pageset
+            pages += ps_.drop_pages(ps)
             pagesets += 1
         r[D_REG_GEN] += 1  # a snapshot() that straddled the batch reads again
         r[D_MV_GEN] = batch.gen + 1  # commit: readers stop pairing; old slots may be reused
@@ -1882,10 +1754,10 @@ class Domain:
     def _copies(self, ref: int, size: int) -> dict[int, memoryview]:
         self._check_open()
         ps, slot = split_ref(ref)
-        e = self._ps_entry(ps)
+        e = self._pagesets.entry(ps)
         csize = SIZE_CLASSES[int(e[P_CLASS]) - 1]
         return {k: self._bytes[page + slot * csize : page + slot * csize + size]
-                for k, page in self._id_pages(e)}
+                for k, page in self._pagesets.id_pages(e)}
 
     @_closed_guard
     def _free_object(self, h: PerCpu) -> None:
@@ -1897,7 +1769,7 @@ class Domain:
                 raise InvalidArgument(f"{h!r} was already freed")
             self._by_ref.pop(h._ref)
             detach(h, REMOVED_VARIANT)
-            self._zero_slot(h._ref)  # only this process ever wrote it
+            self._pagesets.zero(h._ref)  # only this process ever wrote it
             self._cache_push(class_index(h.size), h._ref)
 
     # -- reads ---------------------------------------------------------------------------
@@ -1920,7 +1792,7 @@ class Domain:
 
     def _sum_slot(self, ref: int, size: int) -> int:
         ps, slot = split_ref(ref)
-        e = self._ps_entry(ps)
+        e = self._pagesets.entry(ps)
         q = self._q
         word = slot * SIZE_CLASSES[int(e[P_CLASS]) - 1] // 8
         total = 0
@@ -1938,7 +1810,7 @@ class Domain:
 
     def _summary_slot(self, ref: int) -> tuple[int, float]:
         ps, slot = split_ref(ref)
-        e = self._ps_entry(ps)
+        e = self._pagesets.entry(ps)
         word = slot * 2
         count, total = 0, 0.0
         for vcpu in range(self._max + 1):  # _page_offsets inlined: this is Summary.value
@@ -1952,11 +1824,11 @@ class Domain:
     def _pageset_sums(self, ps: int) -> tuple[list[int], list[float]]:
         """Per-word sums over ids of pageset ``ps`` as int64, and as float64 for a pageset of
         summaries (empty otherwise). One page copy per id that has a page of it."""
-        e = self._ps_entry(ps)
+        e = self._pagesets.entry(ps)
         n = PAGE // 8
         floats = int(e[P_CLASS]) - 1 == class_index(KIND_SIZES[KIND_SUMMARY])
         rows_q, rows_d = [], []
-        for page in self._page_offsets(e):
+        for page in self._pagesets.page_offsets(e):
             w = page // 8
             rows_q.append(self._q[w : w + n].tolist())
             if floats:
@@ -2041,7 +1913,7 @@ class Domain:
             live = self._live_holders()
             pids = {k: int(r[lease_base(self._max, k) + L_PID]) for k in live}
             pagesets = sum(1 for ps in range(int(r[D_PS_COUNT]))
-                           if self._ps_entry(ps)[P_TAKEN])
+                           if self._pagesets.entry(ps)[P_TAKEN])
             metrics, pages = int(r[D_REG_LIVE]), int(r[D_PAGES])
             ever = ids_ever_used(r)
             figures = {name: int(r[word]) for name, word in (
@@ -2101,13 +1973,13 @@ class Domain:
             taken: set[int] = set()
             dirty = 0
             for ps in range(int(r[D_PS_COUNT])):
-                e = self._ps_entry(ps)
+                e = self._pagesets.entry(ps)
                 cls = int(e[P_CLASS]) - 1
                 if cls < 0:
                     continue
                 size = SIZE_CLASSES[cls]
                 zero = bytes(size)
-                pages = [bytes(self._bytes[p : p + PAGE]) for _k, p in self._id_pages(e)]
+                pages = [bytes(self._bytes[p : p + PAGE]) for _k, p in self._pagesets.id_pages(e)]
                 count = 0
                 for slot in range(slots_per_page(cls)):
                     if e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
@@ -2128,8 +2000,8 @@ class Domain:
             reclaimed = 0
             if reclaim and unreferenced and not self._others_alive():
                 for ref in unreferenced:
-                    self._zero_slot(ref)
-                self._return_to_pagesets(unreferenced)
+                    self._pagesets.zero(ref)
+                self._pagesets.give_back(unreferenced)
                 reclaimed = len(unreferenced)
         arena_report = self.arena.check(reclaim=reclaim)
         return DomainCheck(ok=not problems and arena_report.ok and
@@ -2178,10 +2050,9 @@ class Domain:
                 self._retire(h)  # any use, even a late one, raises DomainClosed
         self._by_ref.clear()
         self._local.clear()
-        views: list[memoryview[Any]] = [*self._ps_views.values(), self._root, self._q, self._d]
-        for view in views:
+        self._pagesets.release()
+        for view in (self._root, self._q, self._d):
             view.release()
-        self._ps_views.clear()
         self.arena.close()
         _domains.discard(self)
 

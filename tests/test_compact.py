@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import percpu._domain as domain_module
+from arena import Arena
 from percpu import Counter, Domain, InvalidArgument, MetricRemoved
 from percpu import _membarrier as mb
 from percpu._compact import (
@@ -61,6 +62,7 @@ from percpu._layout import (
     slots_per_page,
     split_ref,
 )
+from percpu._pagesets import Pagesets
 from percpu._registry import Registry
 
 SIZE = 4 << 20  # bytes of arena: room for a few thousand metrics and their pagesets
@@ -389,7 +391,7 @@ def test_a_raw_object_pins_its_pageset() -> None:
         raw.local[:] = b"12345678"
         ps = split_ref(raw._ref)[0]
         d.compact()
-        assert d._ps_entry(ps)[0] != 0  # still a pageset
+        assert d._pagesets.entry(ps)[0] != 0  # still a pageset
         assert bytes(raw.local) == b"12345678" and split_ref(raw._ref)[0] == ps
         assert all(c.value == i for i, c in cs.items())
         raw.free()
@@ -805,7 +807,10 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
         a.compact(timeout=0)
         b._quiesce()
         during("_mv_complete")
-        dies_on("_return_to_pagesets" if when == "completion" else "_ps_entry", 5)
+        if when == "completion":  # the fifth old slot given back
+            dies_on("give_back", 5, Pagesets)
+        else:  # the first emptied page freed, killed freeing the second
+            dies_on("free", 2, Arena)
         with pytest.raises(Killed):
             a.compact(timeout=1)
     monkeypatch.undo()

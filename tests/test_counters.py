@@ -49,7 +49,7 @@ SIZE = 1 << 20  # bytes of arena: a root block for a few ids and some pagesets
 def class_of(d: Domain, h: Any) -> int:
     """Size in bytes of the class of the slot behind ``h`` (white box)."""
     ps, _slot = split_ref(h._ref)
-    return SIZE_CLASSES[int(d._ps_entry(ps)[P_CLASS]) - 1]
+    return SIZE_CLASSES[int(d._pagesets.entry(ps)[P_CLASS]) - 1]
 
 
 def assert_clean(d: Domain, unreferenced: int = 0) -> None:

@@ -220,7 +220,7 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
     assert d.synchronize(2)
     assert [c.value for c in hot if c is not victim] == [
         100 + k for k, c in enumerate(hot) if c is not victim]
-    assert d._double_frees == 0
+    assert d._pagesets.double_frees == 0
     report = d.check()
     assert report.ok, report.problems
     fresh = [d.counter("after", {"i": str(i)}) for i in range(40)]

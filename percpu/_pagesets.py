@@ -1,0 +1,224 @@
+"""Pagesets: the slots every per-cpu object lives in, one page per vcpu id, in shared memory.
+
+A pageset of size class ``c`` is an entry in the pageset directory (chunks of
+``PS_PER_CHUNK`` entries, allocated on demand and never moved or freed) with a bitmap of taken
+slots, their count and one page per id (``P_PAGES``: offset + 1, 0 = none yet). Slot ``k`` is
+the same object in every id's page; a *ref* names it as ``pageset << REF_SHIFT | k``.
+
+Invariants
+----------
+1. An id's page exists from the first time that id touches the pageset (:meth:`page`) until
+   compaction gives the emptied pageset back; memory follows the ids in use, not CPUs.
+2. A slot is taken (bit set, counted in ``P_TAKEN``) by exactly one owner at a time (the
+   registry, a cache, the pending queue, a raw object, a compaction batch); it is given back
+   zeroed (:meth:`zero` before :meth:`give_back`). Giving back a free slot is refused and
+   counted (``double_frees``): it would corrupt the count, and every reuse after it.
+3. An id's page word is the commit of its allocation, and is cleared before its block is
+   freed: a crash leaks a page, never leaves two pagesets sharing one.
+
+Every word is read and written under the domain lock, except the page words read on the
+hot paths of reads (a page word only ever goes from 0 to an offset while an id may use it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from arena.locks import SharedLock
+
+from ._errors import DomainFull
+from ._layout import (
+    BITMAP_WORDS,
+    D_PAGES,
+    D_PS_COUNT,
+    MAX_CHUNKS,
+    P_BITMAP,
+    P_CLASS,
+    P_PAGES,
+    P_TAKEN,
+    PAGE,
+    PS_PER_CHUNK,
+    SIZE_CLASSES,
+    make_ref,
+    slots_per_page,
+    split_ref,
+)
+
+
+class Pagesets:
+    """The pageset layer of one domain. ``root`` are its root words, ``heap`` the arena's
+    bytes, ``chunks`` the word index of the chunk table, ``ids`` the ids a page can belong to
+    (``max_vcpus + 1``, the overflow id included). ``alloc(nbytes, what, align)`` returns a
+    kept block (raising ``DomainFull``), ``free(offset)`` gives one back; ``draining()``
+    names the pagesets a compaction is emptying (closed to allocation)."""
+
+    def __init__(self, root: memoryview, heap: memoryview, chunks: int, entry_words: int,
+                 ids: int, lock: SharedLock, alloc: Callable[[int, str, int | None], int],
+                 free: Callable[[int], None], draining: Callable[[], frozenset[int]]) -> None:
+        self._root = root
+        self._heap = heap
+        self._chunks = chunks
+        self._words = entry_words
+        self._ids = ids
+        self._lock = lock
+        self._alloc = alloc
+        self._free = free
+        self._draining = draining
+        self._views: dict[int, memoryview] = {}  # pageset -> its entry (see entry)
+        self.double_frees = 0  #: slots this process was asked to give back twice (a bug)
+
+    def release(self) -> None:
+        """Drop the entry views (the domain is being unmapped)."""
+        for view in self._views.values():
+            view.release()
+        self._views.clear()
+
+    # -- entries and their pages ---------------------------------------------------------
+
+    def count(self) -> int:
+        """Pageset entries ever created (given-back ones included: their class is 0)."""
+        return int(self._root[D_PS_COUNT])
+
+    def entry(self, ps: int) -> memoryview:
+        """Pageset ``ps``'s entry words. Entries never move once their chunk exists, so each
+        view is made once (a cast costs about 40% of a value read)."""
+        e = self._views.get(ps)
+        if e is None:
+            chunk = int(self._root[self._chunks + ps // PS_PER_CHUNK])
+            base = chunk - 1 + (ps % PS_PER_CHUNK) * self._words * 8
+            e = self._heap[base : base + self._words * 8].cast("Q")
+            if chunk:  # never cache a missing chunk
+                self._views[ps] = e
+        return e
+
+    def slot_size(self, e: memoryview) -> int:
+        """Bytes per slot of the pageset whose entry is ``e``."""
+        return SIZE_CLASSES[int(e[P_CLASS]) - 1]
+
+    def id_pages(self, e: memoryview) -> list[tuple[int, int]]:
+        """(id, byte offset of its page) of every id that has a page of the pageset whose
+        entry is ``e``: the walk behind every per-slot sum and copy."""
+        return [(k, p - 1) for k, p in enumerate(e[P_PAGES : P_PAGES + self._ids].tolist())
+                if p]
+
+    def page_offsets(self, e: memoryview) -> list[int]:
+        """The same walk without the ids."""
+        return [p - 1 for p in e[P_PAGES : P_PAGES + self._ids].tolist() if p]
+
+    def page(self, ps: int, vcpu: int) -> int:
+        """Byte offset of id ``vcpu``'s page of pageset ``ps``, allocated on first touch."""
+        e = self.entry(ps)
+        page = int(e[P_PAGES + vcpu])
+        if page:
+            return page - 1
+        with self._lock:
+            page = int(e[P_PAGES + vcpu])
+            if page:
+                return page - 1
+            off = self._alloc(PAGE, "a pageset page", PAGE)
+            self._heap[off : off + PAGE] = bytes(PAGE)
+            e[P_PAGES + vcpu] = off + 1  # commit
+            self._root[D_PAGES] += 1
+            return off
+
+    def drop_pages(self, ps: int) -> int:
+        """Give every page of the (empty) pageset ``ps`` back and free its entry; the pages
+        given back. Lock held."""
+        e = self.entry(ps)
+        pages = 0
+        for k, page in self.id_pages(e):
+            e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases it
+            self._root[D_PAGES] -= 1
+            self._free(page)
+            pages += 1
+        e[P_CLASS] = 0  # the entry is free for new()
+        return pages
+
+    # -- slots ---------------------------------------------------------------------------
+
+    def new(self, cls: int) -> int:
+        """Create (or reuse a given-back entry for) a pageset of class ``cls``. Lock held."""
+        r = self._root
+        count = int(r[D_PS_COUNT])
+        for ps in range(count):
+            e = self.entry(ps)
+            if e[P_CLASS] == 0:
+                e[P_CLASS] = cls + 1
+                return ps
+        ps = count
+        chunk = ps // PS_PER_CHUNK
+        if chunk >= MAX_CHUNKS:
+            raise DomainFull(f"the domain already has {ps} pagesets, the most it can describe")
+        if r[self._chunks + chunk] == 0:
+            nbytes = PS_PER_CHUNK * self._words * 8
+            blk = self._alloc(nbytes, "a pageset directory chunk", None)
+            self._heap[blk : blk + nbytes] = bytes(nbytes)
+            r[self._chunks + chunk] = blk + 1
+        e = self.entry(ps)
+        e[P_CLASS] = cls + 1
+        r[D_PS_COUNT] = ps + 1
+        return ps
+
+    def take(self, cls: int, want: int) -> list[int]:
+        """Up to ``want`` free refs of class ``cls``, densest pageset first. Lock held."""
+        per_page = slots_per_page(cls)
+        best, best_taken = -1, -1
+        draining = self._draining()
+        for ps in range(self.count()):
+            e = self.entry(ps)
+            if (e[P_CLASS] == cls + 1 and best_taken < e[P_TAKEN] < per_page
+                    and ps not in draining):
+                best, best_taken = ps, int(e[P_TAKEN])
+        if best < 0:
+            best = self.new(cls)
+        e = self.entry(best)
+        refs: list[int] = []
+        for w in range(BITMAP_WORDS):
+            if len(refs) == want:
+                break
+            bits = int(e[P_BITMAP + w])
+            for b in range(64):
+                slot = w * 64 + b
+                if slot >= per_page or len(refs) == want:
+                    break
+                if not bits >> b & 1:
+                    bits |= 1 << b
+                    refs.append(make_ref(best, slot))
+            e[P_BITMAP + w] = bits
+        e[P_TAKEN] += len(refs)
+        return refs
+
+    def reserve(self, ref: int) -> None:
+        """Take the free slot ``ref`` (compaction's target). Lock held."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        e[P_BITMAP + slot // 64] |= 1 << (slot % 64)
+        e[P_TAKEN] += 1
+
+    def is_taken(self, ref: int) -> bool:
+        """True when slot ``ref`` is taken (in a pageset that exists)."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        return bool(e[P_CLASS] and e[P_BITMAP + slot // 64] >> (slot % 64) & 1)
+
+    def give_back(self, refs: list[int]) -> None:
+        """Give zeroed slots back to their pagesets (invariant 2). Lock held."""
+        for ref in refs:
+            ps, slot = split_ref(ref)
+            e = self.entry(ps)
+            bit = 1 << (slot % 64)
+            if not e[P_BITMAP + slot // 64] & bit or not e[P_TAKEN]:
+                self.double_frees += 1
+                continue
+            e[P_BITMAP + slot // 64] &= ~bit & 0xFFFFFFFFFFFFFFFF
+            e[P_TAKEN] -= 1
+
+    def zero(self, ref: int) -> None:
+        """Clear every id's copy of slot ``ref`` (nobody may be using it)."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        size = self.slot_size(e)
+        zero = bytes(size)
+        for _k, page in self.id_pages(e):
+            off = page + slot * size
+            self._heap[off : off + size] = zero
