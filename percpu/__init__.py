@@ -8,7 +8,7 @@ See docs/architecture.md.
 """
 
 from ._compact import CompactResult
-from ._domain import Domain, DomainCheck, DomainStats, MetricValue
+from ._domain import Domain
 from ._errors import (
     BadDomainFile,
     DomainClosed,
@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._exposition import exposition
 from ._handles import Counter, Gauge, PerCpu, Summary
+from ._results import DomainCheck, DomainStats, MetricValue
 
 __all__ = [
     "BadDomainFile",

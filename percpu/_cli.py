@@ -45,7 +45,8 @@ from arena import open_error
 from ._exposition import _escape_label_value
 
 if TYPE_CHECKING:
-    from ._domain import Domain, DomainStats
+    from ._domain import Domain
+    from ._results import DomainStats
 
 PROG = "python -m percpu"
 EXIT_OK = 0

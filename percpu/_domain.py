@@ -69,29 +69,18 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from types import TracebackType
-from typing import Any, Concatenate, ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 from arena import Arena, ArenaError, ArenaExhausted, LockPolicy
 from arena.locks import is_locked, lock, read_lock, try_lock, unlock
 
-from . import _cpuset, _membarrier
+from . import _cpuset
 from ._compact import (
-    DRIVE_AFTER,
-    GRACE_POLL,
     POLICY_INTERVAL,
     POLICY_TIMEOUT,
-    READ_TRIES,
     CompactResult,
-    MoveBatch,
-    PagesetInfo,
-    Pair,
-    Plan,
-    copy_moves,
-    occupancy,
-    plan_compaction,
-    should_compact,
 )
 from ._errors import (
     BadDomainFile,
@@ -100,7 +89,6 @@ from ._errors import (
     InvalidArgument,
     InvalidType,
     KindMismatch,
-    PercpuError,
 )
 from ._handles import (
     REMOVED_VARIANT,
@@ -119,7 +107,6 @@ from ._handles import (
     detach,
 )
 from ._layout import (
-    BITMAP_WORDS,
     CACHE_CAP,
     CACHE_REFILL,
     CACHE_WORDS,
@@ -127,20 +114,11 @@ from ._layout import (
     D_FRESH,
     D_MAGIC,
     D_MAX_VCPUS,
-    D_MOVES,
-    D_MV_BATCHES,
-    D_MV_COUNT,
-    D_MV_EPOCH,
     D_MV_GEN,
-    D_MV_PAGES,
-    D_MV_REG_DONE,
-    D_MV_SOURCES,
-    D_MV_STARTED,
     D_OVERFLOW_HOLDERS,
     D_PAGES,
     D_PS_COUNT,
     D_RECLAIMED,
-    D_RECLAIMED_PAGESETS,
     D_RECOVERED_SLOTS,
     D_REG_GEN,
     D_REG_LIVE,
@@ -155,22 +133,10 @@ from ._layout import (
     L_ACK,
     L_CACHE,
     L_PID,
-    L_SEQ,
     LEASE_LOCK_BASE,
-    LEASE_WORDS,
-    M_KIND,
-    M_NEW,
-    M_OLD,
     MAGIC,
     MAX_OBJECT_SIZE,
     MOVE_CAP,
-    MOVE_WORDS,
-    MS_DONE,
-    MS_NEW,
-    MS_NEW_F,
-    MS_OLD,
-    MS_OLD_F,
-    MS_STEP,
     OVERFLOW_ACK_BASE,
     OVERFLOW_LOCK,
     P_BITMAP,
@@ -184,9 +150,6 @@ from ._layout import (
     class_index,
     lease_base,
     make_ref,
-    move_records_base,
-    move_sources_base,
-    move_state_base,
     pageset_words,
     pending_base,
     root_words,
@@ -202,13 +165,14 @@ from ._leases import (
     record_lease,
     record_release,
 )
+from ._moves import Moves
 from ._names import decode_key, encode_key, validate_labels, validate_metric_name
 from ._pagesets import Pagesets
 from ._pending import PendingQueue
 from ._registry import Registry
+from ._results import DomainCheck, DomainStats, MetricValue
 
 H = TypeVar("H", bound=_Handle)
-_T = TypeVar("_T")  # what a read returns (compaction: _mv_read)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
@@ -223,68 +187,6 @@ _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
 _REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
 _UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in _REMOVED_CLASSES)
 _SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))
-
-
-@dataclass(frozen=True)
-class DomainStats:
-    """Health figures of a domain (shared figures count every process)."""
-
-    max_vcpus: int  #: ids that can be leased (plus the shared overflow id)
-    vcpu_id: int | None  #: this process's id (None before its first use; max_vcpus = overflow)
-    holders_now: int  #: ids held by a live holder right now (overflow holders not included)
-    ids_in_use: tuple[int, ...]  #: those ids, ascending (seed 000's "online" mask)
-    holder_pids: dict[int, int]  #: id -> pid recorded by its live holder
-    #: Ids ever leased in the domain. Ids go lowest first, so these are ids
-    #: 0..ids_ever_used - 1 (per-cpu memory follows this figure), and it is at most the peak
-    #: number of holders alive at once, however many processes came and went.
-    ids_ever_used: int
-    highest_id_used: int  #: the highest id ever leased: ids_ever_used - 1 (-1 before any)
-    fresh_ids: int  #: leases of an id never leased before (= distinct ids ever used)
-    reused_ids: int  #: leases of an id released cleanly before (its values carry on)
-    reclaimed_ids: int  #: leases of an id whose holder died holding it (its values carry on)
-    overflow_holders: int  #: holders, ever, that found every id taken and shared the overflow id
-    shared_id_operations: int  #: operations done on the overflow id, under its lock, ever
-    metrics: int  #: named metrics registered
-    pagesets: int  #: pagesets with at least one slot taken
-    pages: int  #: pages allocated to pagesets (each is one id's page of one pageset)
-    pending_frees: int  #: slots waiting for a grace period
-    epoch: int  #: grace-period epoch
-    recovered_cache_slots: int  #: slots recovered from dead holders' caches
-    arena_used_bytes: int
-    arena_free_bytes: int
-    bytes_per_metric: float  #: pages * 4096 / metrics (0 when there are none)
-    minor_faults: int  #: minor page faults of this process since its arena was ready
-    major_faults: int
-    # Compaction (Domain.compact): memory given back, and the batch in flight if any.
-    arena_pages_used: int = 0  #: 4096-byte pages of the arena in use (used bytes, rounded up)
-    pending_moves: int = 0  #: moves published and waiting for a holder's quiescent point
-    pending_move_seconds: float = 0.0  #: how long they have waited (0 when none)
-    moved_slots: int = 0  #: slots moved by compaction, ever
-    compacted_pagesets: int = 0  #: pagesets emptied and given back by compaction, ever
-    compacted_pages: int = 0  #: their pages, returned to the arena, ever
-    compaction_batches: int = 0  #: compaction batches completed, ever
-
-
-@dataclass(slots=True)  # not frozen: a snapshot builds one per metric, and a frozen
-class MetricValue:      # dataclass's __init__ costs about three times as much
-    """One metric in a :meth:`Domain.snapshot` (a copy: changing it changes nothing)."""
-
-    name: str
-    labels: tuple[tuple[str, str], ...]
-    kind: str  #: "counter", "gauge" or "summary"
-    value: int | float  #: counter/gauge value; a summary's sum
-    count: int = 0  #: a summary's count
-
-
-@dataclass(frozen=True)
-class DomainCheck:
-    """What :meth:`Domain.check` found."""
-
-    ok: bool
-    problems: tuple[str, ...]
-    unreferenced_slots: int  #: slots taken but in no registry entry, cache or pending queue
-    reclaimed_slots: int
-    arena: Any  #: the arena's CheckReport
 
 
 def _closed_guard(method: Callable[Concatenate[Domain, _P], _R]
@@ -399,7 +301,7 @@ class Domain:
         self._quiescer: threading.Thread | None = None
         self._stop = threading.Event()
         self._pid = os.getpid()
-        self._mv_init()  # compaction's process-local state
+        self._moves = Moves(self)  # compaction's process-local state
         _domains.add(self)
 
     def _bind_root(self, offset: int, bound: int) -> None:
@@ -412,7 +314,8 @@ class Domain:
         self._registry = Registry(self._root, self._bytes, self._alloc_block, self._free_block)
         self._pagesets = Pagesets(self._root, self._bytes, chunk_table(bound),
                                   pageset_words(bound), bound + 1, self._lock,
-                                  self._alloc_block, self._free_block, self._mv_draining)
+                                  self._alloc_block, self._free_block,
+                                  lambda: self._moves.draining())
 
     def _validate_root(self, arena: Arena) -> int:
         off = arena.root_offset
@@ -502,7 +405,7 @@ class Domain:
                         if path is LeasePath.RECLAIMED:
                             r[D_RECOVERED_SLOTS] += self._cached_slots(vcpu)
                         r[lease_base(self._max, vcpu) + L_ACK] = epoch
-                        self._mv_adopt(vcpu)  # compaction: the id's moves, before any bind
+                        self._moves.adopt(vcpu)  # compaction: the id's moves, before any bind
                     # The new holder claims the current epoch, so under the same lock it retires
                     # the handles of every slot that went pending since this process last
                     # acknowledged (after a fork or a release they are unbound, and would
@@ -589,8 +492,8 @@ class Domain:
                 lock(fd, OVERFLOW_LOCK)
             try:
                 self._root[D_SHARED_OPS] += 1
-                if self._q[self._mv_ovf_step]:  # compaction: a copier died mid-copy (rare)
-                    self._mv_finish_overflow()
+                if self._q[self._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
+                    self._moves.finish_overflow()
                 yield
             finally:
                 if fd is not None:
@@ -722,7 +625,7 @@ class Domain:
                         continue  # released meanwhile: take a lease again
                     if type(h) in _REMOVED_CLASSES:
                         return  # retired meanwhile: its next use raises MetricRemoved
-                    self._mv_follow(h)  # compaction: bind to where the metric lives now
+                    self._moves.follow(h)  # compaction: bind to where the metric lives now
                     if isinstance(h, _Unbound) and not self._still_registered(h):
                         # Removed while this process held no lease (released, or a forked child):
                         # its slot may be reused already, so the registry decides, not the queue.
@@ -879,7 +782,7 @@ class Domain:
             self._pending.reserve()  # may raise DomainFull: nothing is changed yet
             # The registry word lags a move whose publisher died before updating it; the
             # handles follow the move, so the slot to retire and free is the current one.
-            ref = self._mv_current(self._registry.tombstone(idx))
+            ref = self._moves.current(self._registry.tombstone(idx))
             self._publish_pending(ref)
             self._quiesce()
         return True
@@ -897,7 +800,7 @@ class Domain:
         """Acknowledge the current epoch: retire handles of every pending slot. The caller
         holds the GIL (it runs Python), so no thread of this process is mid-update."""
         with self._plock, self._lock:
-            self._mv_sync()  # compaction first: then handles are keyed by their current ref
+            self._moves.sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = int(r[D_EPOCH])
             for ref, since in self._pending.entries():
@@ -945,7 +848,7 @@ class Domain:
             if idx < 0:
                 return False
             found, ref = self._registry.kind_ref(idx)
-            return self._mv_current(ref) == h._ref and found == kind  # the entry may lag a move
+            return self._moves.current(ref) == h._ref and found == kind  # the entry may lag a move
 
     def _live_holders(self) -> list[int]:
         """Ids whose holder is alive: a pid recorded and the lock held (ours, or another open
@@ -964,7 +867,7 @@ class Domain:
         oldest = min(acks, default=int(r[D_EPOCH]))
         oldest = min(oldest, self._ack)
         oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
-        moving = self._mv_moving_refs()  # a compaction still copies into/out of these
+        moving = self._moves.moving_refs()  # a compaction still copies into/out of these
         due = self._pending.take_due(oldest, moving)
         for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
             self._pagesets.zero(ref)
@@ -1003,8 +906,8 @@ class Domain:
             try:
                 if root[D_EPOCH] != self._ack or self._pending.count():
                     self._quiesce()
-                if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._mv_seen:
-                    self._mv_tick()  # compaction: follow and drive the batch in flight
+                if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._moves.seen:
+                    self._moves.tick()  # compaction: follow and drive the batch in flight
             except Exception as exc:  # the loop must outlive any one failure
                 if self._closed or self._closing or stop.is_set():
                     return  # the domain was closed under us
@@ -1032,35 +935,7 @@ class Domain:
                 return False
             self._stop.wait(QUIESCE_INTERVAL)
 
-    # -- compaction (the protocol and its memory-ordering argument: percpu/_compact.py) -----
-    #
-    # Shared words: D_MV_* in the header, L_SEQ in each lease record, the move region (per-id
-    # move states and journals, sources, move records); all written under the domain lock,
-    # except that readers load D_MV_GEN, L_SEQ and the slots without it (``_mv_read``).
-    # Process-local: _mv_seen (the batch generation our handles follow), _mv_info (the
-    # decoded batch in flight), the policy thread. Lock order: _plock, the domain lock, then
-    # only try_lock on a lease byte or the overflow lock (never a wait while holding the
-    # domain lock).
-
-    #: Handle classes bound to a slot of this holder (their ``_index`` follows a move).
-    _MV_BOUND: frozenset[type] = frozenset(
-        {Counter, Gauge, Summary, *(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))})
-
-    def _mv_init(self) -> None:
-        """Process-local compaction state (from ``_attach``; nothing is bound yet)."""
-        self._root_q = self._root_off // 8  # index in self._q of the root block's word 0
-        self._mv_seen = int(self._root[D_MV_GEN])
-        self._mv_info = MoveBatch(-1)
-        self._mv_need: tuple[int, frozenset[int]] = (-1, frozenset())
-        # old ref -> new ref of handles rebound by the last two syncs: a read that loaded a
-        # handle's _ref just before a sync rebound it still finds its metric (_mv_read).
-        self._mv_fwd: dict[int, int] = {}
-        self._mv_fwd_prev: dict[int, int] = {}
-        self._mv_ovf_step = self._root_q + move_state_base(self._max, self._max) + MS_STEP
-        self._policy: threading.Thread | None = None
-        self._policy_stop = threading.Event()
-        self._policy_runs = 0  # compactions the background policy started in this process
-        _membarrier.register()
+    # -- compaction (the runtime: percpu/_moves.py; the protocol: percpu/_compact.py) --------
 
     @_closed_guard
     def compact(self, timeout: float | None = 5.0, *, max_moves: int = MOVE_CAP) -> CompactResult:
@@ -1076,49 +951,7 @@ class Domain:
         when the holder resumes or dies. Raw ``PerCpu`` objects are never moved (their
         pageset is kept), nor slots waiting for a grace period.
         """
-        if timeout is not None and (timeout.__class__ not in (int, float)
-                                    or not 0 <= timeout < float("inf")):
-            raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, "
-                                  f"got {timeout!r}")
-        if max_moves.__class__ is not int or not 1 <= max_moves <= MOVE_CAP:
-            raise InvalidArgument(f"max_moves must be an int in 1..{MOVE_CAP}, got {max_moves!r}")
-        self._check_open()
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        with self._lock:
-            before = self._mv_totals()
-        graces: list[float] = []
-        ideal = 0
-        while self._mv_wait(deadline):
-            self._mv_wait_pending(deadline)  # slots freed just before: movable, not pinned
-            with self._plock, self._lock:
-                r = self._root
-                if int(r[D_MV_GEN]) & 1:
-                    continue  # another compactor published meanwhile
-                self._quiesce()  # our acknowledgement, and the pending frees that are due
-                infos, live = self._mv_inventory()
-                plan = plan_compaction(infos, max_moves)
-                ideal = plan.ideal_pages
-                if plan.empty:
-                    break
-                self._mv_publish(plan, live)
-                self._mv_sync()  # our own handles and id at once
-                published = time.monotonic()
-                reclaimed = int(r[D_RECLAIMED_PAGESETS])
-            if not self._mv_wait(deadline):
-                break
-            graces.append(time.monotonic() - published)
-            if int(self._root[D_RECLAIMED_PAGESETS]) == reclaimed:
-                break  # nothing came back (slots were taken meanwhile): stop here
-        with self._lock:
-            after = self._mv_totals()
-            r = self._root
-            pending = int(r[D_MV_COUNT]) if int(r[D_MV_GEN]) & 1 else 0
-        return CompactResult(
-            moved=after[1] - before[1], reclaimed_pagesets=after[2] - before[2],
-            reclaimed_pages=after[3] - before[3], pages_before=before[0], pages_after=after[0],
-            ideal_pages=ideal, pending_moves=pending, batches=after[4] - before[4],
-            seconds=time.monotonic() - start, grace_seconds=tuple(graces))
+        return self._moves.compact(timeout, max_moves=max_moves)
 
     @_closed_guard
     def set_compaction(self, threshold: float | None, *, interval: float = POLICY_INTERVAL,
@@ -1127,597 +960,7 @@ class Domain:
         of this process runs :meth:`compact` (with ``timeout``) when the occupancy of the
         pagesets that cost memory (taken slots / their capacity) is below ``threshold``, a
         fraction in (0, 1]. ``None`` stops it. One process of a domain is enough."""
-        if threshold is not None and (threshold.__class__ not in (int, float)
-                                      or not 0 < threshold <= 1):
-            raise InvalidArgument(f"threshold must be None or a fraction in (0, 1], "
-                                  f"got {threshold!r}")
-        for name, value in (("interval", interval), ("timeout", timeout)):
-            if value.__class__ not in (int, float) or not 0 < value < float("inf"):
-                raise InvalidArgument(f"{name} must be a number of seconds > 0, got {value!r}")
-        self._check_open()
-        self._mv_stop_policy()
-        if threshold is None:
-            return
-        stop = self._policy_stop = threading.Event()
-        t = threading.Thread(target=self._mv_policy_loop,
-                             args=(stop, float(threshold), float(interval), float(timeout)),
-                             name="percpu-compactor", daemon=True)
-        self._policy = t
-        t.start()
-
-    def _mv_policy_loop(self, stop: threading.Event, threshold: float, interval: float,
-                        timeout: float) -> None:
-        while not stop.wait(interval):
-            try:
-                with self._lock:
-                    occ = self._mv_occupancy()
-                if should_compact(occ, threshold):
-                    self._policy_runs += 1
-                    self.compact(timeout)
-            except (ValueError, PercpuError, ArenaError):
-                return  # the domain was closed under us
-
-    def _mv_stop_policy(self) -> None:
-        self._policy_stop.set()
-        t, self._policy = self._policy, None
-        if t is not None and t is not threading.current_thread() and t.is_alive():
-            t.join()
-
-    def _mv_occupancy(self) -> float:
-        """Taken slots over the capacity of the pagesets that cost memory. Lock held."""
-        rows = []
-        for ps in range(int(self._root[D_PS_COUNT])):
-            e = self._pagesets.entry(ps)
-            if e[P_CLASS]:
-                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]),
-                             bool(self._pagesets.page_offsets(e))))
-        return occupancy(rows)
-
-    def _mv_totals(self) -> tuple[int, int, int, int, int]:
-        """(pages, moves, pagesets given back, pages given back, batches). Lock held."""
-        r = self._root
-        return (int(r[D_PAGES]), int(r[D_MOVES]), int(r[D_RECLAIMED_PAGESETS]),
-                int(r[D_MV_PAGES]), int(r[D_MV_BATCHES]))
-
-    def _mv_stats(self, arena_used: int) -> dict[str, Any]:
-        """The compaction figures of :meth:`stats`. Lock held."""
-        r = self._root
-        flight = int(r[D_MV_GEN]) & 1
-        age = (time.monotonic_ns() - int(r[D_MV_STARTED])) / 1e9 if flight else 0.0
-        return {"arena_pages_used": -(-arena_used // PAGE),
-                "pending_moves": int(r[D_MV_COUNT]) if flight else 0,
-                "pending_move_seconds": max(age, 0.0), "moved_slots": int(r[D_MOVES]),
-                "compacted_pagesets": int(r[D_RECLAIMED_PAGESETS]),
-                "compacted_pages": int(r[D_MV_PAGES]),
-                "compaction_batches": int(r[D_MV_BATCHES])}
-
-    def _mv_wait(self, deadline: float | None) -> bool:
-        """Drive the batch in flight until it completes (True) or ``deadline`` passes."""
-        while True:
-            self._check_open()  # a close() from another thread ends the wait
-            with self._plock, self._lock:
-                if self._mv_advance():
-                    return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(GRACE_POLL)
-
-    def _mv_wait_pending(self, deadline: float | None) -> None:
-        """Let the pending frees' grace period pass (until ``deadline``): a slot waiting for
-        one pins its pageset."""
-        while True:
-            self._check_open()
-            self._quiesce()
-            if not self._pending.count() or (deadline is not None
-                                             and time.monotonic() >= deadline):
-                return
-            time.sleep(GRACE_POLL)
-
-    def _mv_tick(self) -> None:
-        """The quiescer's part: follow the batch in flight; and drive it once it is older than
-        ``DRIVE_AFTER`` (its compactor gave up waiting, or died), so that it completes anyway.
-        Takes no lock when there is nothing to do."""
-        r = self._root
-        gen = int(r[D_MV_GEN])
-        vcpu = self._vcpu
-        stale = bool(gen & 1) and (time.monotonic_ns() - int(r[D_MV_STARTED])
-                                   > DRIVE_AFTER * 1e9)
-        if not stale and gen == self._mv_seen and (
-                not gen & 1 or vcpu is None or vcpu >= self._max
-                or int(r[move_state_base(self._max, vcpu) + MS_DONE]) == gen):
-            return
-        with self._plock, self._lock:
-            if stale:
-                self._mv_advance()
-            else:
-                self._mv_sync()
-
-    # Planning and publishing (protocol steps 1-2).
-
-    def _mv_inventory(self) -> tuple[list[PagesetInfo], dict[int, tuple[int, int]]]:
-        """Every pageset's slots by role for the planner, and the registry's live refs ->
-        (entry index, kind). Lock held, no batch in flight."""
-        r = self._root
-        live = self._registry.live_refs()
-        cached = {ref for k in range(self._max) for _cb, _n, refs in self._cache_lists(k)
-                  for ref in refs}
-        infos = []
-        for ps in range(int(r[D_PS_COUNT])):
-            e = self._pagesets.entry(ps)
-            cls = int(e[P_CLASS]) - 1
-            if cls < 0:
-                continue
-            bits = e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()
-            ids = frozenset(k for k, _page in self._pagesets.id_pages(e))
-            lv: list[int] = []
-            ca: list[int] = []
-            free: list[int] = []
-            pinned = 0
-            for s in range(slots_per_page(cls)):
-                if bits[s >> 6] >> (s & 63) & 1:
-                    ref = make_ref(ps, s)
-                    if ref in live:
-                        lv.append(s)
-                    elif ref in cached:
-                        ca.append(s)
-                    else:
-                        pinned += 1  # a raw object, a slot waiting for a grace period, a leak
-                else:
-                    free.append(s)
-            infos.append(PagesetInfo(ps, cls, tuple(lv), tuple(ca), pinned, tuple(free),
-                                     ids))
-        return infos, live
-
-    def _mv_publish(self, plan: Plan, live: dict[int, tuple[int, int]]) -> None:
-        """Protocol step 2. ``_plock`` and the domain lock held, no batch in flight."""
-        r = self._root
-        for ps, k in plan.new_pages:
-            self._pagesets.page(ps, k)  # may raise DomainFull: nothing is published yet
-        base = move_records_base(self._max)
-        for j, m in enumerate(plan.moves):
-            w = base + j * MOVE_WORDS
-            r[w + M_OLD], r[w + M_NEW], r[w + M_KIND] = m.old, m.new, live[m.old][1]
-        sb = move_sources_base(self._max)
-        for i, ps in enumerate(plan.sources):
-            r[sb + i] = ps
-        r[D_MV_COUNT] = len(plan.moves)
-        r[D_MV_SOURCES] = len(plan.sources)
-        for m in plan.moves:  # reserve the targets (a crash before the commit leaks them)
-            self._pagesets.zero(m.new)
-            self._pagesets.reserve(m.new)
-        r[D_EPOCH] += 1  # every quiescer looks at the batch within QUIESCE_INTERVAL
-        r[D_MV_EPOCH] = r[D_EPOCH]
-        r[D_MV_STARTED] = time.monotonic_ns()
-        r[D_MV_GEN] += 1  # commit: the batch is in flight
-        for m in plan.moves:
-            self._registry.set_ref(live[m.old][0], m.new)
-        r[D_MV_REG_DONE] = r[D_MV_GEN]
-        r[D_REG_GEN] += 1
-
-    # Following the batch (protocol steps 3-4).
-
-    def _mv_batch(self, gen: int) -> MoveBatch:
-        """The batch in flight as of ``gen`` (decoded under the lock once per batch)."""
-        info = self._mv_info
-        if info.gen == gen:
-            return info
-        with self._lock:
-            r = self._root
-            gen = int(r[D_MV_GEN])
-            mb, sb = move_records_base(self._max), move_sources_base(self._max)
-            info = MoveBatch.decode(gen, r[mb : mb + int(r[D_MV_COUNT]) * MOVE_WORDS].tolist(),
-                                    r[sb : sb + int(r[D_MV_SOURCES])].tolist())
-            self._mv_info = info
-            return info
-
-    def _mv_current(self, ref: int) -> int:
-        """``ref``, or its new ref when a batch in flight moves it."""
-        gen = int(self._root[D_MV_GEN])
-        return self._mv_batch(gen).current(ref) if gen & 1 else ref
-
-    def _mv_moving_refs(self) -> frozenset[int]:
-        """Old and new refs of the batch in flight (taken; not to be reused). Lock held."""
-        gen = int(self._root[D_MV_GEN])
-        return frozenset(self._mv_batch(gen).pairs) if gen & 1 else frozenset()
-
-    def _mv_draining(self) -> frozenset[int]:
-        """Pagesets the batch in flight empties: closed to allocation. Lock held."""
-        gen = int(self._root[D_MV_GEN])
-        return self._mv_batch(gen).sources if gen & 1 else frozenset()
-
-    def _mv_follow(self, h: _Handle) -> None:
-        """Before binding ``h``: follow the batches (``_plock`` held)."""
-        if self._root[D_MV_GEN] != self._mv_seen:
-            with self._lock:
-                self._mv_sync()
-        h._ref = self._mv_current(h._ref)
-
-    def _mv_sync(self) -> None:
-        """Apply the batch in flight to this process (protocol step 3): rebind our handles,
-        copy the values of the id we hold, give back our cached slots in sources. ``_plock``,
-        the domain lock and the GIL are held: a quiescent point for our other threads."""
-        r = self._root
-        gen = int(r[D_MV_GEN])
-        seen = self._mv_seen
-        if seen != gen:
-            followed = seen + (seen & 1)  # a batch we rebound for is as good as complete
-            fwd: dict[int, int] = {}
-            if gen != followed:
-                if not (gen & 1 and gen == followed + 1):
-                    self._mv_resync(fwd)  # a whole batch went by while we held no lease
-                for old, new, _kind in self._mv_batch(gen).moves:
-                    handles = self._by_ref.pop(old, None)
-                    if handles:
-                        self._mv_attach(handles, new)
-                        fwd[old] = new
-            if fwd:
-                self._mv_fwd_prev, self._mv_fwd = self._mv_fwd, fwd
-            self._mv_seen = gen
-        vcpu = self._vcpu
-        if gen & 1 and vcpu is not None and vcpu < self._max:
-            self._mv_adopt(vcpu)
-
-    def _mv_attach(self, handles: list[_Handle], new: int) -> None:
-        """Point ``handles`` at ref ``new``: one attribute store each for ``_ref`` and, if
-        bound, ``_index`` (the hot path reads ``_index`` once per update: old or new slot,
-        never a mix)."""
-        ps, slot = split_ref(new)
-        size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
-        vcpu = self._vcpu
-        index = -1
-        for h in handles:
-            h._ref = new
-            if vcpu is not None and type(h) in self._MV_BOUND:
-                if index < 0:
-                    index = (self._pagesets.page(ps, vcpu) + slot * size) // 8
-                h._index = index
-        self._by_ref.setdefault(new, []).extend(handles)
-
-    def _mv_resync(self, fwd: dict[int, int]) -> None:
-        """Point every named handle at the ref the registry has for it. Only after a batch
-        completed while this process held no lease (its handles were unbound); a handle whose
-        metric is gone is left to ``_bind``'s registry check. Locks held."""
-        for (kind, key), h in list(self._local.items()):
-            idx, _ = self._registry.lookup(key)
-            if idx < 0:
-                continue
-            found, ref = self._registry.kind_ref(idx)
-            if found != kind or ref == h._ref:
-                continue
-            old = h._ref
-            handles = self._by_ref.get(old)
-            if handles is not None and h in handles:
-                handles.remove(h)
-                if not handles:
-                    del self._by_ref[old]
-            self._mv_attach([h], ref)
-            fwd[old] = ref
-
-    def _mv_adopt(self, k: int, drain: bool = True) -> int:
-        """Copy id ``k``'s values for the batch in flight unless done (protocol step 4), and
-        give back its cached slots that lie in sources. The caller owns ``k`` (holds its
-        lease, has just taken it, holds its lease byte by ``try_lock``, or the overflow lock
-        for the overflow id) and the domain lock. Returns the copies that held a value."""
-        r = self._root
-        gen = int(r[D_MV_GEN])
-        if not gen & 1:
-            return 0
-        batch = self._mv_batch(gen)
-        st = move_state_base(self._max, k)
-        moved = 0
-        if int(r[st + MS_DONE]) != gen:
-            moved = copy_moves(self._q, self._d, self._root_q + st,
-                               self._root_q + lease_base(self._max, k) + L_SEQ, gen,
-                               self._mv_pairs_for(k, batch, st),
-                               _membarrier.fence if _membarrier.NEEDS_FENCE else None)
-        if drain and k < self._max:
-            self._mv_drain_cache(k, batch.sources)
-        return moved
-
-    def _mv_pairs_for(self, k: int, batch: MoveBatch, st: int) -> list[Pair]:
-        """Per move: (word of id ``k``'s old copy, word of its new copy, summary?) or None
-        when ``k`` has nothing there. Allocates a missing target page only for a non-zero
-        copy (publishing allocated those it could foresee). Locks held."""
-        q, d = self._q, self._d
-        step = int(q[self._root_q + st + MS_STEP])
-        entries: dict[int, memoryview] = {}
-        pairs: list[Pair] = []
-        for j, (old, new, kind) in enumerate(batch.moves):
-            ops, oslot = split_ref(old)
-            e = entries.get(ops)
-            if e is None:
-                e = entries[ops] = self._pagesets.entry(ops)
-            page = int(e[P_PAGES + k])
-            if not page:
-                pairs.append(None)
-                continue
-            size = SIZE_CLASSES[int(e[P_CLASS]) - 1]
-            ow = (page - 1 + oslot * size) // 8
-            summary = kind == KIND_SUMMARY
-            if not (q[ow] or (summary and d[ow + 1]) or step == j + 1):
-                pairs.append(None)  # nothing to move, and nobody writes it any more
-                continue
-            nps, nslot = split_ref(new)
-            pairs.append((ow, (self._pagesets.page(nps, k) + nslot * size) // 8, summary))
-        return pairs
-
-    def _mv_drain_cache(self, k: int, sources: frozenset[int]) -> None:
-        """Give back id ``k``'s cached slots that lie in ``sources`` (``k`` is ours)."""
-        if not sources:
-            return
-        r = self._root
-        for cb, _n, refs in self._cache_lists(k):
-            out = [x for x in refs if split_ref(x)[0] in sources]
-            if not out:
-                continue
-            keep = [x for x in refs if split_ref(x)[0] not in sources]
-            for i, x in enumerate(keep):
-                r[cb + 1 + i] = x
-            r[cb] = len(keep)  # commit: a crash from here leaks the slots below (check())
-            for x in out:
-                self._pagesets.zero(x)
-            self._pagesets.give_back(out)
-
-    def _mv_cached_in(self, k: int, sources: frozenset[int]) -> bool:
-        return any(split_ref(x)[0] in sources
-                   for _cb, _n, refs in self._cache_lists(k) for x in refs)
-
-    def _mv_need_ids(self, batch: MoveBatch) -> frozenset[int]:
-        """Ids with a page in a pageset that a move leaves: their values must move. Only
-        handles bound through ``_mv_follow`` touch those pagesets during the batch, never a
-        moved slot, so the set is computed once per batch."""
-        if self._mv_need[0] == batch.gen:
-            return self._mv_need[1]
-        ids: set[int] = set()
-        for ps in {split_ref(old)[0] for old, _new, _kind in batch.moves}:
-            ids.update(k for k, _page in self._pagesets.id_pages(self._pagesets.entry(ps)))
-        self._mv_need = (batch.gen, frozenset(ids))
-        return self._mv_need[1]
-
-    def _mv_finish_overflow(self) -> None:
-        """An overflow operation (holding the overflow lock) found a copy of the overflow id
-        that its copier died in the middle of: finish it before writing (step 4 iv)."""
-        with self._lock:
-            self._mv_adopt(self._max)
-
-    def _mv_finish_dead(self) -> dict[int, Any]:
-        """Under the domain lock, an odd ``L_SEQ`` means its copier died (copies run entirely
-        under the lock). For an id ``k < max_vcpus`` nobody has written it since (a lease taker
-        adopts under the lock before binding): finish those copies, so that a locked read sees
-        no half-moved value. The overflow id is written by its holders under the overflow lock
-        only, so its copy is finished only by whoever gets that lock (``try_lock``: the domain
-        lock is held); when an overflow operation holds it, the copy is left to that operation
-        and the read corrects for the one interrupted move instead (returned: ref -> what to
-        add to a read of that metric, a count or a (count, sum) pair). ``_plock`` and the
-        domain lock held."""
-        r = self._root
-        gen = int(r[D_MV_GEN])
-        if not gen & 1:
-            return {}
-        fix: dict[int, Any] = {}
-        for k, s in enumerate(self._mv_seqs()):
-            if not s & 1:
-                continue
-            if k < self._max:
-                self._mv_adopt(k, drain=False)  # its cache is its next owner's business
-                continue
-            fd = self.arena.fd
-            if fd is None or try_lock(fd, OVERFLOW_LOCK):  # private: _plock excludes them
-                try:
-                    self._mv_adopt(k, drain=False)
-                finally:
-                    if fd is not None:
-                        unlock(fd, OVERFLOW_LOCK)
-            else:
-                fix = self._mv_overflow_fix(self._mv_batch(gen))
-        return fix
-
-    def _mv_overflow_fix(self, batch: MoveBatch) -> dict[int, Any]:
-        """What a read must add for the overflow id's interrupted move (its journal step set):
-        its words are (v, w), (v, w + v) or (0, w + v) for the journalled (v, w), untouched
-        since (overflow operations finish it first, and they wait for the domain lock we
-        hold), so the pair holds ``v + w``. Between moves (step 0) the pairs are exact."""
-        q, d = self._q, self._d
-        st = self._root_q + move_state_base(self._max, self._max)
-        step = int(q[st + MS_STEP])
-        if not 0 < step <= len(batch.moves):
-            return {}
-        old, new, kind = batch.moves[step - 1]
-        words = []
-        for ref in (old, new):
-            ps, slot = split_ref(ref)
-            e = self._pagesets.entry(ps)
-            page = int(e[P_PAGES + self._max])
-            if not page:
-                return {}
-            words.append((page - 1 + slot * SIZE_CLASSES[int(e[P_CLASS]) - 1]) // 8)
-        o, n = words
-        dq = int(q[st + MS_OLD]) + int(q[st + MS_NEW]) - int(q[o]) - int(q[n])
-        if kind == KIND_SUMMARY:
-            dd = d[st + MS_OLD_F] + d[st + MS_NEW_F] - d[o + 1] - d[n + 1]
-            return {old: (dq, dd), new: (dq, dd)}
-        return {old: dq, new: dq}
-
-    # Grace period and completion (protocol step 5).
-
-    def _mv_advance(self) -> bool:
-        """Drive the batch in flight: apply it here, copy the values of ids nobody holds,
-        complete it once every holder has rebound and every id's values moved. True when no
-        batch is in flight afterwards. ``_plock`` and the domain lock held."""
-        r = self._root
-        gen = int(r[D_MV_GEN])
-        if not gen & 1:
-            return True
-        self._mv_sync()
-        batch = self._mv_batch(gen)
-        need = self._mv_need_ids(batch)
-        epoch = int(r[D_MV_EPOCH])
-        fd, mine = self.arena.fd, self._vcpu
-        live = set(self._live_holders())
-        waiting = False
-        for k in range(self._max):
-            behind = k in need and int(r[move_state_base(self._max, k) + MS_DONE]) != gen
-            if k in live:
-                if k != mine and (behind or int(r[lease_base(self._max, k) + L_ACK]) < epoch):
-                    waiting = True  # its quiescer has not come by yet (or it is stopped)
-                continue
-            if not (behind or self._mv_cached_in(k, batch.sources)):
-                continue
-            if fd is not None and not try_lock(fd, LEASE_LOCK_BASE + k):
-                waiting = True  # being leased right now: its taker applies the batch
-                continue
-            try:
-                self._mv_adopt(k)  # nobody holds k (its holder died or left): step 4 iii
-            finally:
-                if fd is not None:
-                    unlock(fd, LEASE_LOCK_BASE + k)
-        if self._oldest_overflow_ack(epoch) < epoch:
-            waiting = True  # an overflow holder has not rebound yet
-        elif self._max in need and int(
-                r[move_state_base(self._max, self._max) + MS_DONE]) != gen:
-            if fd is None or try_lock(fd, OVERFLOW_LOCK):
-                try:
-                    self._mv_adopt(self._max)  # step 4 iv: no overflow operation runs now
-                finally:
-                    if fd is not None:
-                        unlock(fd, OVERFLOW_LOCK)
-            else:
-                waiting = True
-        if waiting:
-            return False
-        self._mv_complete(batch)
-        return True
-
-    def _mv_complete(self, batch: MoveBatch) -> None:
-        """Return the old slots and the emptied pagesets; commit. Every step is idempotent
-        while ``D_MV_GEN`` is odd, so a completion cut short is finished by the next one."""
-        r = self._root
-        if int(r[D_MV_REG_DONE]) != batch.gen:
-            self._mv_fix_registry(batch)  # the publisher died before pointing it all at new
-        ps_ = self._pagesets
-        for old, _new, _kind in batch.moves:
-            if ps_.is_taken(old):
-                ps_.zero(old)
-                ps_.give_back([old])
-        pagesets = pages = 0
-        for ps in sorted(batch.sources):
-            e = ps_.entry(ps)
-            if not e[P_CLASS] or e[P_TAKEN]:
-                continue  # given back already, or a slot was taken meanwhile: kept
-            pages += ps_.drop_pages(ps)
-            pagesets += 1
-        r[D_REG_GEN] += 1  # a snapshot() that straddled the batch reads again
-        r[D_MV_GEN] = batch.gen + 1  # commit: readers stop pairing; old slots may be reused
-        if _membarrier.NEEDS_FENCE:
-            _membarrier.fence()  # before the lock that allows reuse is released
-        r[D_MOVES] += len(batch.moves)
-        r[D_RECLAIMED_PAGESETS] += pagesets
-        r[D_MV_PAGES] += pages
-        r[D_MV_BATCHES] += 1
-        r[D_MV_COUNT] = 0
-        r[D_MV_SOURCES] = 0
-
-    def _mv_fix_registry(self, batch: MoveBatch) -> None:
-        """Point every live registry entry still on an old ref at its new ref. Lock held."""
-        self._registry.repoint({old: new for old, new, _kind in batch.moves})
-        self._root[D_MV_REG_DONE] = batch.gen
-
-    # Readers (the reader rule in _compact's docstring).
-
-    def _mv_seqs(self) -> list[int]:
-        """Every id's ``L_SEQ`` (the overflow id's included), read without the lock."""
-        start = lease_base(self._max, 0) + L_SEQ
-        return self._root[start : start + (self._max + 1) * LEASE_WORDS : LEASE_WORDS].tolist()
-
-    def _mv_forward_stale(self, ref: int) -> int:
-        """The new ref of a handle whose ``_ref`` a reader loaded just before a sync."""
-        if ref in self._by_ref:
-            return ref
-        new = self._mv_fwd.get(ref)  # not ``or``: 0 is a ref (slot 0 of pageset 0)
-        return self._mv_fwd_prev.get(ref, ref) if new is None else new
-
-    def _mv_read(self, ref: int, read: Callable[[int], _T], add: Callable[[_T, _T], _T]) -> _T:
-        """``read(ref)`` (a sum over ids), made exact and monotonic while slots move."""
-        r = self._root
-        for _ in range(READ_TRIES):
-            if _membarrier.READ_UNDER_LOCK:
-                break
-            gen = int(r[D_MV_GEN])
-            if gen != self._mv_seen:
-                with self._plock, self._lock:
-                    self._mv_sync()
-                gen = int(r[D_MV_GEN])
-            # Always: another thread of this process may have synced since the caller loaded
-            # ``ref`` (the move then finished before ``gen`` was read, and its old pages may be
-            # gone already).
-            ref = self._mv_forward_stale(ref)
-            seqs = self._mv_seqs() if gen & 1 else None
-            if seqs is not None and any(s & 1 for s in seqs):
-                time.sleep(0)  # a copy is running: let its process finish it
-                continue
-            try:
-                pair = self._mv_batch(gen).pairs.get(ref) if gen & 1 else None
-                value = read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
-            except (IndexError, ValueError):  # a pageset was given back under us
-                if int(r[D_MV_GEN]) == gen:
-                    raise
-                continue
-            if int(r[D_MV_GEN]) == gen and (seqs is None or self._mv_seqs() == seqs):
-                return value
-        with self._plock, self._lock:  # batches and copies wait for us
-            self._mv_sync()
-            ref = self._mv_forward_stale(ref)
-            fix = self._mv_finish_dead()
-            gen = int(r[D_MV_GEN])
-            pair = self._mv_batch(gen).pairs.get(ref) if gen & 1 else None
-            value = read(ref) if pair is None else add(read(pair[0]), read(pair[1]))
-            return value if ref not in fix else add(value, fix[ref])
-
-    def _mv_read_begin(self) -> tuple[int, list[int] | None] | None:
-        """For ``snapshot``: the batch generation and, while a batch is in flight, every id's
-        sequence count; None when the read must be done under the lock."""
-        if _membarrier.READ_UNDER_LOCK:
-            return None
-        r = self._root
-        if int(r[D_MV_GEN]) != self._mv_seen:
-            with self._plock, self._lock:
-                self._mv_sync()
-        gen = int(r[D_MV_GEN])
-        seqs = self._mv_seqs() if gen & 1 else None
-        if seqs is not None and any(s & 1 for s in seqs):
-            return None
-        return gen, seqs
-
-    def _mv_read_end(self, token: tuple[int, list[int] | None] | None) -> bool:
-        """True when nothing moved since :meth:`_mv_read_begin` returned ``token``."""
-        return token is not None and int(self._root[D_MV_GEN]) == token[0] and (
-            token[1] is None or self._mv_seqs() == token[1])
-
-    def _mv_adjust(self, entries: list[tuple[int, int, int, bytes]], out: list[MetricValue],
-                   sums: dict[int, tuple[list[int], list[float]]]) -> list[MetricValue]:
-        """Add the other slot's part to every metric whose move is in flight (``_values``;
-        ``out[i]`` is ``entries[i]``'s value)."""
-        gen = int(self._root[D_MV_GEN])
-        pairs = self._mv_batch(gen).pairs if gen & 1 else {}
-        if not pairs:
-            return out
-        res = list(out)
-        for i, (kind, cls, ref, _key) in enumerate(entries):
-            pair = pairs.get(ref)
-            if pair is None:
-                continue
-            other = pair[0] if ref == pair[1] else pair[1]
-            ps, slot = split_ref(other)
-            if ps not in sums:
-                sums[ps] = self._pageset_sums(ps)
-            q, d = sums[ps]
-            word = slot * SIZE_CLASSES[cls] // 8
-            v = res[i]
-            if kind == KIND_SUMMARY:
-                res[i] = replace(v, value=v.value + d[word + 1], count=v.count + q[word])
-            else:
-                res[i] = replace(v, value=v.value + q[word])
-        return res
+        self._moves.set_compaction(threshold, interval=interval, timeout=timeout)
 
     # -- raw per-cpu objects ---------------------------------------------------------------
 
@@ -1776,13 +1019,13 @@ class Domain:
 
     def _read_sum(self, ref: int, size: int) -> int:
         """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
-        slots while a compaction moves it: ``_mv_read``). ``_closed_guard`` written out: this
+        slots while a compaction moves it: ``Moves.read``). ``_closed_guard`` written out: this
         is ``Counter.value``, and the wrapper's call would cost a fifth of it."""
         self._inflight += 1
         try:
             if self._closing or self._closed:
                 raise DomainClosed("the domain is closed")
-            return self._mv_read(ref, lambda x: self._sum_slot(x, size), int.__add__)
+            return self._moves.read(ref, lambda x: self._sum_slot(x, size), int.__add__)
         except (ValueError, OSError, BufferError, ArenaError):
             if self._closed or self._closing:
                 raise DomainClosed("the domain was closed during the call") from None
@@ -1806,7 +1049,7 @@ class Domain:
     def _read_summary(self, ref: int) -> tuple[int, float]:
         """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
         self._check_open()
-        return self._mv_read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
+        return self._moves.read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
 
     def _summary_slot(self, ref: int) -> tuple[int, float]:
         ps, slot = split_ref(ref)
@@ -1850,12 +1093,12 @@ class Domain:
         self._check_open()
         for _ in range(_SNAPSHOT_TRIES):
             gen, entries = self._entries_at()
-            moves = self._mv_read_begin()  # compaction: the batch and the ids' sequences
+            moves = self._moves.read_begin()  # compaction: the batch and the ids' sequences
             out = self._values(entries)
-            if self._root[D_REG_GEN] == gen and self._mv_read_end(moves):
+            if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
                 return out
         with self._plock, self._lock:  # removals wait: the slots read cannot be reused
-            fix = self._mv_finish_dead()  # compaction: no half-moved value under the lock
+            fix = self._moves.finish_dead()  # compaction: no half-moved value under the lock
             entries = self._entries()
             out = self._values(entries)
             for i, (_kind, _cls, ref, _key) in enumerate(entries):
@@ -1882,7 +1125,7 @@ class Domain:
                 append(MetricValue(name, labels, kind, d[word + 1], q[word]))
             else:
                 append(MetricValue(name, labels, kind, q[word]))
-        return self._mv_adjust(entries, out, sums)  # compaction: add old slots in flight
+        return self._moves.adjust(entries, out, sums)  # compaction: add old slots in flight
 
     def _plan_values(self, entries: list[tuple[int, int, int, bytes]]
                      ) -> list[tuple[int, int, str, tuple[tuple[str, str], ...], str]]:
@@ -1922,7 +1165,7 @@ class Domain:
                 ("overflow_holders", D_OVERFLOW_HOLDERS),
                 ("shared_id_operations", D_SHARED_OPS),
                 ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
-            moves = self._mv_stats(a.used_bytes)  # compaction figures
+            moves = self._moves.stats(a.used_bytes)  # compaction figures
             figures["pending_frees"] = self._pending.count()
         return DomainStats(
             max_vcpus=self._max, vcpu_id=self._vcpu, holders_now=len(live),
@@ -1969,7 +1212,7 @@ class Domain:
                 problems.append(f"{len(raw & referenced)} raw objects of this process share "
                                 "their slot with a metric, a cache or the pending queue")
             referenced |= raw
-            referenced |= self._mv_moving_refs()  # a compaction batch in flight holds both
+            referenced |= self._moves.moving_refs()  # a compaction batch in flight holds both
             taken: set[int] = set()
             dirty = 0
             for ps in range(int(r[D_PS_COUNT])):
@@ -2035,7 +1278,7 @@ class Domain:
             if self._closed or self._closing:
                 return
             self._closing = True  # from here no lease is taken and no thread started
-        self._mv_stop_policy()  # compaction's background thread, if any
+        self._moves.stop_policy()  # compaction's background thread, if any
         self._stop_quiescer()
         while self._inflight:  # calls that began before: each completes (none waits for long
             time.sleep(0.0005)  # once closing: compact and synchronize stop waiting)

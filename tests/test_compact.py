@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import initialize, invariant, precondition, rule
 
-import percpu._domain as domain_module
+import percpu._moves as moves_module
 from arena import Arena
 from percpu import Counter, Domain, InvalidArgument, MetricRemoved
 from percpu import _membarrier as mb
@@ -62,6 +62,7 @@ from percpu._layout import (
     slots_per_page,
     split_ref,
 )
+from percpu._moves import Moves
 from percpu._pagesets import Pagesets
 from percpu._registry import Registry
 
@@ -416,7 +417,7 @@ def test_compact_refuses_bad_arguments_and_changes_nothing() -> None:
         with pytest.raises(InvalidArgument):
             d.set_compaction(0.5, timeout=float("inf"))
         assert d.stats().pages == pages and d.stats().moved_slots == 0
-        assert d._policy is None
+        assert d._moves.policy is None
 
 
 def test_the_batch_size_limit_runs_several_batches() -> None:
@@ -436,11 +437,11 @@ def test_the_policy_compacts_in_the_background() -> None:
         while d.stats().compaction_batches == 0 and time.monotonic() < deadline:
             time.sleep(0.01)
         d.set_compaction(None)
-        assert d._policy is None and d._policy_runs >= 1
+        assert d._moves.policy is None and d._moves.policy_runs >= 1
         assert d.stats().compaction_batches >= 1
         assert all(c.value == i for i, c in cs.items())
         d.set_compaction(0.5, interval=10.0)  # left running: close() stops it
-    assert d._policy is None
+    assert d._moves.policy is None
 
 
 def test_the_hot_path_reads_nothing_but_cells_and_index() -> None:
@@ -745,7 +746,7 @@ def test_a_copier_killed_mid_copy_is_finished_under_the_lock(
     assert vcpu_b is not None
     a.compact(timeout=0)
     crash = Crash(stores)
-    monkeypatch.setattr(domain_module, "copy_moves", crash.copy)
+    monkeypatch.setattr(moves_module, "copy_moves", crash.copy)
     with pytest.raises(Killed):
         b._quiesce()  # b is killed inside its copy
     monkeypatch.undo()
@@ -775,16 +776,16 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
     calls = [0]
 
     def during(method: str) -> None:
-        real = getattr(Domain, method)
+        real = getattr(Moves, method)
 
-        def wrapped(self: Domain, *args: Any) -> Any:
+        def wrapped(self: Moves, *args: Any) -> Any:
             inside[0] = True
             try:
                 return real(self, *args)
             finally:
                 inside[0] = False
 
-        monkeypatch.setattr(Domain, method, wrapped)
+        monkeypatch.setattr(Moves, method, wrapped)
 
     def dies_on(method: str, at: int, owner: type = Domain) -> None:
         real = getattr(owner, method)
@@ -799,14 +800,14 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
         monkeypatch.setattr(owner, method, wrapped)
 
     if when == "registry":  # after the commit, before the registry points at the new refs
-        during("_mv_publish")
+        during("publish")
         dies_on("set_ref", 1, Registry)
         with pytest.raises(Killed):
             a.compact(timeout=0)
     else:  # some old slots returned (or some pages freed), then killed
         a.compact(timeout=0)
         b._quiesce()
-        during("_mv_complete")
+        during("complete")
         if when == "completion":  # the fifth old slot given back
             dies_on("give_back", 5, Pagesets)
         else:  # the first emptied page freed, killed freeing the second
@@ -954,7 +955,7 @@ class CompactMachine(SharedDomainMachine):
 
     @rule(data=st.data())
     def drive(self, data: st.DataObject) -> None:
-        self.pick(data).dom._mv_tick()
+        self.pick(data).dom._moves.tick()
 
     @rule(data=st.data())
     def compact_fully(self, data: st.DataObject) -> None:

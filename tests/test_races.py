@@ -25,12 +25,14 @@ from conftest import shm_dir
 
 import percpu
 import percpu._domain as domain_mod
+import percpu._moves as moves_mod
 import percpu._pending as pending_mod
 from arena.locks import lock as real_lock
 from arena.locks import unlock as real_unlock
 from percpu import Counter, Domain, DomainClosed, MetricRemoved
 from percpu._compact import copy_moves, plan_compaction
 from percpu._layout import D_MV_GEN, L_SEQ, LEASE_LOCK_BASE, MOVE_CAP, OVERFLOW_LOCK, lease_base
+from percpu._moves import Moves
 from percpu._registry import Registry
 
 SIZE = 1 << 20
@@ -190,10 +192,10 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
 
     def die_after_commit() -> None:
         dc = Domain.open(path)
-        publish, table = Domain._mv_publish, Registry.table
+        publish, table = Moves.publish, Registry.table
         inside = [False]
 
-        def publishing(self: Domain, *args: Any) -> None:
+        def publishing(self: Moves, *args: Any) -> None:
             inside[0] = True
             publish(self, *args)
 
@@ -202,7 +204,7 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
                 os.kill(os.getpid(), signal.SIGKILL)  # committed, registry not updated
             return table(self)
 
-        Domain._mv_publish = publishing  # type: ignore[method-assign, assignment]
+        Moves.publish = publishing  # type: ignore[method-assign, assignment]
         Registry.table = table_or_die  # type: ignore[method-assign]
         dc.compact(timeout=1)
 
@@ -210,7 +212,7 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
     status = child.reap()
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
     assert int(d._root[D_MV_GEN]) & 1  # the batch is in flight, its registry half not done
-    moving = [c for c in hot if d._mv_current(c._ref) != c._ref]
+    moving = [c for c in hot if d._moves.current(c._ref) != c._ref]
     assert moving
     victim = moving[0]
     assert d.remove("h", dict(victim.labels))
@@ -453,24 +455,24 @@ def test_a_handle_bound_while_a_batch_publishes_stays_live(
     for k, c in enumerate(hot):
         c.add(10 + k)
     with d1._lock:
-        infos, _live = d1._mv_inventory()
+        infos, _live = d1._moves.inventory()
         moving = {m.old for m in plan_compaction(infos, MOVE_CAP).moves}
     victim = next(c for c in hot if c._ref in moving)
     d1.release()
     d2 = Domain.open(path)
     holders.append(d2)
-    follow = Domain._mv_follow
+    follow = Moves.follow
     published: list[bool] = []
 
-    def follow_then_publish(self: Domain, h: Any) -> None:
+    def follow_then_publish(self: Moves, h: Any) -> None:
         follow(self, h)
-        if self is d1 and not published:
+        if self is d1._moves and not published:
             t = threading.Thread(target=lambda: published.append(
                 d2.compact(timeout=0.3).pending_moves > 0))
             t.start()
             t.join(0.2)  # it publishes now unless bind holds the domain lock (then: after)
 
-    monkeypatch.setattr(Domain, "_mv_follow", follow_then_publish)
+    monkeypatch.setattr(Moves, "follow", follow_then_publish)
     victim.inc()  # binds: must neither raise MetricRemoved nor lose the update
     monkeypatch.undo()
     deadline = time.monotonic() + 10
@@ -505,7 +507,7 @@ def test_a_locked_read_never_finishes_the_overflow_copy_under_an_overflow_writer
         for d in (d1, dv, dw):
             d._quiesce()  # everyone rebinds and acknowledges
 
-        seq_word = dc._root_q + lease_base(1, 1) + L_SEQ
+        seq_word = dc._moves._root_q + lease_base(1, 1) + L_SEQ
 
         def die_at_the_overflow_copy(q: Any, d: Any, state: int, seq: int, *args: Any) -> int:
             if seq == seq_word:
@@ -513,15 +515,15 @@ def test_a_locked_read_never_finishes_the_overflow_copy_under_an_overflow_writer
                 raise _Died  # ... and its copier is gone
             return copy_moves(q, d, state, seq, *args)
 
-        monkeypatch.setattr(domain_mod, "copy_moves", die_at_the_overflow_copy)
+        monkeypatch.setattr(moves_mod, "copy_moves", die_at_the_overflow_copy)
         with pytest.raises(_Died):
             dc.compact(timeout=1)
         dc._abandon()
-        monkeypatch.setattr(domain_mod, "copy_moves", copy_moves)
+        monkeypatch.setattr(moves_mod, "copy_moves", copy_moves)
         assert d1._q[seq_word] & 1
 
-        victim = next(c for c in mine if d1._mv_current(c._ref) == c._ref and c._ref in
-                      d1._mv_batch(int(d1._root[D_MV_GEN])).pairs)  # a moved metric's new ref
+        victim = next(c for c in mine if d1._moves.current(c._ref) == c._ref and c._ref in
+                      d1._moves.batch(int(d1._root[D_MV_GEN])).pairs)  # a moved metric's new ref
         word = victim._index  # the overflow id's word of it, as an overflow writer adds to it
         fd = dw.arena.fd
         assert fd is not None

@@ -1,0 +1,72 @@
+"""What a domain reports: its health figures, the metrics of a snapshot, a check's findings.
+
+Plain values (copies: changing one changes nothing in the domain), shared by the domain and the
+parts that fill them in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DomainStats:
+    """Health figures of a domain (shared figures count every process)."""
+
+    max_vcpus: int  #: ids that can be leased (plus the shared overflow id)
+    vcpu_id: int | None  #: this process's id (None before its first use; max_vcpus = overflow)
+    holders_now: int  #: ids held by a live holder right now (overflow holders not included)
+    ids_in_use: tuple[int, ...]  #: those ids, ascending (seed 000's "online" mask)
+    holder_pids: dict[int, int]  #: id -> pid recorded by its live holder
+    #: Ids ever leased in the domain. Ids go lowest first, so these are ids
+    #: 0..ids_ever_used - 1 (per-cpu memory follows this figure), and it is at most the peak
+    #: number of holders alive at once, however many processes came and went.
+    ids_ever_used: int
+    highest_id_used: int  #: the highest id ever leased: ids_ever_used - 1 (-1 before any)
+    fresh_ids: int  #: leases of an id never leased before (= distinct ids ever used)
+    reused_ids: int  #: leases of an id released cleanly before (its values carry on)
+    reclaimed_ids: int  #: leases of an id whose holder died holding it (its values carry on)
+    overflow_holders: int  #: holders, ever, that found every id taken and shared the overflow id
+    shared_id_operations: int  #: operations done on the overflow id, under its lock, ever
+    metrics: int  #: named metrics registered
+    pagesets: int  #: pagesets with at least one slot taken
+    pages: int  #: pages allocated to pagesets (each is one id's page of one pageset)
+    pending_frees: int  #: slots waiting for a grace period
+    epoch: int  #: grace-period epoch
+    recovered_cache_slots: int  #: slots recovered from dead holders' caches
+    arena_used_bytes: int
+    arena_free_bytes: int
+    bytes_per_metric: float  #: pages * 4096 / metrics (0 when there are none)
+    minor_faults: int  #: minor page faults of this process since its arena was ready
+    major_faults: int
+    # Compaction (Domain.compact): memory given back, and the batch in flight if any.
+    arena_pages_used: int = 0  #: 4096-byte pages of the arena in use (used bytes, rounded up)
+    pending_moves: int = 0  #: moves published and waiting for a holder's quiescent point
+    pending_move_seconds: float = 0.0  #: how long they have waited (0 when none)
+    moved_slots: int = 0  #: slots moved by compaction, ever
+    compacted_pagesets: int = 0  #: pagesets emptied and given back by compaction, ever
+    compacted_pages: int = 0  #: their pages, returned to the arena, ever
+    compaction_batches: int = 0  #: compaction batches completed, ever
+
+
+@dataclass(slots=True)  # not frozen: a snapshot builds one per metric, and a frozen
+class MetricValue:      # dataclass's __init__ costs about three times as much
+    """One metric in a :meth:`Domain.snapshot` (a copy: changing it changes nothing)."""
+
+    name: str
+    labels: tuple[tuple[str, str], ...]
+    kind: str  #: "counter", "gauge" or "summary"
+    value: int | float  #: counter/gauge value; a summary's sum
+    count: int = 0  #: a summary's count
+
+
+@dataclass(frozen=True)
+class DomainCheck:
+    """What :meth:`Domain.check` found."""
+
+    ok: bool
+    problems: tuple[str, ...]
+    unreferenced_slots: int  #: slots taken but in no registry entry, cache or pending queue
+    reclaimed_slots: int
+    arena: Any  #: the arena's CheckReport
