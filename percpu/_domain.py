@@ -69,7 +69,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
@@ -141,7 +140,6 @@ from ._layout import (
     OVERFLOW_LOCK,
     P_BITMAP,
     P_CLASS,
-    P_PAGES,
     P_TAKEN,
     PAGE,
     SIZE_CLASSES,
@@ -171,6 +169,7 @@ from ._pagesets import Pagesets
 from ._pending import PendingQueue
 from ._registry import Registry
 from ._results import DomainCheck, DomainStats, MetricValue
+from ._snapshot import SnapshotReader, with_fix
 
 H = TypeVar("H", bound=_Handle)
 _P = ParamSpec("_P")
@@ -293,15 +292,11 @@ class Domain:
         self._closing = False  # close() has begun: no new call, lease or thread
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
         self.quiescer_errors: list[str] = []  # what the quiescer thread survived (last 16)
-        self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
-        # (entries list it was made for, its rows): see _plan_values.
-        self._snapshot_plan: tuple[list[tuple[int, int, int, bytes]],
-                                   list[tuple[int, int, str, tuple[tuple[str, str], ...],
-                                              str]]] | None = None
         self._quiescer: threading.Thread | None = None
         self._stop = threading.Event()
         self._pid = os.getpid()
         self._moves = Moves(self)  # compaction's process-local state
+        self._snapshots = SnapshotReader(self._pagesets, self._moves)
         _domains.add(self)
 
     def _bind_root(self, offset: int, bound: int) -> None:
@@ -312,7 +307,7 @@ class Domain:
         self._pending = PendingQueue(self._root, self._bytes, pending_base(bound),
                                      self._alloc_block, self._free_block)
         self._registry = Registry(self._root, self._bytes, self._alloc_block, self._free_block)
-        self._pagesets = Pagesets(self._root, self._bytes, chunk_table(bound),
+        self._pagesets = Pagesets(self._root, self._bytes, self._q, self._d, chunk_table(bound),
                                   pageset_words(bound), bound + 1, self._lock,
                                   self._alloc_block, self._free_block,
                                   lambda: self._moves.draining())
@@ -1025,7 +1020,7 @@ class Domain:
         try:
             if self._closing or self._closed:
                 raise DomainClosed("the domain is closed")
-            return self._moves.read(ref, lambda x: self._sum_slot(x, size), int.__add__)
+            return self._moves.read(ref, self._pagesets.slot_sum, int.__add__)
         except (ValueError, OSError, BufferError, ArenaError):
             if self._closed or self._closing:
                 raise DomainClosed("the domain was closed during the call") from None
@@ -1033,53 +1028,12 @@ class Domain:
         finally:
             self._inflight -= 1
 
-    def _sum_slot(self, ref: int, size: int) -> int:
-        ps, slot = split_ref(ref)
-        e = self._pagesets.entry(ps)
-        q = self._q
-        word = slot * SIZE_CLASSES[int(e[P_CLASS]) - 1] // 8
-        total = 0
-        for vcpu in range(self._max + 1):  # _page_offsets inlined: this is Counter.value
-            page = e[P_PAGES + vcpu]
-            if page:
-                total += q[(page - 1) // 8 + word]
-        return total
-
     @_closed_guard
     def _read_summary(self, ref: int) -> tuple[int, float]:
         """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
         self._check_open()
-        return self._moves.read(ref, self._summary_slot, lambda a, b: (a[0] + b[0], a[1] + b[1]))
-
-    def _summary_slot(self, ref: int) -> tuple[int, float]:
-        ps, slot = split_ref(ref)
-        e = self._pagesets.entry(ps)
-        word = slot * 2
-        count, total = 0, 0.0
-        for vcpu in range(self._max + 1):  # _page_offsets inlined: this is Summary.value
-            page = e[P_PAGES + vcpu]
-            if page:
-                w = (page - 1) // 8 + word
-                count += self._q[w]
-                total += self._d[w + 1]
-        return count, total
-
-    def _pageset_sums(self, ps: int) -> tuple[list[int], list[float]]:
-        """Per-word sums over ids of pageset ``ps`` as int64, and as float64 for a pageset of
-        summaries (empty otherwise). One page copy per id that has a page of it."""
-        e = self._pagesets.entry(ps)
-        n = PAGE // 8
-        floats = int(e[P_CLASS]) - 1 == class_index(KIND_SIZES[KIND_SUMMARY])
-        rows_q, rows_d = [], []
-        for page in self._pagesets.page_offsets(e):
-            w = page // 8
-            rows_q.append(self._q[w : w + n].tolist())
-            if floats:
-                rows_d.append(self._d[w : w + n].tolist())
-        if not rows_q:
-            return [0] * n, [0.0] * n if floats else []
-        return (list(map(sum, zip(*rows_q, strict=True))),
-                list(map(sum, zip(*rows_d, strict=True))) if floats else [])
+        return self._moves.read(ref, self._pagesets.slot_summary,
+                                lambda a, b: (a[0] + b[0], a[1] + b[1]))
 
     @_closed_guard
     def snapshot(self) -> list[MetricValue]:
@@ -1094,55 +1048,13 @@ class Domain:
         for _ in range(_SNAPSHOT_TRIES):
             gen, entries = self._entries_at()
             moves = self._moves.read_begin()  # compaction: the batch and the ids' sequences
-            out = self._values(entries)
+            out = self._snapshots.values(entries)
             if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
                 return out
         with self._plock, self._lock:  # removals wait: the slots read cannot be reused
             fix = self._moves.finish_dead()  # compaction: no half-moved value under the lock
             entries = self._entries()
-            out = self._values(entries)
-            for i, (_kind, _cls, ref, _key) in enumerate(entries):
-                if ref in fix:  # the overflow id's interrupted move (rare)
-                    v = out[i]
-                    if v.kind == "summary":
-                        out[i] = replace(v, count=v.count + fix[ref][0],
-                                         value=v.value + fix[ref][1])
-                    else:
-                        out[i] = replace(v, value=v.value + fix[ref])
-            return out
-
-    def _values(self, entries: list[tuple[int, int, int, bytes]]) -> list[MetricValue]:
-        plan = self._snapshot_plan
-        if plan is None or plan[0] is not entries:  # the registry changed: plan again
-            plan = self._snapshot_plan = (entries, self._plan_values(entries))
-        rows = plan[1]
-        sums = {ps: self._pageset_sums(ps) for ps in {row[0] for row in rows}}
-        out: list[MetricValue] = []
-        append = out.append
-        for ps, word, name, labels, kind in rows:
-            q, d = sums[ps]
-            if kind == "summary":
-                append(MetricValue(name, labels, kind, d[word + 1], q[word]))
-            else:
-                append(MetricValue(name, labels, kind, q[word]))
-        return self._moves.adjust(entries, out, sums)  # compaction: add old slots in flight
-
-    def _plan_values(self, entries: list[tuple[int, int, int, bytes]]
-                     ) -> list[tuple[int, int, str, tuple[tuple[str, str], ...], str]]:
-        """(pageset, word, name, labels, kind name) of each entry: what a snapshot reads,
-        computed once per registry generation so that the per-metric loop stays short."""
-        if len(self._decoded) > 2 * len(entries) + 64:  # names removed since: forget them
-            keep = {key for _kind, _cls, _ref, key in entries}
-            self._decoded = {k: v for k, v in self._decoded.items() if k in keep}
-        rows = []
-        for kind, cls, ref, key in entries:
-            ps, slot = split_ref(ref)
-            decoded = self._decoded.get(key)
-            if decoded is None:
-                decoded = self._decoded[key] = decode_key(key)
-            rows.append((ps, slot * SIZE_CLASSES[cls] // 8, decoded[0], decoded[1],
-                         KIND_NAMES[kind]))
-        return rows
+            return with_fix(entries, self._snapshots.values(entries), fix)
 
     # -- health --------------------------------------------------------------------------
 

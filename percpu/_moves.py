@@ -135,8 +135,6 @@ class Host(Protocol):
 
     def _oldest_overflow_ack(self, limit: int, /) -> int: ...
 
-    def _pageset_sums(self, ps: int, /) -> tuple[list[int], list[float]]: ...
-
 
 class Moves:
     """The compaction runtime of one process of a domain (see the module docstring)."""
@@ -793,7 +791,7 @@ class Moves:
             other = pair[0] if ref == pair[1] else pair[1]
             ps, slot = split_ref(other)
             if ps not in sums:
-                sums[ps] = self._dom._pageset_sums(ps)
+                sums[ps] = self._pagesets.sums(ps, kind == KIND_SUMMARY)
             q, d = sums[ps]
             word = slot * SIZE_CLASSES[cls] // 8
             v = res[i]

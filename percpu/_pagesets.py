@@ -52,11 +52,14 @@ class Pagesets:
     kept block (raising ``DomainFull``), ``free(offset)`` gives one back; ``draining()``
     names the pagesets a compaction is emptying (closed to allocation)."""
 
-    def __init__(self, root: memoryview, heap: memoryview, chunks: int, entry_words: int,
-                 ids: int, lock: SharedLock, alloc: Callable[[int, str, int | None], int],
+    def __init__(self, root: memoryview, heap: memoryview, q: memoryview[int],
+                 d: memoryview[float], chunks: int, entry_words: int, ids: int,
+                 lock: SharedLock, alloc: Callable[[int, str, int | None], int],
                  free: Callable[[int], None], draining: Callable[[], frozenset[int]]) -> None:
         self._root = root
         self._heap = heap
+        self._q = q  # the heap as int64 words
+        self._d = d  # ... and as float64 words (a Summary's sum)
         self._chunks = chunks
         self._words = entry_words
         self._ids = ids
@@ -133,6 +136,51 @@ class Pagesets:
             pages += 1
         e[P_CLASS] = 0  # the entry is free for new()
         return pages
+
+    # -- sums over the ids (the reads) ----------------------------------------------------
+
+    def slot_sum(self, ref: int) -> int:
+        """The int64 word of slot ``ref`` summed over every id (``Counter.value``)."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        q = self._q
+        word = slot * SIZE_CLASSES[int(e[P_CLASS]) - 1] // 8
+        total = 0
+        for vcpu in range(self._ids):  # page_offsets inlined: this is Counter.value
+            page = e[P_PAGES + vcpu]
+            if page:
+                total += q[(page - 1) // 8 + word]
+        return total
+
+    def slot_summary(self, ref: int) -> tuple[int, float]:
+        """A Summary slot's (count, sum) over every id."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        word = slot * 2
+        count, total = 0, 0.0
+        for vcpu in range(self._ids):  # page_offsets inlined: this is Summary.value
+            page = e[P_PAGES + vcpu]
+            if page:
+                w = (page - 1) // 8 + word
+                count += self._q[w]
+                total += self._d[w + 1]
+        return count, total
+
+    def sums(self, ps: int, floats: bool) -> tuple[list[int], list[float]]:
+        """Per-word sums over ids of pageset ``ps`` as int64, and as float64 when ``floats``
+        (a pageset of summaries; empty otherwise). One page copy per id with a page of it."""
+        e = self.entry(ps)
+        n = PAGE // 8
+        rows_q, rows_d = [], []
+        for page in self.page_offsets(e):
+            w = page // 8
+            rows_q.append(self._q[w : w + n].tolist())
+            if floats:
+                rows_d.append(self._d[w : w + n].tolist())
+        if not rows_q:
+            return [0] * n, [0.0] * n if floats else []
+        return (list(map(sum, zip(*rows_q, strict=True))),
+                list(map(sum, zip(*rows_d, strict=True))) if floats else [])
 
     # -- slots ---------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ from percpu import Counter, Domain, DomainClosed, MetricRemoved
 from percpu._compact import copy_moves, plan_compaction
 from percpu._layout import D_MV_GEN, L_SEQ, LEASE_LOCK_BASE, MOVE_CAP, OVERFLOW_LOCK, lease_base
 from percpu._moves import Moves
+from percpu._pagesets import Pagesets
 from percpu._registry import Registry
 
 SIZE = 1 << 20
@@ -124,8 +125,8 @@ def test_a_read_that_close_overtakes_raises_domain_closed(
     inside, resume = threading.Event(), threading.Event()
     # Where each read is paused: past its open check, before it touches the mapping or the
     # descriptor (stats: before it takes the domain lock).
-    owner: Any = type(d.arena) if read == "stats" else Domain
-    target = {"value": "_sum_slot", "snapshot": "_pageset_sums", "stats": "stats"}[read]
+    owner: Any = type(d.arena) if read == "stats" else Pagesets
+    target = {"value": "slot_sum", "snapshot": "sums", "stats": "stats"}[read]
     real = getattr(owner, target)
 
     def paused(self: Any, *args: Any) -> Any:
