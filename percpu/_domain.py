@@ -105,23 +105,17 @@ from ._handles import (
     bind_view,
     detach,
 )
+from ._health import audit, figures
 from ._layout import (
     CACHE_CAP,
     CACHE_REFILL,
     CACHE_WORDS,
     D_EPOCH,
-    D_FRESH,
     D_MAGIC,
     D_MAX_VCPUS,
     D_MV_GEN,
-    D_OVERFLOW_HOLDERS,
-    D_PAGES,
-    D_PS_COUNT,
-    D_RECLAIMED,
     D_RECOVERED_SLOTS,
     D_REG_GEN,
-    D_REG_LIVE,
-    D_REUSED,
     D_SHARED_OPS,
     D_VERSION,
     KIND_COUNTER,
@@ -131,33 +125,27 @@ from ._layout import (
     KIND_SUMMARY,
     L_ACK,
     L_CACHE,
-    L_PID,
     LEASE_LOCK_BASE,
     MAGIC,
     MAX_OBJECT_SIZE,
     MOVE_CAP,
     OVERFLOW_ACK_BASE,
     OVERFLOW_LOCK,
-    P_BITMAP,
     P_CLASS,
-    P_TAKEN,
     PAGE,
     SIZE_CLASSES,
     VERSION,
     chunk_table,
     class_index,
     lease_base,
-    make_ref,
     pageset_words,
     pending_base,
     root_words,
-    slots_per_page,
     split_ref,
 )
 from ._leases import (
     LeasePath,
     choose_lowest,
-    ids_ever_used,
     live_ids,
     oldest_mark,
     record_lease,
@@ -1064,29 +1052,9 @@ class Domain:
         self._check_open()
         a = self.arena.stats()
         with self._lock:
-            r = self._root
-            live = self._live_holders()
-            pids = {k: int(r[lease_base(self._max, k) + L_PID]) for k in live}
-            pagesets = sum(1 for ps in range(int(r[D_PS_COUNT]))
-                           if self._pagesets.entry(ps)[P_TAKEN])
-            metrics, pages = int(r[D_REG_LIVE]), int(r[D_PAGES])
-            ever = ids_ever_used(r)
-            figures = {name: int(r[word]) for name, word in (
-                ("fresh_ids", D_FRESH),
-                ("reused_ids", D_REUSED), ("reclaimed_ids", D_RECLAIMED),
-                ("overflow_holders", D_OVERFLOW_HOLDERS),
-                ("shared_id_operations", D_SHARED_OPS),
-                ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
-            moves = self._moves.stats(a.used_bytes)  # compaction figures
-            figures["pending_frees"] = self._pending.count()
-        return DomainStats(
-            max_vcpus=self._max, vcpu_id=self._vcpu, holders_now=len(live),
-            ids_in_use=tuple(live), holder_pids=pids, ids_ever_used=ever,
-            highest_id_used=ever - 1,
-            metrics=metrics, pagesets=pagesets,
-            pages=pages, arena_used_bytes=a.used_bytes, arena_free_bytes=a.free_bytes,
-            bytes_per_metric=pages * PAGE / metrics if metrics else 0.0,
-            minor_faults=a.minor_faults, major_faults=a.major_faults, **figures, **moves)
+            return figures(self._root, self._max, self._vcpu, self._live_holders(),
+                           self._pagesets, a, self._pending.count(),
+                           self._moves.stats(a.used_bytes))
 
     @_closed_guard
     def check(self, reclaim: bool = False) -> DomainCheck:
@@ -1105,53 +1073,14 @@ class Domain:
         some id's copy (a write after free: the next user of the slot would not start at 0).
         """
         self._check_open()
-        problems: list[str] = []
         with self._plock, self._lock:
-            r = self._root
-            shared = [ref for _kind, _cls, ref, _key in self._entries()]
-            for k in range(self._max):
-                for c, (_cb, n, refs) in enumerate(self._cache_lists(k)):
-                    if n > CACHE_CAP:
-                        problems.append(f"id {k} class {c}: cache count {n} > {CACHE_CAP}")
-                    shared.extend(refs)
-            shared.extend(ref for ref, _epoch in self._pending.entries())
-            referenced = set(shared)
-            if len(referenced) != len(shared):
-                problems.append(f"{len(shared) - len(referenced)} slots are held twice (by the "
-                                "registry, a cache or the pending queue)")
+            caches = [(k, c, n, refs) for k in range(self._max)
+                      for c, (_cb, n, refs) in enumerate(self._cache_lists(k))]
             raw = {h._ref for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)}
-            if raw & referenced:
-                problems.append(f"{len(raw & referenced)} raw objects of this process share "
-                                "their slot with a metric, a cache or the pending queue")
-            referenced |= raw
-            referenced |= self._moves.moving_refs()  # a compaction batch in flight holds both
-            taken: set[int] = set()
-            dirty = 0
-            for ps in range(int(r[D_PS_COUNT])):
-                e = self._pagesets.entry(ps)
-                cls = int(e[P_CLASS]) - 1
-                if cls < 0:
-                    continue
-                size = SIZE_CLASSES[cls]
-                zero = bytes(size)
-                pages = [bytes(self._bytes[p : p + PAGE]) for _k, p in self._pagesets.id_pages(e)]
-                count = 0
-                for slot in range(slots_per_page(cls)):
-                    if e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
-                        taken.add(make_ref(ps, slot))
-                        count += 1
-                    elif any(page[slot * size : slot * size + size] != zero for page in pages):
-                        dirty += 1
-                if count != e[P_TAKEN]:
-                    problems.append(f"pageset {ps}: {count} slots taken, counter says "
-                                    f"{e[P_TAKEN]}")
-                    e[P_TAKEN] = count
-            if dirty:
-                problems.append(f"{dirty} free slots are not zero (written after being freed)")
-            missing = referenced - taken
-            if missing:
-                problems.append(f"{len(missing)} referenced slots are not marked taken")
-            unreferenced = sorted(taken - referenced)
+            problems, unreferenced = audit(
+                (ref for _kind, _cls, ref, _key in self._entries()), caches,
+                (ref for ref, _epoch in self._pending.entries()), raw,
+                self._moves.moving_refs(), self._pagesets)
             reclaimed = 0
             if reclaim and unreferenced and not self._others_alive():
                 for ref in unreferenced:

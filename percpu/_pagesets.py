@@ -261,6 +261,33 @@ class Pagesets:
             e[P_BITMAP + slot // 64] &= ~bit & 0xFFFFFFFFFFFFFFFF
             e[P_TAKEN] -= 1
 
+    def audit(self) -> tuple[set[int], int, list[str]]:
+        """(refs of every taken slot, free slots not zero in some id's copy, problems), for
+        ``Domain.check``; a taken count that disagrees with its bitmap is repaired (and said).
+        Lock held."""
+        taken: set[int] = set()
+        dirty = 0
+        problems: list[str] = []
+        for ps in range(self.count()):
+            e = self.entry(ps)
+            cls = int(e[P_CLASS]) - 1
+            if cls < 0:
+                continue
+            size = SIZE_CLASSES[cls]
+            zero = bytes(size)
+            pages = [bytes(self._heap[p : p + PAGE]) for p in self.page_offsets(e)]
+            count = 0
+            for slot in range(slots_per_page(cls)):
+                if e[P_BITMAP + slot // 64] >> (slot % 64) & 1:
+                    taken.add(make_ref(ps, slot))
+                    count += 1
+                elif any(page[slot * size : slot * size + size] != zero for page in pages):
+                    dirty += 1
+            if count != e[P_TAKEN]:
+                problems.append(f"pageset {ps}: {count} slots taken, counter says {e[P_TAKEN]}")
+                e[P_TAKEN] = count
+        return taken, dirty, problems
+
     def zero(self, ref: int) -> None:
         """Clear every id's copy of slot ``ref`` (nobody may be using it)."""
         ps, slot = split_ref(ref)
