@@ -76,6 +76,7 @@ from arena import Arena, ArenaError, ArenaExhausted, LockPolicy
 from arena.locks import is_locked, lock, read_lock, try_lock, unlock
 
 from . import _cpuset
+from ._caches import Caches
 from ._compact import (
     POLICY_INTERVAL,
     POLICY_TIMEOUT,
@@ -107,9 +108,6 @@ from ._handles import (
 )
 from ._health import audit, figures
 from ._layout import (
-    CACHE_CAP,
-    CACHE_REFILL,
-    CACHE_WORDS,
     D_EPOCH,
     D_MAGIC,
     D_MAX_VCPUS,
@@ -124,7 +122,6 @@ from ._layout import (
     KIND_SIZES,
     KIND_SUMMARY,
     L_ACK,
-    L_CACHE,
     LEASE_LOCK_BASE,
     MAGIC,
     MAX_OBJECT_SIZE,
@@ -299,6 +296,7 @@ class Domain:
                                   pageset_words(bound), bound + 1, self._lock,
                                   self._alloc_block, self._free_block,
                                   lambda: self._moves.draining())
+        self._caches = Caches(self._root, bound, self._lock, self._pagesets)
 
     def _validate_root(self, arena: Arena) -> int:
         off = arena.root_offset
@@ -408,7 +406,7 @@ class Domain:
             return vcpu
 
     def _cached_slots(self, vcpu: int) -> int:
-        return sum(len(refs) for _cb, _n, refs in self._cache_lists(vcpu))
+        return self._caches.count(vcpu)
 
     @_closed_guard
     def release(self) -> None:
@@ -516,18 +514,6 @@ class Domain:
 
     # -- pagesets and slots --------------------------------------------------------------
 
-    def _cache_lists(self, k: int) -> list[tuple[int, int, list[int]]]:
-        """(count word, count, refs) of each size class's cache of id ``k``; a count above
-        ``CACHE_CAP`` (a damaged file) comes with no refs. The one walk over an id's caches."""
-        r = self._root
-        base = lease_base(self._max, k) + L_CACHE
-        out = []
-        for c in range(len(SIZE_CLASSES)):
-            cb = base + c * CACHE_WORDS
-            n = int(r[cb])
-            out.append((cb, n, r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []))
-        return out
-
     def _alloc_block(self, nbytes: int, what: str, align: int | None = None) -> int:
         """A block kept by the domain (survives its allocator's death); its offset."""
         try:
@@ -542,49 +528,17 @@ class Domain:
         self.arena.free(self.arena.block_at(offset))
 
     def _cache_pop(self, cls: int) -> int:
-        """A ref from this holder's cache of class ``cls``, refilling it in bulk if empty.
-
-        The id is read under ``_plock``, so no other thread of ours releases it between
-        choosing the cache and writing it (the id's cache is shared memory: after a release
-        another process may own it)."""
+        """A free ref of class ``cls`` from this holder's cache. The id is read under
+        ``_plock``, so no other thread of ours releases it between choosing the cache and
+        writing it (the id's cache is shared memory: after a release another process may own
+        it)."""
         with self._plock:
-            vcpu = self.vcpu_id()
-            base = lease_base(self._max, vcpu) + L_CACHE + cls * CACHE_WORDS
-            r = self._root
-            if vcpu == self._max:  # the overflow id keeps no cache: one slot, under the lock
-                with self._lock:
-                    return self._pagesets.take(cls, 1)[0]
-            if r[base] == 0:
-                with self._lock:
-                    refs = self._pagesets.take(cls, CACHE_REFILL)
-                    for i, ref in enumerate(refs):
-                        r[base + 1 + i] = ref
-                    r[base] = len(refs)  # commit
-            n = int(r[base])
-            ref = int(r[base + n])
-            r[base] = n - 1  # commit before use: a crash now leaks the slot, never doubles it
-            return ref
+            return self._caches.pop(self.vcpu_id(), cls)
 
     def _cache_push(self, cls: int, ref: int) -> None:
-        """Return a zeroed ref to this holder's cache, draining a batch when it is full."""
+        """Return a zeroed ref to this holder's cache (``_plock``: as in ``_cache_pop``)."""
         with self._plock:
-            vcpu = self.vcpu_id()
-            r = self._root
-            if vcpu == self._max:
-                with self._lock:
-                    self._pagesets.give_back([ref])
-                return
-            base = lease_base(self._max, vcpu) + L_CACHE + cls * CACHE_WORDS
-            n = int(r[base])
-            if n == CACHE_CAP:
-                with self._lock:
-                    keep = CACHE_CAP - CACHE_REFILL
-                    spill = [int(r[base + 1 + i]) for i in range(keep, CACHE_CAP)]
-                    r[base] = keep  # commit
-                    self._pagesets.give_back(spill)
-                    n = keep
-            r[base + 1 + n] = ref
-            r[base] = n + 1  # commit
+            self._caches.push(self.vcpu_id(), cls, ref)
 
     # -- handles -------------------------------------------------------------------------
 
@@ -1075,7 +1029,7 @@ class Domain:
         self._check_open()
         with self._plock, self._lock:
             caches = [(k, c, n, refs) for k in range(self._max)
-                      for c, (_cb, n, refs) in enumerate(self._cache_lists(k))]
+                      for c, (_cb, n, refs) in enumerate(self._caches.lists(k))]
             raw = {h._ref for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)}
             problems, unreferenced = audit(
                 (ref for _kind, _cls, ref, _key in self._entries()), caches,

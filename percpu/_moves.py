@@ -30,6 +30,7 @@ from arena import ArenaError
 from arena.locks import SharedLock, try_lock, unlock
 
 from . import _membarrier
+from ._caches import Caches
 from ._compact import (
     DRIVE_AFTER,
     GRACE_POLL,
@@ -120,6 +121,7 @@ class Host(Protocol):
     _plock: Any  # a threading.RLock, replaced in a forked child
     _vcpu: int | None
     _pagesets: Pagesets
+    _caches: Caches
     _registry: Registry
     _pending: PendingQueue
     _by_ref: dict[int, list[_Handle]]
@@ -129,7 +131,6 @@ class Host(Protocol):
 
     def _quiesce(self) -> None: ...
 
-    def _cache_lists(self, k: int, /) -> list[tuple[int, int, list[int]]]: ...
 
     def _live_holders(self) -> list[int]: ...
 
@@ -144,7 +145,7 @@ class Moves:
         self._dom = dom
         self._root, self._max, self._q, self._d = dom._root, dom._max, dom._q, dom._d
         self._lock, self._arena = dom._lock, dom.arena
-        self._pagesets, self._registry = dom._pagesets, dom._registry
+        self._pagesets, self._registry, self._caches = dom._pagesets, dom._registry, dom._caches
         self._by_ref, self._local = dom._by_ref, dom._local
         self._root_q = dom._root_off // 8  # index in _q of the root block's word 0
         self.seen = int(self._root[D_MV_GEN])  # the batch generation our handles follow
@@ -321,7 +322,7 @@ class Moves:
         (entry index, kind). Lock held, no batch in flight."""
         r = self._root
         live = self._registry.live_refs()
-        cached = {ref for k in range(self._max) for _cb, _n, refs in self._dom._cache_lists(k)
+        cached = {ref for k in range(self._max) for _cb, _n, refs in self._caches.lists(k)
                   for ref in refs}
         infos = []
         for ps in range(int(r[D_PS_COUNT])):
@@ -493,7 +494,7 @@ class Moves:
                                self.pairs_for(k, batch, st),
                                _membarrier.fence if _membarrier.NEEDS_FENCE else None)
         if drain and k < self._max:
-            self.drain_cache(k, batch.sources)
+            self._caches.drain(k, batch.sources)
         return moved
 
     def pairs_for(self, k: int, batch: MoveBatch, st: int) -> list[Pair]:
@@ -522,27 +523,6 @@ class Moves:
             nps, nslot = split_ref(new)
             pairs.append((ow, (self._pagesets.page(nps, k) + nslot * size) // 8, summary))
         return pairs
-
-    def drain_cache(self, k: int, sources: frozenset[int]) -> None:
-        """Give back id ``k``'s cached slots that lie in ``sources`` (``k`` is ours)."""
-        if not sources:
-            return
-        r = self._root
-        for cb, _n, refs in self._dom._cache_lists(k):
-            out = [x for x in refs if split_ref(x)[0] in sources]
-            if not out:
-                continue
-            keep = [x for x in refs if split_ref(x)[0] not in sources]
-            for i, x in enumerate(keep):
-                r[cb + 1 + i] = x
-            r[cb] = len(keep)  # commit: a crash from here leaks the slots below (check())
-            for x in out:
-                self._pagesets.zero(x)
-            self._pagesets.give_back(out)
-
-    def cached_in(self, k: int, sources: frozenset[int]) -> bool:
-        return any(split_ref(x)[0] in sources
-                   for _cb, _n, refs in self._dom._cache_lists(k) for x in refs)
 
     def need_ids(self, batch: MoveBatch) -> frozenset[int]:
         """Ids with a page in a pageset that a move leaves: their values must move. Only
@@ -643,7 +623,7 @@ class Moves:
                 if k != mine and (behind or int(r[lease_base(self._max, k) + L_ACK]) < epoch):
                     waiting = True  # its quiescer has not come by yet (or it is stopped)
                 continue
-            if not (behind or self.cached_in(k, batch.sources)):
+            if not (behind or self._caches.holds_any(k, batch.sources)):
                 continue
             if fd is not None and not try_lock(fd, LEASE_LOCK_BASE + k):
                 waiting = True  # being leased right now: its taker applies the batch
