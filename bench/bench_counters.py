@@ -193,6 +193,15 @@ def test_percpu_add(benchmark: Any, domain: percpu.Domain) -> None:
     assert c.value > 0
 
 
+def test_percpu_value(benchmark: Any, domain: percpu.Domain) -> None:
+    """Reading a counter: the sum of its slot over every id (the read path, not the hot path;
+    compared with the floor only to give it a scale)."""
+    c = domain.counter("bench_value")
+    c.add(3)
+    _bench(benchmark, "percpu_value", lambda: c.value)
+    assert c.value == 3
+
+
 def test_prometheus(benchmark: Any) -> None:
     c = prometheus_client.Counter("bench_requests", "requests", registry=None)
     _bench(benchmark, "prometheus", c.inc)
