@@ -49,8 +49,8 @@ a stopped holder delays reclamation and compaction, never a caller, and ``remove
 waits, its queue spills into the arena). What can wait for another process is one of the two
 locks it holds for a short section; a holder stopped inside one stalls the others until it
 resumes or dies (the kernel drops a dead holder's locks). ``close`` waits for this process's
-calls in flight (each of them bounded as above); ``fork`` waits at most ``FORK_LOCK_WAIT`` for
-``_plock``.
+calls in flight (each bounded as above, all of them at most ``CLOSE_WAIT``); ``fork`` waits
+at most ``FORK_LOCK_WAIT`` for ``_plock``.
 
 Pagesets: one page per vcpu id, allocated from the arena the first time that id touches the
 pageset, so memory follows the ids in use, not the CPU count. Per-vcpu caches (in the lease
@@ -161,6 +161,7 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
+CLOSE_WAIT = 10.0  # seconds close() waits at most for the calls in flight
 _SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
 _KIND_CLASS: dict[int, type[_Handle]] = {
     KIND_COUNTER: Counter, KIND_GAUGE: Gauge, KIND_SUMMARY: Summary,
@@ -1075,8 +1076,13 @@ class Domain:
             self._closing = True  # from here no lease is taken and no thread started
         self._moves.stop_policy()  # compaction's background thread, if any
         self._stop_quiescer()
-        while self._inflight:  # calls that began before: each completes (none waits for long
-            time.sleep(0.0005)  # once closing: compact and synchronize stop waiting)
+        # Calls that began before: each completes (none waits for long once closing: compact
+        # and synchronize stop waiting). Bounded all the same: a call stuck behind a stopped
+        # process's lock (or a count made wrong by threads running without the GIL) must not
+        # make close() wait for ever; a call that outlives the bound finds DomainClosed.
+        deadline = time.monotonic() + CLOSE_WAIT
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.0005)
         with self._plock:  # updates in flight wait for it, then find the domain closed
             self.release()
             self._unmap()
