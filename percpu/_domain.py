@@ -73,7 +73,6 @@ from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
 from arena import Arena, ArenaError, ArenaExhausted, LockPolicy
-from arena.locks import is_locked, lock, read_lock, try_lock, unlock
 
 from . import _cpuset
 from ._caches import Caches
@@ -107,6 +106,7 @@ from ._handles import (
     detach,
 )
 from ._health import audit, figures
+from ._holder import HolderLocks
 from ._layout import (
     D_EPOCH,
     D_MAGIC,
@@ -122,12 +122,9 @@ from ._layout import (
     KIND_SIZES,
     KIND_SUMMARY,
     L_ACK,
-    LEASE_LOCK_BASE,
     MAGIC,
     MAX_OBJECT_SIZE,
     MOVE_CAP,
-    OVERFLOW_ACK_BASE,
-    OVERFLOW_LOCK,
     P_CLASS,
     PAGE,
     SIZE_CLASSES,
@@ -142,9 +139,6 @@ from ._layout import (
 )
 from ._leases import (
     LeasePath,
-    choose_lowest,
-    live_ids,
-    oldest_mark,
     record_lease,
     record_release,
 )
@@ -271,7 +265,7 @@ class Domain:
         # Guards this process's lease and cache state; never held across processes.
         self._plock = threading.RLock()
         self._vcpu: int | None = None
-        self._overflow_ack_byte: int | None = None  # our read lock while on the overflow id
+        self._holder = HolderLocks(arena, self._root, self._max)  # our lease's OFD locks
         self.last_lease_path: LeasePath | None = None  # how the current/last lease was taken
         self._ack = 0
         self._closed = False
@@ -369,12 +363,8 @@ class Domain:
                 return self._vcpu
             self._check_open()
             fd = self.arena.fd
-            if not _GIL_ENABLED:  # no GIL: the hot path is not atomic; lock every operation
-                vcpu: int | None = None
-            elif fd is None:  # private: this process is the only holder
-                vcpu = 0
-            else:
-                vcpu = choose_lowest(self._max, lambda k: try_lock(fd, LEASE_LOCK_BASE + k))
+            # No GIL: the hot path is not atomic, so every operation takes the overflow lock.
+            vcpu = self._holder.choose() if _GIL_ENABLED else None
             try:
                 with self._lock:
                     r = self._root
@@ -382,7 +372,7 @@ class Domain:
                     epoch = int(r[D_EPOCH])
                     if vcpu is None:
                         vcpu = self._max
-                        self._set_overflow_ack(epoch)
+                        self._holder.set_ack(epoch)
                     else:
                         if path is LeasePath.RECLAIMED:
                             r[D_RECOVERED_SLOTS] += self._cached_slots(vcpu)
@@ -394,11 +384,8 @@ class Domain:
                     # otherwise bind to a slot about to be reused).
                     self._quiesce()
             except BaseException:
-                if fd is not None and vcpu is not None:
-                    if vcpu < self._max:
-                        unlock(fd, LEASE_LOCK_BASE + vcpu)
-                    else:
-                        self._clear_overflow_ack()
+                if vcpu is not None:
+                    self._holder.drop(vcpu)
                 raise
             self.last_lease_path = path
             self._vcpu = vcpu
@@ -434,14 +421,9 @@ class Domain:
             # so the next holder of the id is its only writer.
             self._unbind_all()
             self._vcpu = None
-            fd = self.arena.fd
             with self._lock:
                 record_release(self._root, self._max, vcpu)  # pid 0 before the lock goes
-            if fd is not None:
-                if vcpu < self._max:
-                    unlock(fd, LEASE_LOCK_BASE + vcpu)
-                else:
-                    self._clear_overflow_ack()
+            self._holder.drop(vcpu)
         nested = self._plock._is_owned()  # type: ignore[attr-defined]  # release() re-entered
         if quiescer is not None and quiescer is not threading.current_thread() and not nested:
             quiescer.join()
@@ -468,50 +450,19 @@ class Domain:
         acknowledge epochs itself: the quiescer does, under ``_plock``, so no acknowledgement
         (and no retirement of the handle in use) can fall inside an operation.
         """
-        fd = self.arena.fd
         with self._plock:
-            if fd is not None:
-                lock(fd, OVERFLOW_LOCK)
+            self._holder.lock_overflow()
             try:
                 self._root[D_SHARED_OPS] += 1
                 if self._q[self._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
                     self._moves.finish_overflow()
                 yield
             finally:
-                if fd is not None:
-                    unlock(fd, OVERFLOW_LOCK)
-
-    # Overflow holders acknowledge grace periods through OFD read locks, as they have no lease
-    # record of their own: a holder that has acknowledged epoch ``e`` holds a read lock on byte
-    # ``OVERFLOW_ACK_BASE + e`` (one byte, moved forward as it acknowledges). A slot pending
-    # since epoch ``E`` waits while any lock lies below ``OVERFLOW_ACK_BASE + E``. The kernel
-    # drops a dead holder's lock, so a dead overflow holder never blocks a grace period.
-
-    def _set_overflow_ack(self, epoch: int) -> None:
-        """Publish that this overflow holder has acknowledged ``epoch``. Domain lock held."""
-        fd = self.arena.fd
-        old, new = self._overflow_ack_byte, OVERFLOW_ACK_BASE + epoch
-        if fd is None or old == new:
-            return
-        read_lock(fd, new)  # the new lock first: the published ack never jumps ahead
-        if old is not None:
-            unlock(fd, old)
-        self._overflow_ack_byte = new
-
-    def _clear_overflow_ack(self) -> None:
-        """This holder no longer holds the overflow id (release)."""
-        fd, old = self.arena.fd, self._overflow_ack_byte
-        self._overflow_ack_byte = None
-        if fd is not None and old is not None:
-            unlock(fd, old)
+                self._holder.unlock_overflow()
 
     def _oldest_overflow_ack(self, limit: int) -> int:
-        """``min(limit, the oldest epoch acknowledged by another live overflow holder)``: a
-        binary search over lock queries, ~log2(limit) syscalls. Domain lock held."""
-        fd = self.arena.fd
-        if fd is None:
-            return limit
-        return oldest_mark(limit, lambda n: is_locked(fd, OVERFLOW_ACK_BASE, n))
+        """``min(limit, the oldest epoch another live overflow holder acknowledged)``."""
+        return self._holder.oldest_ack(limit)
 
     # -- pagesets and slots --------------------------------------------------------------
 
@@ -750,7 +701,7 @@ class Domain:
             if vcpu is not None and vcpu < self._max:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
             elif vcpu == self._max:
-                self._set_overflow_ack(epoch)
+                self._holder.set_ack(epoch)
             if self._pending.count():
                 self._reclaim_pending()
 
@@ -789,11 +740,8 @@ class Domain:
             return self._moves.current(ref) == h._ref and found == kind  # the entry may lag a move
 
     def _live_holders(self) -> list[int]:
-        """Ids whose holder is alive: a pid recorded and the lock held (ours, or another open
-        file description's). Lock held."""
-        fd, mine = self.arena.fd, self._vcpu
-        return live_ids(self._root, self._max, lambda k: k == mine or (
-            fd is not None and is_locked(fd, LEASE_LOCK_BASE + k)))
+        """Ids whose holder is alive, ours included. Domain lock held."""
+        return self._holder.live(self._vcpu)
 
     def _reclaim_pending(self) -> int:
         """Zero and return every pending slot whose grace period is over; never waits. The
@@ -1054,8 +1002,7 @@ class Domain:
         acknowledged, never beyond the current one). Domain lock held."""
         if self._live_holders() not in ([], [self._vcpu]):
             return True
-        fd = self.arena.fd
-        return fd is not None and is_locked(fd, OVERFLOW_ACK_BASE, int(self._root[D_EPOCH]) + 1)
+        return self._holder.other_overflow_holders(int(self._root[D_EPOCH]))
 
     # -- life cycle ------------------------------------------------------------------------
 
@@ -1144,7 +1091,7 @@ class Domain:
             return
         # The arena reopened its file: this new open file description holds no lock, neither
         # the parent's lease nor its overflow acknowledgement; the parent keeps both.
-        self._overflow_ack_byte = None
+        self._holder.ack_byte = None
         self.last_lease_path = None
         # A named handle that a thread of the parent had taken out of _by_ref (to retire or
         # rebind it) when the fork came is still in _local: put it back, so that it is

@@ -25,6 +25,7 @@ from conftest import shm_dir
 
 import percpu
 import percpu._domain as domain_mod
+import percpu._holder as holder_mod
 import percpu._moves as moves_mod
 import percpu._pending as pending_mod
 from arena.locks import lock as real_lock
@@ -65,7 +66,7 @@ def test_release_unbinds_every_handle_before_the_lease_goes(
             seen["waited"] = t.is_alive()  # it waits for release() to finish, then rebinds
             seen["thread"] = t
 
-    monkeypatch.setattr(domain_mod, "unlock", unlock_then_race)
+    monkeypatch.setattr(holder_mod, "unlock", unlock_then_race)
     d1.release()
     seen["thread"].join(10)
     assert seen["other_id"] == 0
