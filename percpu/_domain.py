@@ -52,10 +52,17 @@ resumes or dies (the kernel drops a dead holder's locks). ``close`` waits for th
 calls in flight (each bounded as above, all of them at most ``CLOSE_WAIT``); ``fork`` waits
 at most ``FORK_LOCK_WAIT`` for ``_plock``.
 
-Pagesets: one page per vcpu id, allocated from the arena the first time that id touches the
-pageset, so memory follows the ids in use, not the CPU count. Per-vcpu caches (in the lease
-records) hand out slots without taking the domain lock; they refill from and drain to the
-pageset layer in batches of ``CACHE_REFILL``.
+The parts
+---------
+``Domain`` is the facade: its constructors, the public methods, leases (taking, releasing,
+fork), the grace periods and the quiescer thread, and close. It composes one part per concept,
+each with its invariant in its own docstring: ``_pagesets`` (slots, one page per id),
+``_caches`` (per-id caches of free slots), ``_registry`` (names -> slots), ``_pending`` (slots
+waiting for a grace period), ``_holder`` (this process's lease and overflow locks), ``_moves``
+(the compaction runtime), ``_snapshot`` (snapshot values), ``_health`` (stats and check), and
+``_handles`` (the hot path and every store to a handle's state). Parts never import this
+module: they take views, the lock and callables at construction, or read the domain through a
+small protocol (``_moves.Host``, ``_handles.Owner``).
 """
 
 from __future__ import annotations
@@ -758,8 +765,7 @@ class Domain:
         for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
             self._pagesets.zero(ref)
             self._pagesets.give_back([ref])
-        done = len(due)
-        return done
+        return len(due)
 
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
     #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
@@ -809,8 +815,6 @@ class Domain:
         Returns False if ``timeout`` seconds passed first (a holder has not acknowledged:
         stopped or stuck); the slots stay pending and are reclaimed later.
         """
-        import time
-
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             self._check_open()  # a close() from another thread ends the wait
