@@ -31,6 +31,7 @@ the child does not take copy-on-write faults later) and restarts its fault count
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import warnings
 import weakref
@@ -42,6 +43,7 @@ from . import _osmem
 from ._errors import (
     ArenaClosed,
     ArenaExhausted,
+    ArenaExists,
     BadArenaFile,
     DoubleFree,
     ForeignBlock,
@@ -248,7 +250,11 @@ class Arena:
         layout = _layout_from_args(size, block_size)
         _check_lock_policy(lock)
         spath = os.fspath(path)
-        fd = _osmem.create_file(spath, layout.total)
+        try:
+            fd = _osmem.create_file(spath, layout.total)
+        except FileExistsError:
+            raise ArenaExists(errno.EEXIST, f"{spath}: already exists (Arena.open attaches to an "
+                              "arena file; remove it first to make a new one)") from None
         try:
             mm = _osmem.map_shared(fd, layout.total, prefault)
             self = cls.__new__(cls)

@@ -61,6 +61,11 @@ class BadArenaFile(ArenaError, OSError):
     does not validate. Shared data is never trusted before it is validated."""
 
 
+class ArenaExists(ArenaError, FileExistsError):
+    """``Arena.create`` found its path taken (a file, a symlink, a directory): nothing was
+    changed. ``Arena.open`` attaches to an existing arena file."""
+
+
 class ArenaClosed(ArenaError, ValueError):
     """The arena (or pool) was closed; its memory is no longer mapped."""
 

@@ -12,6 +12,7 @@ from ._domain import Domain
 from ._errors import (
     BadDomainFile,
     DomainClosed,
+    DomainExists,
     DomainFull,
     InvalidArgument,
     InvalidType,
@@ -30,6 +31,7 @@ __all__ = [
     "Domain",
     "DomainCheck",
     "DomainClosed",
+    "DomainExists",
     "DomainFull",
     "DomainStats",
     "Gauge",

@@ -79,7 +79,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
-from arena import Arena, ArenaError, ArenaExhausted, LockPolicy
+from arena import Arena, ArenaError, ArenaExhausted, ArenaExists, LockPolicy
 
 from . import _cpuset
 from ._caches import Caches
@@ -91,6 +91,7 @@ from ._compact import (
 from ._errors import (
     BadDomainFile,
     DomainClosed,
+    DomainExists,
     DomainFull,
     InvalidArgument,
     InvalidType,
@@ -219,7 +220,12 @@ class Domain:
                prefault: bool = True) -> Domain:
         """Create a shared domain file (0600, never an existing path)."""
         bound = _check_max_vcpus(max_vcpus)
-        arena = Arena.create(path, _arena_size(size, bound), lock=lock, prefault=prefault)
+        try:
+            arena = Arena.create(path, _arena_size(size, bound), lock=lock, prefault=prefault)
+        except ArenaExists as exc:
+            raise DomainExists(exc.errno, f"{os.fspath(path)}: already exists (Domain.open "
+                               "attaches to a domain file; remove it first to make a new one)"
+                               ) from None
         self = cls.__new__(cls)
         try:
             self._attach(arena, fresh_bound=bound)
@@ -235,8 +241,9 @@ class Domain:
         """Open a shared domain file made by :meth:`create` (owner, mode and headers checked)."""
         try:
             arena = Arena.open(path, lock=lock, prefault=prefault)
-        except ArenaError as exc:
-            raise BadDomainFile(getattr(exc, "errno", None) or 22, str(exc)) from None
+        except ArenaError as exc:  # its own errno once, not "[Errno 22] [Errno 22] ..."
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise BadDomainFile(getattr(exc, "errno", None) or 22, reason) from None
         self = cls.__new__(cls)
         try:
             self._attach(arena, fresh_bound=None)

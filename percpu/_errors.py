@@ -41,5 +41,10 @@ class BadDomainFile(PercpuError, OSError):
     validate (magic, version, sizes), or it is not owned by this user / is writable by others."""
 
 
+class DomainExists(PercpuError, FileExistsError):
+    """``Domain.create`` found its path taken (a file, a symlink, a directory): nothing was
+    changed. ``Domain.open`` attaches to an existing domain file."""
+
+
 class DomainClosed(PercpuError, ValueError):
     """The domain was closed; its handles no longer refer to mapped memory."""

@@ -1,0 +1,59 @@
+"""The shared file as untrusted input: clean refusals (issue 14, the parts done so far)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from conftest import shm_dir
+
+from arena import Arena, ArenaExists
+from percpu import BadDomainFile, Domain, DomainExists
+
+
+@pytest.fixture
+def tmp() -> Iterator[str]:
+    d = tempfile.mkdtemp(dir=shm_dir(), prefix="test_trust-")
+    yield d
+    shutil.rmtree(d)
+
+
+@pytest.mark.parametrize("what", ["file", "symlink", "dangling symlink", "directory"])
+def test_create_over_a_taken_path_is_refused_and_changes_nothing(tmp: str, what: str) -> None:
+    path = os.path.join(tmp, "domain")
+    target = os.path.join(tmp, "target")
+    if what == "file":
+        with open(path, "wb") as f:
+            f.write(b"precious")
+    elif what == "directory":
+        os.mkdir(path)
+    else:
+        if what == "symlink":
+            with open(target, "wb") as f:
+                f.write(b"precious")
+        os.symlink(target, path)
+    before = sorted(os.listdir(tmp))
+    with pytest.raises(DomainExists) as domain_error:
+        Domain.create(path, 1 << 20, max_vcpus=2)
+    assert isinstance(domain_error.value, FileExistsError)
+    assert "already exists" in str(domain_error.value)
+    with pytest.raises(ArenaExists) as arena_error:
+        Arena.create(path, 1 << 20)
+    assert isinstance(arena_error.value, FileExistsError)
+    assert sorted(os.listdir(tmp)) == before
+    if what in ("file", "symlink"):
+        with open(target if what == "symlink" else path, "rb") as f:
+            assert f.read() == b"precious"
+
+
+def test_a_refused_file_says_its_errno_once(tmp: str) -> None:
+    path = os.path.join(tmp, "garbage")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"not a domain" * 1000)
+    os.close(fd)
+    with pytest.raises(BadDomainFile) as refused:
+        Domain.open(path)
+    assert str(refused.value).count("[Errno") == 1, str(refused.value)
