@@ -950,7 +950,12 @@ class Domain:
         for _ in range(_SNAPSHOT_TRIES):
             gen, entries = self._entries_at()
             moves = self._moves.read_begin()  # compaction: the batch and the ids' sequences
-            out = self._snapshots.values(entries)
+            try:
+                out = self._snapshots.values(entries)
+            except (IndexError, ValueError):  # stale entries met a pageset given back
+                if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
+                    raise
+                continue
             if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
                 return out
         with self._plock, self._lock:  # removals wait: the slots read cannot be reused

@@ -770,7 +770,7 @@ class Moves:
                 continue
             other = pair[0] if ref == pair[1] else pair[1]
             ps, slot = split_ref(other)
-            if ps not in sums:
+            if ps not in sums or (kind == KIND_SUMMARY and not sums[ps][1]):
                 sums[ps] = self._pagesets.sums(ps, kind == KIND_SUMMARY)
             q, d = sums[ps]
             word = slot * SIZE_CLASSES[cls] // 8

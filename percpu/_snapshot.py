@@ -18,7 +18,6 @@ from ._layout import (
     KIND_NAMES,
     KIND_SIZES,
     KIND_SUMMARY,
-    P_CLASS,
     SIZE_CLASSES,
     class_index,
     split_ref,
@@ -48,9 +47,13 @@ class SnapshotReader:
         if plan is None or plan[0] is not entries:  # the registry changed: plan again
             plan = self._plan = (entries, self._rows(entries))
         rows = plan[1]
-        pagesets = self._pagesets
-        sums = {ps: pagesets.sums(ps, pagesets.entry(ps)[P_CLASS] - 1 == _SUMMARY_CLASS)
-                for ps in {row[0] for row in rows}}
+        # Float sums where an entry is a summary, by the entries' kinds: the pageset's own
+        # class word may already say otherwise when the entries are stale (the pageset given
+        # back and reused meanwhile; the caller then discards this read).
+        floats: dict[int, bool] = {}
+        for row in rows:
+            floats[row[0]] = floats.get(row[0], False) or row[4] == "summary"
+        sums = {ps: self._pagesets.sums(ps, f) for ps, f in floats.items()}
         out: list[MetricValue] = []
         append = out.append
         for ps, word, name, labels, kind in rows:
