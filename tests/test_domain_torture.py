@@ -39,7 +39,9 @@ unexpected exception or exit non-zero.
 ``PERCPU_DOMAIN_TORTURE_SEED`` picks the parent's random choices. The figures are printed as
 one line (``-s`` shows it) and written as JSON to ``$PERCPU_TORTURE_REPORT`` when it is set.
 Nothing waits unbounded: the parent gives every child ``HANG_GUARD`` seconds to stop, then
-fails with the child's thread stacks (faulthandler on SIGUSR1) and its kernel state.
+fails with the child's thread stacks (faulthandler on SIGUSR1) and its kernel state. The
+harness (forking, the stop word, the pipes' drainer, kills and stops, the bounded end) comes
+from ``tests/_chaos.py``; the records and the roles are this file's.
 """
 
 from __future__ import annotations
@@ -47,11 +49,9 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
-import mmap
 import os
 import random
 import select
-import selectors
 import shutil
 import signal
 import struct
@@ -64,13 +64,13 @@ from collections import Counter as Tally
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from _chaos import HANG_GUARD, STOP, Chaos, Proc, fork, stopping
 from conftest import shm_dir
 
 from percpu import Counter, Domain, DomainClosed, Gauge, MetricRemoved, Summary
 
 DURATION = float(os.environ.get("PERCPU_DOMAIN_TORTURE_SECONDS", "8"))  # seconds of chaos
 SEED = int(os.environ.get("PERCPU_DOMAIN_TORTURE_SEED", "12"))
-HANG_GUARD = 60.0  # seconds: the longest the parent (or a child) waits for anything
 SIZE = 16 << 20  # bytes of arena
 MAX_VCPUS = 3  # fewer than the holders: most share the overflow id
 COUNTERS = 24  # fixed counters every writer adds to
@@ -93,15 +93,6 @@ EVENTS = ("releases", "forks", "fork_adds", "compactions", "moved", "pending_aft
 EV = {name: i for i, name in enumerate(EVENTS)}
 assert REC.size + MAX_TEXT <= select.PIPE_BUF  # one os.write: one whole record, never torn
 
-# The stop word: a shared anonymous page, inherited by every child (and grandchild) at fork;
-# the parent sets it to ask them all to finish (a plain memory word: no handler to race with).
-_STOP_PAGE = mmap.mmap(-1, mmap.PAGESIZE)
-STOP = memoryview(_STOP_PAGE).cast("q")
-
-
-def stopping() -> bool:
-    return bool(STOP[0])
-
 
 class Out:
     """The child's end of its pipe: one atomic ``os.write`` per record."""
@@ -121,32 +112,6 @@ class Out:
 
     def exception(self, token: int, what: str) -> None:
         self.error(token, f"{what}:\n{traceback.format_exc()}")
-
-
-def _bound_lifetime(seconds: float) -> None:
-    """End this process (after dumping its stacks) ``seconds`` from now, whatever happens to
-    its parent: SIGALRM's default action, chained after faulthandler's dump."""
-    faulthandler.register(signal.SIGALRM, all_threads=True, chain=True)
-    signal.alarm(int(seconds) + 1)
-
-
-def _child(fn: Callable[[Out], None], fd: int) -> int:
-    sys.stdout.flush()  # or the child would print the parent's buffered output again
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - runs in the child, never returns into pytest
-        code = 1
-        try:
-            faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks, if it hangs
-            _bound_lifetime(DURATION + 3 * HANG_GUARD)
-            fn(Out(fd))
-            code = 0
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                Out(fd).exception(0, "the process raised")
-        finally:
-            os._exit(code)
-    return pid
 
 
 def _join(threads: list[threading.Thread], out: Out, what: str) -> bool:
@@ -182,25 +147,19 @@ def _fork_child(d: Domain, cs: list[Counter], rng: random.Random, out: Out, inde
     """Fork a child that counts FORK_ADDS adds on its own lease; wait for it (bounded)."""
     token = -(index + 1)
     seed = rng.randrange(1 << 30)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the forked child: only this thread runs here
-        code = 1
-        try:
-            _bound_lifetime(HANG_GUARD)  # an orphan too (its forker SIGKILLed) ends in time
-            crng = random.Random(seed)
-            for _ in range(FORK_ADDS):
-                if stopping():
-                    break
-                _one_add(cs, crng, out, token)
-                out.event("fork_adds")
-            if crng.random() < 0.5:
-                d.release()  # else it just leaves: the next holder reclaims its id
-            code = 0
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                out.exception(token, "forked child")
-        finally:
-            os._exit(code)
+
+    def run() -> None:  # pragma: no cover - the forked child: only this thread runs here
+        crng = random.Random(seed)
+        for _ in range(FORK_ADDS):
+            if stopping():
+                break
+            _one_add(cs, crng, out, token)
+            out.event("fork_adds")
+        if crng.random() < 0.5:
+            d.release()  # else it just leaves: the next holder reclaims its id
+
+    # A lifetime: an orphan too (its forker SIGKILLed) ends in time.
+    pid = fork(run, lambda: out.exception(token, "forked child"), lifetime=HANG_GUARD)
     out.event("forks")
     deadline = time.monotonic() + HANG_GUARD / 2
     while True:
@@ -433,39 +392,26 @@ def compactor(path: str) -> Callable[[Out], None]:
 
 
 @dataclass
-class Proc:
-    role: str
-    pid: int
-    fd: int  # read end of its pipe
-    stopped: bool = False
-    killed: bool = False  # set before the SIGKILL is sent
-    reaped: bool = False
-    data: bytearray = field(default_factory=bytearray)
+class DomainProc(Proc):
+    """A child and the calls its records left open."""
+
     open_calls: dict[int, tuple[int, int]] = field(default_factory=dict)  # token -> (i, n)
     errored: set[int] = field(default_factory=set)  # tokens that reported an exception
     bad: list[str] = field(default_factory=list)  # protocol breaches seen in its records
 
 
-class Chaos:
+class DomainChaos(Chaos[DomainProc]):
+    """Every role at once; the parent kills any of the killable and stops any child."""
+
     def __init__(self, path: str, rng: random.Random) -> None:
-        self.path = path
-        self.rng = rng
-        self.procs: list[Proc] = []
-        self.done: list[Proc] = []  # pipes drained to EOF
+        super().__init__(path, rng, DomainProc)
         self.acked = [0] * COUNTERS  # amounts acknowledged, per counter
         self.calls = 0  # calls acknowledged
         self.refused = 0  # calls that raised DomainClosed in a closer
         self.events: Tally[str] = Tally()
         self.errors: list[str] = []  # what the children reported
-        self.kills: Tally[str] = Tally()
-        self.stops = 0
-        self.lock = threading.Lock()  # guards procs, done and the tallies between the threads
-        self.quit = threading.Event()
-        self.drainer = threading.Thread(target=self.drain, daemon=True)
-        self.error: BaseException | None = None  # what killed the drainer, if anything
-        self.seeds = iter(range(1, 1 << 30))
 
-    def spawn(self, role: str) -> None:
+    def child(self, role: str, fd: int) -> int:
         seed = next(self.seeds)
         fn: Callable[[Out], None]
         if role in ("writer", "releaser", "forker"):
@@ -479,45 +425,20 @@ class Chaos:
         else:
             assert role == "reader"
             fn = reader(self.path)
-        r, w = os.pipe()
-        pid = _child(fn, w)
-        os.close(w)
-        with self.lock:
-            self.procs.append(Proc(role, pid, r))
+        out = Out(fd)
+        return fork(lambda: fn(out), lambda: out.exception(0, "the process raised"),
+                    lifetime=DURATION + 3 * HANG_GUARD)
 
-    def drain(self) -> None:
-        try:
-            self._drain()
-        except BaseException as exc:  # a dead drainer would block every writer: say so
-            self.error = exc
-            raise
+    def ended(self, p: DomainProc) -> None:
+        if p.data:
+            p.bad.append(f"{len(p.data)} bytes of a torn record")
 
-    def _drain(self) -> None:
-        with selectors.DefaultSelector() as sel:
-            watched: dict[int, Proc] = {}
-            while not self.quit.is_set() or watched or self.procs:
-                with self.lock:
-                    for p in self.procs:
-                        if p.fd not in watched:
-                            watched[p.fd] = p
-                            sel.register(p.fd, selectors.EVENT_READ)
-                for key, _events in sel.select(0.05):
-                    fd = int(key.fd)
-                    p = watched[fd]
-                    chunk = os.read(fd, 1 << 16)
-                    if chunk:
-                        self.take(p, chunk)
-                        continue
-                    sel.unregister(fd)  # EOF: the process (and any child it forked) is gone
-                    del watched[fd]
-                    with self.lock:
-                        if p.data:
-                            p.bad.append(f"{len(p.data)} bytes of a torn record")
-                        self.procs.remove(p)
-                        self.done.append(p)
-                    os.close(fd)
+    def target(self, p: DomainProc) -> bool:
+        """Not while stopped, nor once SIGKILLed: its pipe stays open (and it in ``procs``)
+        while a child it forked lives on."""
+        return not p.stopped and not p.killed
 
-    def take(self, p: Proc, chunk: bytes) -> None:
+    def take(self, p: DomainProc, chunk: bytes) -> None:
         buf = p.data
         buf += chunk
         off = 0
@@ -553,51 +474,23 @@ class Chaos:
                     p.bad.append(f"unknown record kind {kind}")
         del buf[:off]
 
-    def pick(self, roles: tuple[str, ...]) -> Proc | None:
-        with self.lock:
-            choice = [p for p in self.procs if p.role in roles and not p.stopped
-                      and not p.killed]
-        return self.rng.choice(choice) if choice else None
-
-    def kill(self, p: Proc) -> None:
-        p.killed = True  # before the signal: the drainer may see its EOF at once
-        os.kill(p.pid, signal.SIGKILL)
-        self.kills[p.role] += 1
-        self.spawn(p.role)
-
-    def run(self, seconds: float) -> None:
+    def act(self, now: float) -> None:
         rng = self.rng
-        end = time.monotonic() + seconds
-        stopped: list[tuple[float, Proc]] = []
-        while time.monotonic() < end:
-            time.sleep(rng.uniform(0.1, 0.4))
-            now = time.monotonic()
-            for t, q in list(stopped):
-                if now >= t:
-                    os.kill(q.pid, signal.SIGCONT)
-                    q.stopped = False
-                    stopped.remove((t, q))
-            action = rng.random()
-            if action < 0.3:
-                p = self.pick(WRITER_KINDS)
-            elif action < 0.4:
-                p = self.pick(("remover",))
-            elif action < 0.5:
-                p = self.pick(("compactor",))
-            else:
-                p = self.pick(("writer", "releaser", "forker", "closer", "remover",
-                               "compactor", "reader"))
-                if p is not None:
-                    os.kill(p.pid, signal.SIGSTOP)
-                    p.stopped = True
-                    self.stops += 1
-                    stopped.append((now + rng.uniform(0.05, 0.6), p))
-                continue
+        action = rng.random()
+        if action < 0.3:
+            p = self.pick(WRITER_KINDS)
+        elif action < 0.4:
+            p = self.pick(("remover",))
+        elif action < 0.5:
+            p = self.pick(("compactor",))
+        else:
+            p = self.pick(("writer", "releaser", "forker", "closer", "remover",
+                           "compactor", "reader"))
             if p is not None:
-                self.kill(p)
-        for _t, q in stopped:
-            os.kill(q.pid, signal.SIGCONT)
-            q.stopped = False
+                self.stop(p, now + rng.uniform(0.05, 0.6))
+            return
+        if p is not None:
+            self.kill(p)
 
     def finish(self) -> None:
         """Stop everyone, continue them all, wait for each (bounded), reap the killed."""
@@ -616,38 +509,14 @@ class Chaos:
                 if not (os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL):
                     self.errors.append(f"{p.role} {p.pid} (SIGKILLed) ended with {status}")
                 continue
-            while True:
-                pid, status = os.waitpid(p.pid, os.WNOHANG)
-                if pid:
-                    p.reaped = True
-                    if os.waitstatus_to_exitcode(status) != 0:
-                        self.errors.append(f"{p.role} {p.pid} ended with status {status}")
-                    break
-                if time.monotonic() >= deadline:
-                    raise AssertionError(self.hang_report(p))
-                time.sleep(0.01)
-        self.quit.set()
-        self.drainer.join(HANG_GUARD)  # EOF from every pipe: forked children gone too
-        assert not self.drainer.is_alive(), \
-            f"a pipe stays open (a forked child hangs?): {[p.pid for p in self.procs]}"
+            status = self.wait(p, deadline)
+            if os.waitstatus_to_exitcode(status) != 0:
+                self.errors.append(f"{p.role} {p.pid} ended with status {status}")
+        self.join_drainer()  # EOF from every pipe: forked children gone too
         assert self.error is None, f"the drainer died: {self.error!r}"
 
-    def hang_report(self, p: Proc) -> str:
-        os.kill(p.pid, signal.SIGUSR1)  # its threads' stacks, on stderr
-        time.sleep(1)
-        with self.lock:
-            drained = p in self.procs
-        try:
-            with open(f"/proc/{p.pid}/status") as f:
-                status = " ".join(line.strip() for line in f if line.startswith(
-                    ("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")))
-            with open(f"/proc/{p.pid}/wchan") as f:
-                status += f" wchan {f.read()}"
-        except OSError as exc:
-            status = repr(exc)
-        return (f"{p.role} {p.pid} does not stop in {HANG_GUARD} s (drainer alive: "
-                f"{self.drainer.is_alive()} {self.error!r}, its pipe open: {drained}; "
-                f"{status}); errors reported so far: {self.errors}")
+    def hang_report(self, p: DomainProc) -> str:
+        return f"{super().hang_report(p)}; errors reported so far: {self.errors}"
 
 
 def _setup(path: str) -> None:
@@ -673,8 +542,7 @@ def test_every_protocol_at_once_keeps_counts_exact() -> None:
     tmp = tempfile.mkdtemp(dir=shm_dir(), prefix="test_domain_torture-")
     TORTURE_DIRS.append(tmp)
     path = os.path.join(tmp, "domain")
-    chaos = Chaos(path, random.Random(SEED))
-    STOP[0] = 0
+    chaos = DomainChaos(path, random.Random(SEED))
     faulthandler.dump_traceback_later(DURATION + 5 * HANG_GUARD, exit=True)  # the last resort
     started = time.monotonic()
     try:
@@ -682,7 +550,7 @@ def test_every_protocol_at_once_keeps_counts_exact() -> None:
         chaos.drainer.start()
         for role in (*WRITER_KINDS, "remover", "compactor", "reader"):
             chaos.spawn(role)
-        chaos.run(DURATION)
+        chaos.run(DURATION, (0.1, 0.4))
         try:
             chaos.finish()
         except AssertionError as exc:  # a hang: the report says so too
@@ -762,17 +630,7 @@ def test_every_protocol_at_once_keeps_counts_exact() -> None:
         assert not failures, "\n".join(failures)
     finally:
         faulthandler.cancel_dump_traceback_later()
-        STOP[0] = 1
-        with chaos.lock:
-            left = [p for p in chaos.procs + chaos.done if not p.reaped]
-        for p in left:  # only after a failure: nothing is left running or stopped
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, sig)
-        for p in left:
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(p.pid, 0)
-        chaos.quit.set()
+        chaos.cleanup()  # only after a failure: nothing is left running or stopped
         shutil.rmtree(tmp, ignore_errors=True)
 
 
