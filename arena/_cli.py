@@ -173,3 +173,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except ArenaError as exc:  # a refusal met mid-command (a damaged file)
+        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        print(f"{PROG}: error: {' '.join(str(text).split())}", file=sys.stderr)
+        return EXIT_ERROR

@@ -40,8 +40,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from arena import open_error
+from arena import ArenaError, open_error
 
+from ._errors import PercpuError
 from ._exposition import _escape_label_value
 
 if TYPE_CHECKING:
@@ -639,6 +640,12 @@ def _port(text: str) -> int:
     return value
 
 
+def _one_line(exc: BaseException) -> str:
+    """An error as one line: its errno's text once, not ``[Errno 22] ...``."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(str(text).split())
+
+
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     """Entry point of ``python -m percpu``; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -651,6 +658,9 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         return status
     except CliError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except (PercpuError, ArenaError) as exc:  # a refusal met mid-command (a damaged file)
+        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `python -m percpu stats x | head`
         sys.stderr.close()

@@ -57,3 +57,25 @@ def test_a_refused_file_says_its_errno_once(tmp: str) -> None:
     with pytest.raises(BadDomainFile) as refused:
         Domain.open(path)
     assert str(refused.value).count("[Errno") == 1, str(refused.value)
+
+
+def test_the_cli_refuses_a_damaged_registry_in_one_line(tmp: str,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    """A registry entry whose key points outside the arena (a damaged file): ``check`` and
+    ``stats --json`` print one line and exit 2, no traceback."""
+    from percpu import _cli
+    from percpu._layout import E_HASH, E_KEY, ENTRY_WORDS
+
+    path = os.path.join(tmp, "domain")
+    d = Domain.create(path, 1 << 20, max_vcpus=2)
+    d.counter("c").inc()
+    t = d._registry.table()
+    (idx,) = [i for i in range(len(t) // ENTRY_WORDS) if t[i * ENTRY_WORDS + E_HASH] > 1]
+    t[idx * ENTRY_WORDS + E_KEY] = 1 << 40  # far outside the arena
+    t.release()
+    d.close()
+    capsys.readouterr()
+    assert _cli.main(["check", path]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "outside the arena" in err[0], err
