@@ -47,7 +47,7 @@ from ._compact import (
     plan_compaction,
     should_compact,
 )
-from ._errors import InvalidArgument, PercpuError
+from ._errors import InvalidArgument, InvalidType, PercpuError
 from ._handles import SHARED_VARIANT, Counter, Gauge, Summary, _Handle
 from ._layout import (
     BITMAP_WORDS,
@@ -108,6 +108,16 @@ _BOUND: frozenset[type] = frozenset(
     {Counter, Gauge, Summary, *(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))})
 
 
+def _number(name: str, value: object, what: str, ok: Callable[[float], bool]) -> None:
+    """Refuse ``value`` unless it is an int or a float (not a bool: ``InvalidType``) for
+    which ``ok`` holds (else ``InvalidArgument``)."""
+    if value.__class__ not in (int, float):
+        raise InvalidType(f"{name} must be {what}, got {type(value).__name__} {value!r}")
+    assert isinstance(value, (int, float))
+    if not ok(value):
+        raise InvalidArgument(f"{name} must be {what}, got {value!r}")
+
+
 class Host(Protocol):
     """What the runtime reads of the domain it belongs to (``Domain`` implements it)."""
 
@@ -163,11 +173,13 @@ class Moves:
 
     def compact(self, timeout: float | None = 5.0, *, max_moves: int = MOVE_CAP) -> CompactResult:
         """See :meth:`Domain.compact`."""
-        if timeout is not None and (timeout.__class__ not in (int, float)
-                                    or not 0 <= timeout < float("inf")):
-            raise InvalidArgument(f"timeout must be None or a number of seconds >= 0, "
-                                  f"got {timeout!r}")
-        if max_moves.__class__ is not int or not 1 <= max_moves <= MOVE_CAP:
+        if timeout is not None:
+            _number("timeout", timeout, "None or a number of seconds >= 0",
+                    lambda t: 0 <= t < float("inf"))
+        if max_moves.__class__ is not int:
+            raise InvalidType(f"max_moves must be an int, got {type(max_moves).__name__} "
+                              f"{max_moves!r}")
+        if not 1 <= max_moves <= MOVE_CAP:
             raise InvalidArgument(f"max_moves must be an int in 1..{MOVE_CAP}, got {max_moves!r}")
         self._dom._check_open()
         start = time.monotonic()
@@ -210,13 +222,11 @@ class Moves:
     def set_compaction(self, threshold: float | None, *, interval: float = POLICY_INTERVAL,
                        timeout: float = POLICY_TIMEOUT) -> None:
         """See :meth:`Domain.set_compaction`."""
-        if threshold is not None and (threshold.__class__ not in (int, float)
-                                      or not 0 < threshold <= 1):
-            raise InvalidArgument(f"threshold must be None or a fraction in (0, 1], "
-                                  f"got {threshold!r}")
+        if threshold is not None:
+            _number("threshold", threshold, "None or a fraction in (0, 1]",
+                    lambda t: 0 < t <= 1)
         for name, value in (("interval", interval), ("timeout", timeout)):
-            if value.__class__ not in (int, float) or not 0 < value < float("inf"):
-                raise InvalidArgument(f"{name} must be a number of seconds > 0, got {value!r}")
+            _number(name, value, "a number of seconds > 0", lambda t: 0 < t < float("inf"))
         self._dom._check_open()
         self.stop_policy()
         if threshold is None:

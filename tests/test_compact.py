@@ -30,7 +30,7 @@ from hypothesis.stateful import initialize, invariant, precondition, rule
 
 import percpu._moves as moves_module
 from arena import Arena
-from percpu import Counter, Domain, InvalidArgument, MetricRemoved
+from percpu import Counter, Domain, InvalidArgument, InvalidType, MetricRemoved
 from percpu import _membarrier as mb
 from percpu._compact import (
     IDLE,
@@ -403,15 +403,23 @@ def test_compact_refuses_bad_arguments_and_changes_nothing() -> None:
     with Domain(SIZE, max_vcpus=2, lock=False) as d:
         churn(d, 700, 0.1)
         pages = d.stats().pages
-        for bad in (-1, float("nan"), float("inf"), "1", True):
+        for bad in (-1, float("nan"), float("inf")):
             with pytest.raises(InvalidArgument):
-                d.compact(bad)  # type: ignore[arg-type]
-        for bad_moves in (0, MOVE_CAP + 1, 1.5, None):
+                d.compact(bad)
+        for wrong in ("1", True):  # a wrong type is InvalidType, as everywhere
+            with pytest.raises(InvalidType):
+                d.compact(wrong)  # type: ignore[arg-type]
+        for bad_moves in (0, MOVE_CAP + 1):
             with pytest.raises(InvalidArgument):
-                d.compact(max_moves=bad_moves)  # type: ignore[arg-type]
-        for bad_threshold in (0, 1.5, -0.1, "0.5"):
+                d.compact(max_moves=bad_moves)
+        for wrong_moves in (1.5, None):
+            with pytest.raises(InvalidType):
+                d.compact(max_moves=wrong_moves)  # type: ignore[arg-type]
+        for bad_threshold in (0, 1.5, -0.1):
             with pytest.raises(InvalidArgument):
-                d.set_compaction(bad_threshold)  # type: ignore[arg-type]
+                d.set_compaction(bad_threshold)
+        with pytest.raises(InvalidType):
+            d.set_compaction("0.5")  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument):
             d.set_compaction(0.5, interval=0)
         with pytest.raises(InvalidArgument):
