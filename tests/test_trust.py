@@ -79,3 +79,24 @@ def test_the_cli_refuses_a_damaged_registry_in_one_line(tmp: str,
     assert _cli.main(["check", path]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "outside the arena" in err[0], err
+
+
+def test_a_pending_count_above_its_cap_is_refused_on_open(tmp: str) -> None:
+    """The issue's case: a pending count pushed past its cap (5000 > 4096) passed open, and
+    the first inc() then zeroed a live counter. Now open refuses the file; nothing changes."""
+    from percpu._layout import D_PENDING, PENDING_CAP
+
+    path = os.path.join(tmp, "domain")
+    d = Domain.create(path, 1 << 20, max_vcpus=2)
+    d.counter("live").add(50)
+    d._root[D_PENDING] = PENDING_CAP + 904
+    d._abandon()  # as a holder that died: nothing more is written
+    with pytest.raises(BadDomainFile) as refused:
+        Domain.open(path)
+    assert "pending" in str(refused.value)
+    with open(path, "rb") as f:
+        image = f.read()
+    with pytest.raises(BadDomainFile):
+        Domain.open(path)
+    with open(path, "rb") as f:
+        assert f.read() == image  # the refusal wrote nothing
