@@ -55,10 +55,11 @@ at most ``FORK_LOCK_WAIT`` for ``_plock``.
 The parts
 ---------
 ``Domain`` is the facade: its constructors, the public methods, leases (taking, releasing,
-fork), the grace periods and the quiescer thread, and close. It composes one part per concept,
+fork), handle bindings, and close. It composes one part per concept,
 each with its invariant in its own docstring: ``_pagesets`` (slots, one page per id),
 ``_caches`` (per-id caches of free slots), ``_registry`` (names -> slots), ``_pending`` (slots
-waiting for a grace period), ``_holder`` (this process's lease and overflow locks), ``_moves``
+waiting for a grace period), ``_grace`` (acknowledging epochs, reclaiming, the quiescer
+thread), ``_holder`` (this process's lease and overflow locks), ``_moves``
 (the compaction runtime), ``_snapshot`` (snapshot values), ``_health`` (stats and check), and
 ``_handles`` (the hot path and every store to a handle's state). Parts never import this
 module: they take views, the lock and callables at construction, or read the domain through a
@@ -97,6 +98,7 @@ from ._errors import (
     InvalidType,
     KindMismatch,
 )
+from ._grace import Grace
 from ._handles import (
     REMOVED_VARIANT,
     SHARED_VARIANT,
@@ -119,7 +121,6 @@ from ._layout import (
     D_EPOCH,
     D_MAGIC,
     D_MAX_VCPUS,
-    D_MV_GEN,
     D_RECOVERED_SLOTS,
     D_REG_GEN,
     D_SHARED_OPS,
@@ -162,7 +163,6 @@ H = TypeVar("H", bound=_Handle)
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
-QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
 CLOSE_WAIT = 10.0  # seconds close() waits at most for the calls in flight
 _SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
 _KIND_CLASS: dict[int, type[_Handle]] = {
@@ -281,15 +281,12 @@ class Domain:
         self._vcpu: int | None = None
         self._holder = HolderLocks(arena, self._root, self._max)  # our lease's OFD locks
         self.last_lease_path: LeasePath | None = None  # how the current/last lease was taken
-        self._ack = 0
         self._closed = False
         self._closing = False  # close() has begun: no new call, lease or thread
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
-        self.quiescer_errors: list[str] = []  # what the quiescer thread survived (last 16)
-        self._quiescer: threading.Thread | None = None
-        self._stop = threading.Event()
         self._pid = os.getpid()
         self._moves = Moves(self)  # compaction's process-local state
+        self._grace = Grace(self)  # grace periods and the quiescer thread
         self._snapshots = SnapshotReader(self._pagesets, self._moves)
         _domains.add(self)
 
@@ -404,7 +401,7 @@ class Domain:
             self.last_lease_path = path
             self._vcpu = vcpu
             if fd is not None:  # overflow holders too: they acknowledge epochs like the rest
-                self._start_quiescer()
+                self._grace.start()
             return vcpu
 
     def _cached_slots(self, vcpu: int) -> int:
@@ -428,8 +425,7 @@ class Domain:
                 self._free_object(h)
             # Stop the quiescer, but join it only after _plock is released: it may be waiting
             # for _plock in _quiesce, and would never see the stop.
-            self._stop.set()
-            quiescer, self._quiescer = self._quiescer, None
+            quiescer = self._grace.detach()
             # Every handle leaves the id before the id leaves us: once _unbind_all returns, no
             # update of any thread of ours can land on the id (``_handles``: handle states),
             # so the next holder of the id is its only writer.
@@ -614,11 +610,11 @@ class Domain:
         key = encode_key(name, lab)
         found = self._local.get((kind, key))
         if (found is not None and not isinstance(found, _Unbound)
-                and self._root[D_EPOCH] == self._ack):
+                and self._root[D_EPOCH] == self._grace.ack):
             return found  # type: ignore[return-value]
         self._check_open()
         with self._plock:
-            if self._root[D_EPOCH] != self._ack:
+            if self._root[D_EPOCH] != self._grace.ack:
                 self._quiesce()  # retire what was removed since: never hand out a stale handle
             found = self._local.get((kind, key))
             if found is not None and isinstance(found, _Unbound):
@@ -681,43 +677,25 @@ class Domain:
             idx, _ = self._registry.lookup(key)
             if idx < 0:
                 return False
-            self._reclaim_pending()  # what is due makes room
+            self._grace.reclaim()  # what is due makes room
             self._pending.reserve()  # may raise DomainFull: nothing is changed yet
             # The registry word lags a move whose publisher died before updating it; the
             # handles follow the move, so the slot to retire and free is the current one.
             ref = self._moves.current(self._registry.tombstone(idx))
-            self._publish_pending(ref)
+            self._grace.publish(ref)
             self._quiesce()
         return True
 
     # -- grace periods -------------------------------------------------------------------
 
-    def _publish_pending(self, ref: int) -> None:
-        """Queue ``ref`` for reuse after a grace period (the caller reserved room). Lock held."""
-        r = self._root
-        self._pending.reserve()
-        r[D_EPOCH] += 1
-        self._pending.push(ref, int(r[D_EPOCH]))
-
     def _quiesce(self) -> None:
-        """Acknowledge the current epoch: retire handles of every pending slot. The caller
-        holds the GIL (it runs Python), so no thread of this process is mid-update."""
-        with self._plock, self._lock:
-            self._moves.sync()  # compaction first: then handles are keyed by their current ref
-            r = self._root
-            epoch = int(r[D_EPOCH])
-            for ref, since in self._pending.entries():
-                if since > self._ack:
-                    for h in self._by_ref.pop(ref, ()):
-                        self._retire(h)
-            self._ack = epoch
-            vcpu = self._vcpu
-            if vcpu is not None and vcpu < self._max:
-                r[lease_base(self._max, vcpu) + L_ACK] = epoch
-            elif vcpu == self._max:
-                self._holder.set_ack(epoch)
-            if self._pending.count():
-                self._reclaim_pending()
+        """Acknowledge the current epoch at this quiescent point (``Grace.acknowledge``)."""
+        self._grace.acknowledge()
+
+    @property
+    def quiescer_errors(self) -> list[str]:
+        """What this process's quiescer thread survived (the last 16; empty when healthy)."""
+        return list(self._grace.errors)
 
     def _retire(self, h: _Handle) -> None:
         """Make every later use of ``h`` raise, even a call already dispatched or a bound
@@ -757,63 +735,10 @@ class Domain:
         """Ids whose holder is alive, ours included. Domain lock held."""
         return self._holder.live(self._vcpu)
 
-    def _reclaim_pending(self) -> int:
-        """Zero and return every pending slot whose grace period is over; never waits. The
-        grace period counts every live holder's acknowledgement, this process's own included
-        (``self._ack``: ``F_OFD_GETLK`` never reports our own overflow acknowledgement lock, and
-        our handles of a slot are retired only when we acknowledge). Lock held."""
-        r = self._root
-        acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in self._live_holders()]
-        oldest = min(acks, default=int(r[D_EPOCH]))
-        oldest = min(oldest, self._ack)
-        oldest = self._oldest_overflow_ack(oldest)  # holders sharing the overflow id
-        moving = self._moves.moving_refs()  # a compaction still copies into/out of these
-        due = self._pending.take_due(oldest, moving)
-        for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
-            self._pagesets.zero(ref)
-            self._pagesets.give_back([ref])
-        return len(due)
-
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
     #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
     #: without a quiescer acknowledges epochs only when it takes a lease or removes.
     _background_quiescer = True
-
-    def _start_quiescer(self) -> None:
-        if not self._background_quiescer:
-            return
-        if self._quiescer is not None and self._quiescer.is_alive():
-            return
-        self._stop = threading.Event()
-        t = threading.Thread(target=self._quiescer_loop, args=(self._stop,),
-                             name="percpu-quiescer", daemon=True)
-        self._quiescer = t
-        t.start()
-
-    def _stop_quiescer(self) -> None:
-        self._stop.set()
-        t = self._quiescer
-        if t is not None and t is not threading.current_thread():
-            t.join()
-        self._quiescer = None
-
-    def _quiescer_loop(self, stop: threading.Event) -> None:
-        """Per-process helper: running Python means holding the GIL, a quiescent state for
-        every other thread of the process; acknowledge each new epoch from here."""
-        root = self._root
-        while not stop.wait(QUIESCE_INTERVAL):
-            try:
-                if root[D_EPOCH] != self._ack or self._pending.count():
-                    self._quiesce()
-                if root[D_MV_GEN] & 1 or root[D_MV_GEN] != self._moves.seen:
-                    self._moves.tick()  # compaction: follow and drive the batch in flight
-            except Exception as exc:  # the loop must outlive any one failure
-                if self._closed or self._closing or stop.is_set():
-                    return  # the domain was closed under us
-                # Anything else is a bug or a damaged file: keep acknowledging (a quiescer
-                # that stops stalls every grace period of the domain), and say what happened.
-                self.quiescer_errors = [*self.quiescer_errors[-15:], repr(exc)]
-                stop.wait(QUIESCE_INTERVAL * 10)
 
     @_closed_guard
     def synchronize(self, timeout: float | None = None) -> bool:
@@ -822,15 +747,7 @@ class Domain:
         Returns False if ``timeout`` seconds passed first (a holder has not acknowledged:
         stopped or stuck); the slots stay pending and are reclaimed later.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            self._check_open()  # a close() from another thread ends the wait
-            self._quiesce()
-            if self._pending.count() == 0:
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            self._stop.wait(QUIESCE_INTERVAL)
+        return self._grace.synchronize(timeout)
 
     # -- compaction (the runtime: percpu/_moves.py; the protocol: percpu/_compact.py) --------
 
@@ -1038,7 +955,7 @@ class Domain:
                 return
             self._closing = True  # from here no lease is taken and no thread started
         self._moves.stop_policy()  # compaction's background thread, if any
-        self._stop_quiescer()
+        self._grace.halt()
         # Calls that began before: each completes (none waits for long once closing: compact
         # and synchronize stop waiting). Bounded all the same: a call stuck behind a stopped
         # process's lock (or a count made wrong by threads running without the GIL) must not
@@ -1073,10 +990,7 @@ class Domain:
         """
         if self._closed:
             return
-        self._stop.set()
-        quiescer, self._quiescer = self._quiescer, None
-        if quiescer is not None and quiescer is not threading.current_thread():
-            quiescer.join()
+        self._grace.halt()
         with self._plock:
             self._unmap()
 
@@ -1096,8 +1010,7 @@ class Domain:
         self._pid = os.getpid()
         self._plock = threading.RLock()
         self._inflight = 0  # the calls of the parent's other threads do not exist here
-        self._quiescer = None
-        self._stop = threading.Event()
+        self._grace.after_fork()
         if self._closed:
             return
         inherited = self._vcpu

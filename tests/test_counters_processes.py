@@ -232,7 +232,7 @@ def test_a_million_adds_make_no_page_fault(path: str) -> None:
         for _ in range(1_000_000):
             add(1)
         after = resource.getrusage(resource.RUSAGE_SELF)
-        alive = d._quiescer is not None and d._quiescer.is_alive()
+        alive = d._grace.thread is not None and d._grace.thread.is_alive()
         print(after.ru_minflt - before.ru_minflt, after.ru_majflt - before.ru_majflt,
               c.value, alive)
         d.close()
