@@ -55,11 +55,12 @@ at most ``FORK_LOCK_WAIT`` for ``_plock``.
 The parts
 ---------
 ``Domain`` is the facade: its constructors, the public methods, leases (taking, releasing,
-fork), handle bindings, and close. It composes one part per concept,
+fork), and close. It composes one part per concept,
 each with its invariant in its own docstring: ``_pagesets`` (slots, one page per id),
 ``_caches`` (per-id caches of free slots), ``_registry`` (names -> slots), ``_pending`` (slots
 waiting for a grace period), ``_grace`` (acknowledging epochs, reclaiming, the quiescer
-thread), ``_holder`` (this process's lease and overflow locks), ``_moves``
+thread), ``_bindings`` (this process's handles and when they bind), ``_holder`` (this
+process's lease and overflow locks), ``_moves``
 (the compaction runtime), ``_snapshot`` (snapshot values), ``_health`` (stats and check), and
 ``_handles`` (the hot path and every store to a handle's state). Parts never import this
 module: they take views, the lock and callables at construction, or read the domain through a
@@ -83,6 +84,7 @@ from typing import Concatenate, ParamSpec, TypeVar
 from arena import Arena, ArenaError, ArenaExhausted, ArenaExists, LockPolicy
 
 from . import _cpuset
+from ._bindings import Bindings
 from ._caches import Caches
 from ._compact import (
     POLICY_INTERVAL,
@@ -101,8 +103,6 @@ from ._errors import (
 from ._grace import Grace
 from ._handles import (
     REMOVED_VARIANT,
-    SHARED_VARIANT,
-    UNBOUND_VARIANT,
     Counter,
     Gauge,
     PerCpu,
@@ -110,9 +110,6 @@ from ._handles import (
     _Handle,
     _Removed,
     _Unbound,
-    base_of,
-    bind_shared,
-    bind_view,
     detach,
 )
 from ._health import audit, figures
@@ -165,15 +162,8 @@ _R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
 CLOSE_WAIT = 10.0  # seconds close() waits at most for the calls in flight
 _SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
-_KIND_CLASS: dict[int, type[_Handle]] = {
-    KIND_COUNTER: Counter, KIND_GAUGE: Gauge, KIND_SUMMARY: Summary,
-}
-_CLASS_KIND = {cls: kind for kind, cls in _KIND_CLASS.items()}
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
-_REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
-_UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in _REMOVED_CLASSES)
-_SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))
 
 
 def _closed_guard(method: Callable[Concatenate[Domain, _P], _R]
@@ -274,8 +264,9 @@ class Domain:
                 arena.root_offset = root_off
             else:
                 root_off = self._validate_root(arena)
-        self._local: dict[tuple[int, bytes], _Handle] = {}  # (kind, key) -> handle
-        self._by_ref: dict[int, list[_Handle]] = {}  # ref -> this process's handles on it
+        self._bindings = Bindings(self)  # this process's handles and how they bind
+        self._local = self._bindings.local  # (kind, key) -> named handle
+        self._by_ref = self._bindings.by_ref  # ref -> this process's handles on it
         # Guards this process's lease and cache state; never held across processes.
         self._plock = threading.RLock()
         self._vcpu: int | None = None
@@ -439,18 +430,7 @@ class Domain:
             quiescer.join()
 
     def _unbind_all(self) -> None:
-        """Make every handle take a lease and rebind on its next use (lock-free hot path
-        stays untouched: the class swap is one atomic store)."""
-        for ref, handles in list(self._by_ref.items()):
-            keep = []
-            for h in handles:
-                detach(h, UNBOUND_VARIANT)
-                if not isinstance(h, PerCpu):
-                    keep.append(h)
-            if keep:
-                self._by_ref[ref] = keep
-            else:
-                del self._by_ref[ref]
+        self._bindings.unbind_all()
 
     @contextmanager
     def _overflow_op(self) -> Iterator[None]:
@@ -505,85 +485,16 @@ class Domain:
     # -- handles -------------------------------------------------------------------------
 
     def _bind(self, h: _Handle) -> None:
-        """Point ``h`` at this holder's copy of its slot (allocating the page if needed).
-
-        Under ``_plock``, so that a lease taken, released or acknowledged by another thread
-        cannot fall between choosing the id and storing the class: 1. thread A calls
-        ``vcpu_id()`` and gets k; 2. thread B releases k (or retires ``h``); 3. A would bind
-        ``h`` to id k's copy, which another process may now hold (or resurrect ``h``).
-        And under the domain lock, so that no compaction batch publishes between following
-        the moves and checking the registry (the registry would already name the new slot
-        while ``h`` still named the old one, and a live metric would look removed).
-        """
-        while True:
-            vcpu = self.vcpu_id()
-            with self._plock:
-                self._check_open()  # close() unmaps under _plock: from here the fd is ours
-                with self._lock:
-                    if self._vcpu != vcpu:
-                        continue  # released meanwhile: take a lease again
-                    if type(h) in _REMOVED_CLASSES:
-                        return  # retired meanwhile: its next use raises MetricRemoved
-                    self._moves.follow(h)  # compaction: bind to where the metric lives now
-                    if isinstance(h, _Unbound) and not self._still_registered(h):
-                        # Removed while this process held no lease (released, or a forked child):
-                        # its slot may be reused already, so the registry decides, not the queue.
-                        self._drop_handle(h)
-                        return
-                    ps, slot = split_ref(h._ref)
-                    size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
-                    page = self._pagesets.page(ps, vcpu)
-                    if isinstance(h, PerCpu):
-                        h._offset = page + slot * size  # a 4-byte class slot need not be 8-aligned
-                    if vcpu == self._max:
-                        bind_shared(h, (page + slot * size) // 8)
-                    else:
-                        bind_view(h, (page + slot * size) // 8, self._q, self._d)
-                    return
+        """Bind ``h`` to this holder's copy of its slot (``Bindings.bind``)."""
+        self._bindings.bind(h)
 
     def _slow_update(self, h: _Handle, n: int, x: float | None) -> None:
-        """Add ``n`` to ``h``'s int word (and ``x`` to its float word: a Summary's sum) where
-        ``h`` is bound once the process lock is held, binding it first if it is unbound: the
-        path of every update that does not run the lock-free statement (the overflow id, an
-        unbound or retired handle; see "Handle states" in ``_handles``). Raises
-        ``MetricRemoved`` or ``DomainClosed`` rather than drop the update."""
-        with self._plock:
-            while True:
-                self._check_open()
-                cls = type(h)
-                if cls in _REMOVED_CLASSES:
-                    h._gone()  # type: ignore[attr-defined]  # raises
-                if cls not in _UNBOUND_CLASSES:
-                    break
-                self._bind(h)  # takes a lease if we hold none; may find the metric removed
-            i = h._index
-            if cls in _SHARED_CLASSES:
-                with self._overflow_op():
-                    if x is not None:
-                        self._d[i + 1] += x
-                    if n:
-                        self._q[i] += n
-            else:  # bound to our leased id meanwhile
-                if x is not None:
-                    self._d[i + 1] += x
-                if n:
-                    self._q[i] += n
+        """An update off the lock-free statement (``Bindings.slow_update``)."""
+        self._bindings.slow_update(h, n, x)
 
     def _make_handle(self, cls_: type[H], ref: int, name: str,
                      labels: tuple[tuple[str, str], ...]) -> H:
-        h = object.__new__(cls_)
-        h._domain = self
-        h._ref = ref
-        h._index = 0
-        h.name = name
-        h.labels = labels
-        if isinstance(h, PerCpu):
-            h._cells = self._q  # never updated through _cells: its copy is ``local``
-        else:
-            detach(h, UNBOUND_VARIANT)  # _bind binds it (or retires it)
-        self._bind(h)
-        self._by_ref.setdefault(h._ref, []).append(h)  # _bind may follow a move
-        return h
+        return self._bindings.make(self, cls_, ref, name, labels)
 
     @_closed_guard
     def counter(self, name: str, labels: dict[str, str] | None = None) -> Counter:
@@ -698,38 +609,8 @@ class Domain:
         return list(self._grace.errors)
 
     def _retire(self, h: _Handle) -> None:
-        """Make every later use of ``h`` raise, even a call already dispatched or a bound
-        method cached by the caller: its update reaches ``SlowCells``, which raises, never the
-        slot about to be reused (``_handles``: handle states). ``_plock`` held."""
-        base = base_of(type(h))
-        detach(h, REMOVED_VARIANT)
-        kind = _CLASS_KIND.get(base)
-        if kind is not None:
-            k = (kind, encode_key(h.name, h.labels))
-            if self._local.get(k) is h:  # not a newer registration of the same name
-                del self._local[k]
-
-    def _drop_handle(self, h: _Handle) -> None:
-        """Retire ``h`` and forget it (it is no longer in the registry). ``_plock`` held."""
-        handles = self._by_ref.get(h._ref)
-        if handles is not None and h in handles:
-            handles.remove(h)
-            if not handles:
-                del self._by_ref[h._ref]
-        self._retire(h)
-
-    def _still_registered(self, h: _Handle) -> bool:
-        """True when ``h``'s name and labels still map to ``h``'s slot and kind."""
-        kind = _CLASS_KIND.get(base_of(type(h)))
-        if kind is None:
-            return True  # a raw object: not in the registry
-        key = encode_key(h.name, h.labels)
-        with self._lock:
-            idx, _ = self._registry.lookup(key)
-            if idx < 0:
-                return False
-            found, ref = self._registry.kind_ref(idx)
-            return self._moves.current(ref) == h._ref and found == kind  # the entry may lag a move
+        """Make every later use of ``h`` raise (``Bindings.retire``). ``_plock`` held."""
+        self._bindings.retire(h)
 
     def _live_holders(self) -> list[int]:
         """Ids whose holder is alive, ours included. Domain lock held."""

@@ -39,20 +39,22 @@ class SnapshotReader:
         self._pagesets = pagesets
         self._moves = moves
         self._decoded: dict[bytes, tuple[str, tuple[tuple[str, str], ...]]] = {}
-        self._plan: tuple[list[Entry], list[Row]] | None = None  # (entries, their rows)
+        # (entries, their rows, pageset -> whether it holds summaries): made once a generation
+        self._plan: tuple[list[Entry], list[Row], dict[int, bool]] | None = None
 
     def values(self, entries: list[Entry]) -> list[MetricValue]:
         """The value of each of ``entries`` (in order), old slots of a batch in flight added."""
         plan = self._plan
         if plan is None or plan[0] is not entries:  # the registry changed: plan again
-            plan = self._plan = (entries, self._rows(entries))
-        rows = plan[1]
-        # Float sums where an entry is a summary, by the entries' kinds: the pageset's own
-        # class word may already say otherwise when the entries are stale (the pageset given
-        # back and reused meanwhile; the caller then discards this read).
-        floats: dict[int, bool] = {}
-        for row in rows:
-            floats[row[0]] = floats.get(row[0], False) or row[4] == "summary"
+            rows = self._rows(entries)
+            # Float sums where an entry is a summary, by the entries' kinds: the pageset's own
+            # class word may already say otherwise when the entries are stale (the pageset
+            # given back and reused meanwhile; the caller then discards this read).
+            floats: dict[int, bool] = {}
+            for row in rows:
+                floats[row[0]] = floats.get(row[0], False) or row[4] == "summary"
+            plan = self._plan = (entries, rows, floats)
+        _entries, rows, floats = plan
         sums = {ps: self._pagesets.sums(ps, f) for ps, f in floats.items()}
         out: list[MetricValue] = []
         append = out.append

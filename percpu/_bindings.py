@@ -1,0 +1,200 @@
+"""Handle bindings: which slot copy each handle of this process updates, and every change.
+
+The handles of this process are in two tables: ``local`` (kind, key) -> the named handle the
+process hands out for a metric, and ``by_ref`` ref -> every handle on that slot (the grace
+periods and compaction find handles by ref). Every change of a handle's state goes through
+the store functions of ``_handles`` (``bind_view``, ``bind_shared``, ``detach``), next to the
+rule that makes them safe; this module decides *when* and *where to*.
+
+Invariants
+----------
+1. A handle is bound only under the process lock and the domain lock, to the id this process
+   holds at that moment (checked again under the locks), after following the compaction
+   batch in flight and, for a handle that was unbound, checking that the registry still names
+   its slot: no bind falls between a lease change, a retirement or a publish.
+2. An update that does not run the lock-free statement (:meth:`Bindings.slow_update`) is
+   counted where the handle is bound once the process lock is held, or raises: never dropped.
+3. A retired handle is out of ``local`` (a new registration of its name gets a new handle).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, TypeVar
+
+from ._handles import (
+    REMOVED_VARIANT,
+    SHARED_VARIANT,
+    UNBOUND_VARIANT,
+    Counter,
+    Gauge,
+    PerCpu,
+    Summary,
+    _Handle,
+    _Unbound,
+    base_of,
+    bind_shared,
+    bind_view,
+    detach,
+)
+from ._layout import KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY, P_CLASS, SIZE_CLASSES, split_ref
+from ._names import encode_key
+
+H = TypeVar("H", bound=_Handle)
+_CLASS_KIND: dict[type, int] = {Counter: KIND_COUNTER, Gauge: KIND_GAUGE, Summary: KIND_SUMMARY}
+REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
+UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in REMOVED_CLASSES)
+SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))
+
+
+class Host(Protocol):
+    """What bindings read of the domain they belong to (``Domain`` implements it)."""
+
+    _q: memoryview[int]
+    _d: memoryview[float]
+    _max: int
+    _lock: Any
+    _plock: Any  # a threading.RLock, replaced in a forked child
+    _vcpu: int | None
+    _pagesets: Any
+    _registry: Any
+    _moves: Any
+
+    def vcpu_id(self) -> int: ...
+
+    def _check_open(self) -> None: ...
+
+    def _retire(self, h: _Handle, /) -> None: ...
+
+    def _overflow_op(self) -> AbstractContextManager[None]: ...
+
+
+class Bindings:
+    """The handle tables of one process of a domain, and the binding rules."""
+
+    def __init__(self, dom: Host) -> None:
+        self._dom = dom
+        self.local: dict[tuple[int, bytes], _Handle] = {}  #: (kind, key) -> named handle
+        self.by_ref: dict[int, list[_Handle]] = {}  #: ref -> this process's handles on it
+
+    def bind(self, h: _Handle) -> None:
+        """Point ``h`` at this holder's copy of its slot, allocating the page if needed
+        (invariant 1: the lease is read again under the locks; a retired handle stays
+        retired; a handle whose metric was removed while unbound is retired)."""
+        dom = self._dom
+        while True:
+            vcpu = dom.vcpu_id()
+            with dom._plock:
+                dom._check_open()  # close() unmaps under _plock: from here the fd is ours
+                with dom._lock:
+                    if dom._vcpu != vcpu:
+                        continue  # released meanwhile: take a lease again
+                    if type(h) in REMOVED_CLASSES:
+                        return  # retired meanwhile: its next use raises MetricRemoved
+                    dom._moves.follow(h)  # compaction: bind to where the metric lives now
+                    if isinstance(h, _Unbound) and not self.still_registered(h):
+                        # Removed while this process held no lease (released, or a forked
+                        # child): its slot may be reused already, so the registry decides.
+                        self.drop(h)
+                        return
+                    ps, slot = split_ref(h._ref)
+                    size = SIZE_CLASSES[int(dom._pagesets.entry(ps)[P_CLASS]) - 1]
+                    page = dom._pagesets.page(ps, vcpu)
+                    if isinstance(h, PerCpu):
+                        h._offset = page + slot * size  # a 4-byte class slot: not 8-aligned
+                    if vcpu == dom._max:
+                        bind_shared(h, (page + slot * size) // 8)
+                    else:
+                        bind_view(h, (page + slot * size) // 8, dom._q, dom._d)
+                    return
+
+    def slow_update(self, h: _Handle, n: int, x: float | None) -> None:
+        """Add ``n`` to ``h``'s int word (and ``x`` to its float word, a Summary's sum) where
+        ``h`` is bound once the process lock is held, binding it first if it is unbound
+        (invariant 2); raises ``MetricRemoved`` or ``DomainClosed`` rather than drop it."""
+        dom = self._dom
+        with dom._plock:
+            while True:
+                dom._check_open()
+                cls = type(h)
+                if cls in REMOVED_CLASSES:
+                    h._gone()  # type: ignore[attr-defined]  # raises
+                if cls not in UNBOUND_CLASSES:
+                    break
+                self.bind(h)  # takes a lease if we hold none; may find the metric removed
+            i = h._index
+            if cls in SHARED_CLASSES:
+                with dom._overflow_op():
+                    if x is not None:
+                        dom._d[i + 1] += x
+                    if n:
+                        dom._q[i] += n
+            else:  # bound to our leased id meanwhile
+                if x is not None:
+                    dom._d[i + 1] += x
+                if n:
+                    dom._q[i] += n
+
+    def make(self, owner: Any, cls_: type[H], ref: int, name: str,
+             labels: tuple[tuple[str, str], ...]) -> H:
+        """A new handle of class ``cls_`` on slot ``ref``, bound and in ``by_ref``."""
+        h = object.__new__(cls_)
+        h._domain = owner
+        h._ref = ref
+        h._index = 0
+        h.name = name
+        h.labels = labels
+        if isinstance(h, PerCpu):
+            h._cells = self._dom._q  # never updated through _cells: its copy is ``local``
+        else:
+            detach(h, UNBOUND_VARIANT)  # bind() binds it (or retires it)
+        self.bind(h)
+        self.by_ref.setdefault(h._ref, []).append(h)  # bind() may follow a move
+        return h
+
+    def retire(self, h: _Handle) -> None:
+        """Make every later use of ``h`` raise, even a call already dispatched or a bound
+        method the caller cached (invariant 3). Process lock held."""
+        base = base_of(type(h))
+        detach(h, REMOVED_VARIANT)
+        kind = _CLASS_KIND.get(base)
+        if kind is not None:
+            k = (kind, encode_key(h.name, h.labels))
+            if self.local.get(k) is h:  # not a newer registration of the same name
+                del self.local[k]
+
+    def drop(self, h: _Handle) -> None:
+        """Retire ``h`` and forget it (its metric is gone). Process lock held."""
+        handles = self.by_ref.get(h._ref)
+        if handles is not None and h in handles:
+            handles.remove(h)
+            if not handles:
+                del self.by_ref[h._ref]
+        self._dom._retire(h)
+
+    def still_registered(self, h: _Handle) -> bool:
+        """True when ``h``'s name and labels still map to ``h``'s slot and kind."""
+        kind = _CLASS_KIND.get(base_of(type(h)))
+        if kind is None:
+            return True  # a raw object: not in the registry
+        dom = self._dom
+        with dom._lock:
+            idx, _ = dom._registry.lookup(encode_key(h.name, h.labels))
+            if idx < 0:
+                return False
+            found, ref = dom._registry.kind_ref(idx)
+            return bool(dom._moves.current(ref) == h._ref and found == kind)  # may lag a move
+
+    def unbind_all(self) -> None:
+        """Unbind every handle (release, fork): each takes a lease and rebinds on its next
+        use; raw objects are forgotten (they belong to the binding they were made under)."""
+        for ref, handles in list(self.by_ref.items()):
+            keep = []
+            for h in handles:
+                detach(h, UNBOUND_VARIANT)
+                if not isinstance(h, PerCpu):
+                    keep.append(h)
+            if keep:
+                self.by_ref[ref] = keep
+            else:
+                del self.by_ref[ref]
