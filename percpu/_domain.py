@@ -450,10 +450,6 @@ class Domain:
             finally:
                 self._holder.unlock_overflow()
 
-    def _oldest_overflow_ack(self, limit: int) -> int:
-        """``min(limit, the oldest epoch another live overflow holder acknowledged)``."""
-        return self._holder.oldest_ack(limit)
-
     # -- pagesets and slots --------------------------------------------------------------
 
     def _alloc_block(self, nbytes: int, what: str, align: int | None = None) -> int:

@@ -50,11 +50,8 @@ class HolderLocks:
 
     def drop(self, vcpu: int) -> None:
         """Give up ``vcpu`` (our lease lock, or our overflow acknowledgement)."""
-        fd = self._arena.fd
-        if fd is None:
-            return
         if vcpu < self._max:
-            unlock(fd, LEASE_LOCK_BASE + vcpu)
+            self.unlock_lease(vcpu)
         else:
             self.clear_ack()
 
@@ -62,6 +59,12 @@ class HolderLocks:
         """Take id ``k``'s lease lock without waiting (to copy a dead holder's values)."""
         fd = self._arena.fd
         return fd is None or try_lock(fd, LEASE_LOCK_BASE + k)
+
+    def unlock_lease(self, k: int) -> None:
+        """Drop id ``k``'s lease lock (ours, or taken by :meth:`try_lease`)."""
+        fd = self._arena.fd
+        if fd is not None:
+            unlock(fd, LEASE_LOCK_BASE + k)
 
     def set_ack(self, epoch: int) -> None:
         """Publish that this overflow holder has acknowledged ``epoch`` (invariant 2)."""

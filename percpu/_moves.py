@@ -27,7 +27,7 @@ from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
 from arena import ArenaError
-from arena.locks import SharedLock, try_lock, unlock
+from arena.locks import SharedLock
 
 from . import _membarrier
 from ._caches import Caches
@@ -49,6 +49,7 @@ from ._compact import (
 )
 from ._errors import InvalidArgument, InvalidType, PercpuError
 from ._handles import SHARED_VARIANT, Counter, Gauge, Summary, _Handle
+from ._holder import HolderLocks
 from ._layout import (
     BITMAP_WORDS,
     D_EPOCH,
@@ -68,7 +69,6 @@ from ._layout import (
     KIND_SUMMARY,
     L_ACK,
     L_SEQ,
-    LEASE_LOCK_BASE,
     LEASE_WORDS,
     M_KIND,
     M_NEW,
@@ -81,7 +81,6 @@ from ._layout import (
     MS_OLD,
     MS_OLD_F,
     MS_STEP,
-    OVERFLOW_LOCK,
     P_BITMAP,
     P_CLASS,
     P_PAGES,
@@ -121,7 +120,6 @@ def _number(name: str, value: object, what: str, ok: Callable[[float], bool]) ->
 class Host(Protocol):
     """What the runtime reads of the domain it belongs to (``Domain`` implements it)."""
 
-    arena: Any
     _root: memoryview[int]
     _root_off: int
     _max: int
@@ -131,6 +129,7 @@ class Host(Protocol):
     _plock: Any  # a threading.RLock, replaced in a forked child
     _vcpu: int | None
     _pagesets: Pagesets
+    _holder: HolderLocks
     _caches: Caches
     _registry: Registry
     _pending: PendingQueue
@@ -144,8 +143,6 @@ class Host(Protocol):
 
     def _live_holders(self) -> list[int]: ...
 
-    def _oldest_overflow_ack(self, limit: int, /) -> int: ...
-
 
 class Moves:
     """The compaction runtime of one process of a domain (see the module docstring)."""
@@ -154,7 +151,7 @@ class Moves:
         """Process-local compaction state of ``dom`` (made last in its set-up)."""
         self._dom = dom
         self._root, self._max, self._q, self._d = dom._root, dom._max, dom._q, dom._d
-        self._lock, self._arena = dom._lock, dom.arena
+        self._lock, self._holder = dom._lock, dom._holder
         self._pagesets, self._registry, self._caches = dom._pagesets, dom._registry, dom._caches
         self._by_ref, self._local = dom._by_ref, dom._local
         self._root_q = dom._root_off // 8  # index in _q of the root block's word 0
@@ -573,13 +570,11 @@ class Moves:
             if k < self._max:
                 self.adopt(k, drain=False)  # its cache is its next owner's business
                 continue
-            fd = self._arena.fd
-            if fd is None or try_lock(fd, OVERFLOW_LOCK):  # private: _plock excludes them
+            if self._holder.try_overflow():  # private: _plock excludes them
                 try:
                     self.adopt(k, drain=False)
                 finally:
-                    if fd is not None:
-                        unlock(fd, OVERFLOW_LOCK)
+                    self._holder.unlock_overflow()
             else:
                 fix = self.overflow_fix(self.batch(gen))
         return fix
@@ -624,7 +619,7 @@ class Moves:
         batch = self.batch(gen)
         need = self.need_ids(batch)
         epoch = int(r[D_MV_EPOCH])
-        fd, mine = self._arena.fd, self._dom._vcpu
+        mine = self._dom._vcpu
         live = set(self._dom._live_holders())
         waiting = False
         for k in range(self._max):
@@ -635,24 +630,22 @@ class Moves:
                 continue
             if not (behind or self._caches.holds_any(k, batch.sources)):
                 continue
-            if fd is not None and not try_lock(fd, LEASE_LOCK_BASE + k):
+            if not self._holder.try_lease(k):
                 waiting = True  # being leased right now: its taker applies the batch
                 continue
             try:
                 self.adopt(k)  # nobody holds k (its holder died or left): step 4 iii
             finally:
-                if fd is not None:
-                    unlock(fd, LEASE_LOCK_BASE + k)
-        if self._dom._oldest_overflow_ack(epoch) < epoch:
+                self._holder.unlock_lease(k)
+        if self._holder.oldest_ack(epoch) < epoch:
             waiting = True  # an overflow holder has not rebound yet
         elif self._max in need and int(
                 r[move_state_base(self._max, self._max) + MS_DONE]) != gen:
-            if fd is None or try_lock(fd, OVERFLOW_LOCK):
+            if self._holder.try_overflow():
                 try:
                     self.adopt(self._max)  # step 4 iv: no overflow operation runs now
                 finally:
-                    if fd is not None:
-                        unlock(fd, OVERFLOW_LOCK)
+                    self._holder.unlock_overflow()
             else:
                 waiting = True
         if waiting:
