@@ -7,7 +7,7 @@ allocator shared by several processes. See docs/architecture.md.
 """
 
 from ._arena import Arena, ArenaStats, Block, CheckReport, LeakedBlock, LockPolicy
-from ._cli import open_error
+from ._cli import error_line, open_error
 from ._errors import (
     ArenaClosed,
     ArenaError,
@@ -52,6 +52,7 @@ __all__ = [
     "StaleBlock",
     "memlock_limit",
     "mlockall",
+    "error_line",
     "munlockall",
     "open_error",
 ]

@@ -53,6 +53,13 @@ def owner_hint(path: str) -> str:
     return f"; it belongs to {name} (uid {st.st_uid}): run this as that user (sudo -u {name} ...)"
 
 
+def error_line(exc: BaseException) -> str:
+    """An error as one line: an OSError's own text once (not ``[Errno 22] ...``), whitespace
+    folded."""
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return " ".join(str(text).split())
+
+
 def open_error(path: str, exc: OSError, what: str, maker: str) -> str:
     """One line saying why ``path`` could not be opened as ``what`` (made by ``maker``)."""
     if isinstance(exc, FileNotFoundError):
@@ -174,6 +181,5 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except ArenaError as exc:  # a refusal met mid-command (a damaged file)
-        text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        print(f"{PROG}: error: {' '.join(str(text).split())}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR

@@ -40,7 +40,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn
 
-from arena import ArenaError, open_error
+from arena import ArenaError, error_line, open_error
 
 from ._errors import PercpuError
 from ._exposition import _escape_label_value
@@ -640,12 +640,6 @@ def _port(text: str) -> int:
     return value
 
 
-def _one_line(exc: BaseException) -> str:
-    """An error as one line: its errno's text once, not ``[Errno 22] ...``."""
-    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return " ".join(str(text).split())
-
-
 def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
     """Entry point of ``python -m percpu``; returns the exit status."""
     args_list = list(sys.argv[1:] if argv is None else argv)
@@ -660,7 +654,7 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except (PercpuError, ArenaError) as exc:  # a refusal met mid-command (a damaged file)
-        print(f"{PROG}: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"{PROG}: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
     except BrokenPipeError:  # `python -m percpu stats x | head`
         sys.stderr.close()

@@ -81,7 +81,7 @@ from contextlib import contextmanager
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
-from arena import Arena, ArenaError, ArenaExhausted, ArenaExists, LockPolicy
+from arena import Arena, ArenaError, ArenaExhausted, ArenaExists, LockPolicy, error_line
 
 from . import _cpuset
 from ._bindings import Bindings
@@ -232,8 +232,7 @@ class Domain:
         try:
             arena = Arena.open(path, lock=lock, prefault=prefault)
         except ArenaError as exc:  # its own errno once, not "[Errno 22] [Errno 22] ..."
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise BadDomainFile(getattr(exc, "errno", None) or 22, reason) from None
+            raise BadDomainFile(getattr(exc, "errno", None) or 22, error_line(exc)) from None
         self = cls.__new__(cls)
         try:
             self._attach(arena, fresh_bound=None)
