@@ -551,13 +551,20 @@ def bind_view(h: _Handle, index: int, q: memoryview[int], d: memoryview[float]) 
     h.__class__ = base
 
 
+def _point_slow(h: _Handle, base: type) -> None:
+    """Store ``SlowCells`` in ``h``'s ``_cells`` (and a Summary's ``_floats``): both made
+    first, then stored with no call between, so no thread runs between the two stores."""
+    cells = SlowCells(h, False)
+    floats = SlowCells(h, True) if base is Summary else None
+    h._cells = cells
+    if floats is not None:
+        h._floats = floats  # type: ignore[attr-defined]
+
+
 def bind_shared(h: _Handle, index: int) -> None:
     """Bind ``h`` to the overflow id's word ``index``: every update takes the locked path."""
     base = base_of(type(h))
-    cells, floats = SlowCells(h, False), SlowCells(h, True)
-    h._cells = cells
-    if base is Summary:
-        h._floats = floats  # type: ignore[attr-defined]
+    _point_slow(h, base)
     h._index = index
     h.__class__ = SHARED_VARIANT[base]
 
@@ -566,8 +573,5 @@ def detach(h: _Handle, variant: dict[type, type]) -> None:
     """Leave the bound state for ``variant`` (``UNBOUND_VARIANT`` or ``REMOVED_VARIANT``).
     ``_cells`` is stored first: from then on no update of this process writes the old id."""
     base = base_of(type(h))
-    cells, floats = SlowCells(h, False), SlowCells(h, True)
-    h._cells = cells
-    if base is Summary:
-        h._floats = floats  # type: ignore[attr-defined]
+    _point_slow(h, base)
     h.__class__ = variant[base]
