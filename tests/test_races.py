@@ -40,6 +40,29 @@ from percpu._registry import Registry
 SIZE = 1 << 20
 
 
+def pause_in(monkeypatch: pytest.MonkeyPatch, owner: Any, method: str, thread: str,
+             after: bool = False) -> tuple[threading.Event, threading.Event]:
+    """Patch ``owner.method`` so that its first call from the thread named ``thread`` stops
+    (before the real call, or ``after`` it) until the test sets ``resume``; ``inside`` is set
+    when it stops. Returns (inside, resume)."""
+    inside, resume = threading.Event(), threading.Event()
+    real = getattr(owner, method)
+
+    def paused(self: Any, *args: Any) -> Any:
+        first = threading.current_thread().name == thread and not inside.is_set()
+        if first and not after:
+            inside.set()
+            resume.wait(10)
+        out = real(self, *args)
+        if first and after:
+            inside.set()
+            resume.wait(10)
+        return out
+
+    monkeypatch.setattr(owner, method, paused)
+    return inside, resume
+
+
 # -- 1. release() gives the id back only after every handle has left it --------------------
 
 
@@ -123,20 +146,11 @@ def test_a_read_that_close_overtakes_raises_domain_closed(
     d = holders[0]
     c = d.counter("c")
     c.add(7)
-    inside, resume = threading.Event(), threading.Event()
     # Where each read is paused: past its open check, before it touches the mapping or the
     # descriptor (stats: before it takes the domain lock).
     owner: Any = type(d.arena) if read == "stats" else Pagesets
     target = {"value": "slot_sum", "snapshot": "sums", "stats": "stats"}[read]
-    real = getattr(owner, target)
-
-    def paused(self: Any, *args: Any) -> Any:
-        if threading.current_thread().name == "reader" and not inside.is_set():
-            inside.set()
-            resume.wait(10)
-        return real(self, *args)
-
-    monkeypatch.setattr(owner, target, paused)
+    inside, resume = pause_in(monkeypatch, owner, target, "reader")
     outcome: list[object] = []
 
     def reader() -> None:
@@ -382,18 +396,7 @@ def test_a_snapshot_checks_the_generation_of_the_list_it_read(
         c.add(10 + k)
     expected = {c.labels: 10 + k for k, c in enumerate(hot)}
     d.snapshot()
-    paused, resume = threading.Event(), threading.Event()
-    entries = Domain._entries_at if hasattr(Domain, "_entries_at") else Domain._entries
-    name = entries.__name__
-
-    def entries_then_pause(self: Domain) -> Any:
-        out = entries(self)
-        if threading.current_thread().name == "A" and not paused.is_set():
-            paused.set()
-            resume.wait(10)
-        return out
-
-    monkeypatch.setattr(Domain, name, entries_then_pause)
+    paused, resume = pause_in(monkeypatch, Domain, "_entries_at", "A", after=True)
     got: list[dict[Any, Any]] = []
     a = threading.Thread(name="A", target=lambda: got.append(
         {m.labels: m.value for m in d.snapshot() if m.name == "s"}))
@@ -558,17 +561,7 @@ def test_a_rebind_that_close_overtakes_raises_domain_closed(
     c = d.counter("c")
     c.inc()
     d.release()
-    took, resume = threading.Event(), threading.Event()
-    vcpu_id = Domain.vcpu_id
-
-    def vcpu_id_then_pause(self: Domain) -> int:
-        out = vcpu_id(self)
-        if threading.current_thread().name == "T" and not took.is_set():
-            took.set()
-            resume.wait(10)
-        return out
-
-    monkeypatch.setattr(Domain, "vcpu_id", vcpu_id_then_pause)
+    took, resume = pause_in(monkeypatch, Domain, "vcpu_id", "T", after=True)
     outcome: list[BaseException | None] = []
 
     def count() -> None:
