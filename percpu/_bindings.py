@@ -55,7 +55,7 @@ class Host(Protocol):
     _max: int
     _lock: Any
     _plock: Any  # a threading.RLock, replaced in a forked child
-    _vcpu: int | None
+    _lease: Any
     _pagesets: Any
     _registry: Any
     _moves: Any
@@ -87,7 +87,7 @@ class Bindings:
             with dom._plock:
                 dom._check_open()  # close() unmaps under _plock: from here the fd is ours
                 with dom._lock:
-                    if dom._vcpu != vcpu:
+                    if dom._lease.vcpu != vcpu:
                         continue  # released meanwhile: take a lease again
                     if type(h) in REMOVED_CLASSES:
                         return  # retired meanwhile: its next use raises MetricRemoved
@@ -184,6 +184,17 @@ class Bindings:
                 return False
             found, ref = dom._registry.kind_ref(idx)
             return bool(dom._moves.current(ref) == h._ref and found == kind)  # may lag a move
+
+    def after_fork(self) -> None:
+        """In a forked child: every handle unbound (its first use takes a lease and checks the
+        registry). A named handle that a thread of the parent had taken out of ``by_ref`` (to
+        retire or rebind it) when the fork came is still in ``local``: it is put back first.
+        Only possible when the fork did not get the process lock in time."""
+        tabled = {id(h) for hs in self.by_ref.values() for h in hs}
+        for h in self.local.values():
+            if id(h) not in tabled:
+                self.by_ref.setdefault(h._ref, []).append(h)
+        self.unbind_all()
 
     def unbind_all(self) -> None:
         """Unbind every handle (release, fork): each takes a lease and rebinds on its next

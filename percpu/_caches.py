@@ -57,6 +57,11 @@ class Caches:
             out.append((cb, n, r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []))
         return out
 
+    def all_lists(self) -> list[tuple[int, int, int, list[int]]]:
+        """(id, class, count, refs) of every id's cache of every class (for ``check``)."""
+        return [(k, c, n, refs) for k in range(self._max)
+                for c, (_cb, n, refs) in enumerate(self.lists(k))]
+
     def count(self, k: int) -> int:
         """Slots in id ``k``'s caches."""
         return sum(len(refs) for _cb, _n, refs in self.lists(k))

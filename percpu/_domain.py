@@ -20,7 +20,7 @@ Invariants
    the reuse, never correctness, and never makes another holder wait.
 6. A process writes an id's slots only while it holds that id: ``release`` detaches every
    handle before the lease goes, a forked child starts with every handle unbound, and an
-   update that meets a handle in any other state goes through ``_slow_update`` (``_handles``).
+   update that meets a handle in any other state goes through ``Bindings.slow_update``.
    After ``close`` begins, every call either completes (an update is counted) or raises
    ``DomainClosed``.
 4. Crash safety: each shared update under the lock ends with one commit store (a registry entry
@@ -54,17 +54,18 @@ at most ``FORK_LOCK_WAIT`` for ``_plock``.
 
 The parts
 ---------
-``Domain`` is the facade: its constructors, the public methods, leases (taking, releasing,
-fork), and close. It composes one part per concept,
-each with its invariant in its own docstring: ``_pagesets`` (slots, one page per id),
-``_caches`` (per-id caches of free slots), ``_registry`` (names -> slots), ``_pending`` (slots
-waiting for a grace period), ``_grace`` (acknowledging epochs, reclaiming, the quiescer
-thread), ``_bindings`` (this process's handles and when they bind), ``_holder`` (this
-process's lease and overflow locks), ``_moves``
-(the compaction runtime), ``_snapshot`` (snapshot values), ``_health`` (stats and check), and
-``_handles`` (the hot path and every store to a handle's state). Parts never import this
-module: they take views, the lock and callables at construction, or read the domain through a
-small protocol (``_moves.Host``, ``_handles.Owner``).
+``Domain`` is the facade: its constructors, the public methods, close and fork. It composes
+one part per concept, each with its invariant in its own docstring: ``_root`` (the root
+block, its views, and the parts over its words), ``_pagesets`` (slots, one page per id),
+``_caches`` (per-id caches of free slots), ``_registry`` (names -> slots), ``_pending``
+(slots waiting for a grace period), ``_lease`` (this process's id, the overflow path, fork),
+``_holder`` (the OFD locks of leases and of the overflow id), ``_metrics`` (registering and
+removing named metrics), ``_raw`` (``alloc``'s objects), ``_bindings`` (this process's
+handles and when they bind), ``_grace`` (acknowledging epochs, reclaiming, the quiescer
+thread), ``_moves`` (the compaction runtime), ``_snapshot`` (snapshot values), ``_health``
+(stats and check), and ``_handles`` (the hot path and every store to a handle's state). Parts
+never import this module: they take views, the lock and callables at construction, or read
+the domain through a small protocol (each part's ``Host``, ``_handles.Owner``).
 """
 
 from __future__ import annotations
@@ -72,88 +73,41 @@ from __future__ import annotations
 import atexit
 import functools
 import os
-import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Concatenate, ParamSpec, TypeVar
 
-from arena import Arena, ArenaError, ArenaExhausted, ArenaExists, LockPolicy, error_line
+from arena import Arena, ArenaError, ArenaExists, LockPolicy, error_line
 
 from . import _cpuset
 from ._bindings import Bindings
-from ._caches import Caches
-from ._compact import (
-    POLICY_INTERVAL,
-    POLICY_TIMEOUT,
-    CompactResult,
-)
-from ._errors import (
-    BadDomainFile,
-    DomainClosed,
-    DomainExists,
-    DomainFull,
-    InvalidArgument,
-    InvalidType,
-    KindMismatch,
-)
+from ._compact import POLICY_INTERVAL, POLICY_TIMEOUT, CompactResult
+from ._errors import BadDomainFile, DomainClosed, DomainExists, InvalidArgument, InvalidType
 from ._grace import Grace
-from ._handles import (
-    REMOVED_VARIANT,
-    Counter,
-    Gauge,
-    PerCpu,
-    Summary,
-    _Handle,
-    _Removed,
-    _Unbound,
-    detach,
-)
+from ._handles import Counter, Gauge, PerCpu, Summary, _Handle
 from ._health import audit, figures
 from ._holder import HolderLocks
 from ._layout import (
     D_EPOCH,
-    D_MAGIC,
-    D_MAX_VCPUS,
-    D_RECOVERED_SLOTS,
     D_REG_GEN,
-    D_SHARED_OPS,
-    D_VERSION,
     KIND_COUNTER,
     KIND_GAUGE,
-    KIND_NAMES,
-    KIND_SIZES,
     KIND_SUMMARY,
-    L_ACK,
-    MAGIC,
-    MAX_OBJECT_SIZE,
     MOVE_CAP,
-    P_CLASS,
     PAGE,
-    SIZE_CLASSES,
-    VERSION,
-    chunk_table,
-    class_index,
-    lease_base,
-    pageset_words,
-    pending_base,
     root_words,
-    split_ref,
 )
-from ._leases import (
-    LeasePath,
-    record_lease,
-    record_release,
-)
+from ._lease import Lease
+from ._lease_records import LeasePath
+from ._metrics import Metrics
 from ._moves import Moves
-from ._names import decode_key, encode_key, validate_labels, validate_metric_name
-from ._pagesets import Pagesets
-from ._pending import PendingQueue
-from ._registry import Registry
+from ._raw import RawObjects
 from ._results import DomainCheck, DomainStats, MetricValue
+from ._root import RootBlock
 from ._snapshot import SnapshotReader, with_fix
 
 H = TypeVar("H", bound=_Handle)
@@ -162,7 +116,6 @@ _R = TypeVar("_R")
 DEFAULT_SIZE = 16 * 1024 * 1024  # bytes of arena for a domain made without a size
 CLOSE_WAIT = 10.0  # seconds close() waits at most for the calls in flight
 _SNAPSHOT_TRIES = 3  # lock-free attempts of snapshot() before it reads under the domain lock
-_GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 _domains: weakref.WeakSet[Domain] = weakref.WeakSet()
 
 
@@ -246,75 +199,33 @@ class Domain:
     def _attach(self, arena: Arena, fresh_bound: int | None) -> None:
         self.arena = arena
         self._lock = arena.locked_section()  # guards every shared word but the slots
-        heap = arena.heap
-        self._q = heap.cast("q")  # every slot, as int64 words
-        self._d = heap.cast("d")  # the same words as float64 (summary sums)
-        self._bytes = heap
         with self._lock:
-            if fresh_bound is not None:
-                root = arena.alloc(root_words(fresh_bound) * 8, align=PAGE)
-                arena.keep(root)
-                root_off = root.offset
-                self._bind_root(root_off, fresh_bound)
-                self._root[D_VERSION] = VERSION
-                self._root[D_MAX_VCPUS] = fresh_bound
-                self._registry.create()
-                self._root[D_MAGIC] = MAGIC  # last: an opener trusts nothing before it
-                arena.root_offset = root_off
-            else:
-                root_off = self._validate_root(arena)
-        self._bindings = Bindings(self)  # this process's handles and how they bind
-        self._local = self._bindings.local  # (kind, key) -> named handle
-        self._by_ref = self._bindings.by_ref  # ref -> this process's handles on it
+            rb = (RootBlock.attach(arena, self._lock, self._draining) if fresh_bound is None
+                  else RootBlock.create(arena, fresh_bound, self._lock, self._draining))
+        self._root, self._root_off, self._max = rb.words, rb.offset, rb.bound
+        self._q, self._d, self._bytes = rb.q, rb.d, rb.bytes
+        self._pending, self._registry = rb.pending, rb.registry
+        self._pagesets, self._caches = rb.pagesets, rb.caches
         # Guards this process's lease and cache state; never held across processes.
         self._plock = threading.RLock()
-        self._vcpu: int | None = None
-        self._holder = HolderLocks(arena, self._root, self._max)  # our lease's OFD locks
-        self.last_lease_path: LeasePath | None = None  # how the current/last lease was taken
         self._closed = False
         self._closing = False  # close() has begun: no new call, lease or thread
         self._inflight = 0  # public calls running now (_closed_guard); close() waits for them
         self._pid = os.getpid()
+        self._holder = HolderLocks(arena, self._root, self._max)  # our lease's OFD locks
+        self._lease = Lease(self)  # this process's id
+        self._bindings = Bindings(self)  # this process's handles and how they bind
+        self._local = self._bindings.local  # (kind, key) -> named handle
+        self._by_ref = self._bindings.by_ref  # ref -> this process's handles on it
+        self._metrics = Metrics(self)  # registering and removing named metrics
+        self._raw = RawObjects(self)  # Domain.alloc's objects
         self._moves = Moves(self)  # compaction's process-local state
         self._grace = Grace(self)  # grace periods and the quiescer thread
         self._snapshots = SnapshotReader(self._pagesets, self._moves)
         _domains.add(self)
 
-    def _bind_root(self, offset: int, bound: int) -> None:
-        self._root_off = offset
-        self._max = bound
-        n = root_words(bound)
-        self._root = self._bytes[offset : offset + n * 8].cast("Q")
-        self._pending = PendingQueue(self._root, self._bytes, pending_base(bound),
-                                     self._alloc_block, self._free_block)
-        self._registry = Registry(self._root, self._bytes, self._alloc_block, self._free_block)
-        self._pagesets = Pagesets(self._root, self._bytes, self._q, self._d, chunk_table(bound),
-                                  pageset_words(bound), bound + 1, self._lock,
-                                  self._alloc_block, self._free_block,
-                                  lambda: self._moves.draining())
-        self._caches = Caches(self._root, bound, self._lock, self._pagesets)
-
-    def _validate_root(self, arena: Arena) -> int:
-        off = arena.root_offset
-        if off is None or off < 0 or off + 64 > arena.size or off % PAGE:
-            raise BadDomainFile(22, "the arena holds no domain (no valid root block)")
-        head = self._bytes[off : off + 64].cast("Q")
-        magic, version, bound = head[D_MAGIC], head[D_VERSION], head[D_MAX_VCPUS]
-        head.release()
-        if magic != MAGIC:
-            raise BadDomainFile(22, "bad domain magic: not a domain (or its creator died)")
-        if version != VERSION:
-            raise BadDomainFile(22, f"domain format version {version} is not supported")
-        if not 1 <= bound <= _cpuset.MAX_VCPUS_LIMIT or off + root_words(bound) * 8 > arena.size:
-            raise BadDomainFile(22, f"bad max_vcpus {bound} in the domain header")
-        self._bind_root(off, bound)
-        problem = self._registry.problem(arena.size)
-        if problem:
-            raise BadDomainFile(22, problem)
-        problem = self._pending.problem(arena.size)
-        if problem:
-            raise BadDomainFile(22, f"bad pending-free queue: {problem}")
-        return off
+    def _draining(self) -> frozenset[int]:
+        return self._moves.draining()
 
     # -- properties --------------------------------------------------------------------
 
@@ -333,6 +244,11 @@ class Domain:
         """True when other processes can map this domain."""
         return self.arena.shared
 
+    @property
+    def last_lease_path(self) -> LeasePath | None:
+        """How the current (or last) lease of this process was taken."""
+        return self._lease.last_path
+
     # -- leases ------------------------------------------------------------------------
 
     @_closed_guard
@@ -340,9 +256,9 @@ class Domain:
         """This holder's vcpu id, taking the lease on first use: the lowest id no live holder
         has. ``max_vcpus`` means every id was taken: this holder shares the overflow id, each
         of its operations under a lock (counted in ``stats().shared_id_operations``)."""
-        vcpu = self._vcpu
+        vcpu = self._lease.vcpu
         if vcpu is None:
-            vcpu = self._take_lease()
+            vcpu = self._lease.take()
         return vcpu
 
     def possible_vcpus(self) -> frozenset[int]:
@@ -358,45 +274,6 @@ class Domain:
         with self._lock:
             return frozenset(self._live_holders())
 
-    def _take_lease(self) -> int:
-        with self._plock:
-            if self._vcpu is not None:
-                return self._vcpu
-            self._check_open()
-            fd = self.arena.fd
-            # No GIL: the hot path is not atomic, so every operation takes the overflow lock.
-            vcpu = self._holder.choose() if _GIL_ENABLED else None
-            try:
-                with self._lock:
-                    r = self._root
-                    path = record_lease(r, self._max, vcpu, os.getpid())
-                    epoch = int(r[D_EPOCH])
-                    if vcpu is None:
-                        vcpu = self._max
-                        self._holder.set_ack(epoch)
-                    else:
-                        if path is LeasePath.RECLAIMED:
-                            r[D_RECOVERED_SLOTS] += self._cached_slots(vcpu)
-                        r[lease_base(self._max, vcpu) + L_ACK] = epoch
-                        self._moves.adopt(vcpu)  # compaction: the id's moves, before any bind
-                    # The new holder claims the current epoch, so under the same lock it retires
-                    # the handles of every slot that went pending since this process last
-                    # acknowledged (after a fork or a release they are unbound, and would
-                    # otherwise bind to a slot about to be reused).
-                    self._quiesce()
-            except BaseException:
-                if vcpu is not None:
-                    self._holder.drop(vcpu)
-                raise
-            self.last_lease_path = path
-            self._vcpu = vcpu
-            if fd is not None:  # overflow holders too: they acknowledge epochs like the rest
-                self._grace.start()
-            return vcpu
-
-    def _cached_slots(self, vcpu: int) -> int:
-        return self._caches.count(vcpu)
-
     @_closed_guard
     def release(self) -> None:
         """Give this process's id back now. Handles stay usable: each is bound again, to
@@ -407,77 +284,16 @@ class Domain:
         next holder of the id then counts it as reclaimed rather than reused.
         """
         with self._plock:
-            vcpu = self._vcpu
-            if vcpu is None or self._closed:
-                return
-            raw = [h for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)]
-            for h in raw:  # while the id is still ours: its cache takes the slots back
-                self._free_object(h)
-            # Stop the quiescer, but join it only after _plock is released: it may be waiting
-            # for _plock in _quiesce, and would never see the stop.
-            quiescer = self._grace.detach()
-            # Every handle leaves the id before the id leaves us: once _unbind_all returns, no
-            # update of any thread of ours can land on the id (``_handles``: handle states),
-            # so the next holder of the id is its only writer.
-            self._unbind_all()
-            self._vcpu = None
-            with self._lock:
-                record_release(self._root, self._max, vcpu)  # pid 0 before the lock goes
-            self._holder.drop(vcpu)
+            quiescer = self._lease.release()
         nested = self._plock._is_owned()  # type: ignore[attr-defined]  # release() re-entered
         if quiescer is not None and quiescer is not threading.current_thread() and not nested:
             quiescer.join()
 
-    def _unbind_all(self) -> None:
-        self._bindings.unbind_all()
+    def _overflow_op(self) -> AbstractContextManager[None]:
+        """The shared-id slow path: one lock per operation, counted (``Lease.overflow_op``)."""
+        return self._lease.overflow_op()
 
-    @contextmanager
-    def _overflow_op(self) -> Iterator[None]:
-        """The shared-id slow path: one lock per operation, counted.
-
-        Lock order: ``_plock``, then the overflow lock (never the other way round). It does not
-        acknowledge epochs itself: the quiescer does, under ``_plock``, so no acknowledgement
-        (and no retirement of the handle in use) can fall inside an operation.
-        """
-        with self._plock:
-            self._holder.lock_overflow()
-            try:
-                self._root[D_SHARED_OPS] += 1
-                if self._q[self._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
-                    self._moves.finish_overflow()
-                yield
-            finally:
-                self._holder.unlock_overflow()
-
-    # -- pagesets and slots --------------------------------------------------------------
-
-    def _alloc_block(self, nbytes: int, what: str, align: int | None = None) -> int:
-        """A block kept by the domain (survives its allocator's death); its offset."""
-        try:
-            blk = self.arena.alloc(nbytes, align=align)
-        except ArenaExhausted as exc:
-            raise DomainFull(f"no room in the domain's arena for {what}: {exc}") from None
-        self.arena.keep(blk)
-        return blk.offset
-
-    def _free_block(self, offset: int) -> None:
-        """Give a kept block back to the arena. Lock held."""
-        self.arena.free(self.arena.block_at(offset))
-
-    def _cache_pop(self, cls: int) -> int:
-        """A free ref of class ``cls`` from this holder's cache. The id is read under
-        ``_plock``, so no other thread of ours releases it between choosing the cache and
-        writing it (the id's cache is shared memory: after a release another process may own
-        it)."""
-        with self._plock:
-            return self._caches.pop(self.vcpu_id(), cls)
-
-    def _cache_push(self, cls: int, ref: int) -> None:
-        """Return a zeroed ref to this holder's cache (``_plock``: as in ``_cache_pop``)."""
-        with self._plock:
-            self._caches.push(self.vcpu_id(), cls, ref)
-
-    # -- handles -------------------------------------------------------------------------
+    # -- handles (``_handles.Owner``) ----------------------------------------------------------
 
     def _bind(self, h: _Handle) -> None:
         """Bind ``h`` to this holder's copy of its slot (``Bindings.bind``)."""
@@ -487,9 +303,11 @@ class Domain:
         """An update off the lock-free statement (``Bindings.slow_update``)."""
         self._bindings.slow_update(h, n, x)
 
-    def _make_handle(self, cls_: type[H], ref: int, name: str,
-                     labels: tuple[tuple[str, str], ...]) -> H:
-        return self._bindings.make(self, cls_, ref, name, labels)
+    def _retire(self, h: _Handle) -> None:
+        """Make every later use of ``h`` raise (``Bindings.retire``). ``_plock`` held."""
+        self._bindings.retire(h)
+
+    # -- named metrics -------------------------------------------------------------------
 
     @_closed_guard
     def counter(self, name: str, labels: dict[str, str] | None = None) -> Counter:
@@ -497,75 +315,17 @@ class Domain:
 
         Registering takes the domain lock once per process and name; using never does.
         """
-        return self._metric(KIND_COUNTER, Counter, name, labels)
+        return self._metrics.handle(KIND_COUNTER, Counter, name, labels)
 
     @_closed_guard
     def gauge(self, name: str, labels: dict[str, str] | None = None) -> Gauge:
         """The signed gauge ``name{labels}`` (add/sub; its value is the sum over ids)."""
-        return self._metric(KIND_GAUGE, Gauge, name, labels)
+        return self._metrics.handle(KIND_GAUGE, Gauge, name, labels)
 
     @_closed_guard
     def summary(self, name: str, labels: dict[str, str] | None = None) -> Summary:
         """The summary ``name{labels}``: count and sum of observations."""
-        return self._metric(KIND_SUMMARY, Summary, name, labels)
-
-    def _metric(self, kind: int, cls_: type[H], name: str,
-                labels: dict[str, str] | None) -> H:
-        name = validate_metric_name(name)
-        lab = validate_labels(labels)
-        key = encode_key(name, lab)
-        found = self._local.get((kind, key))
-        if (found is not None and not isinstance(found, _Unbound)
-                and self._root[D_EPOCH] == self._grace.ack):
-            return found  # type: ignore[return-value]
-        self._check_open()
-        with self._plock:
-            if self._root[D_EPOCH] != self._grace.ack:
-                self._quiesce()  # retire what was removed since: never hand out a stale handle
-            found = self._local.get((kind, key))
-            if found is not None and isinstance(found, _Unbound):
-                self._bind(found)  # checks the registry: it may have been removed meanwhile
-            if found is not None and not isinstance(found, _Removed):
-                return found  # type: ignore[return-value]
-            ref = self._register(kind, key)
-            h = self._make_handle(cls_, ref, name, lab)
-            self._local[(kind, key)] = h
-            return h
-
-    # -- the registry (shared hash table, lock held) --------------------------------------
-
-    def _register(self, kind: int, key: bytes) -> int:
-        """The ref of the metric ``key`` of ``kind``, creating it if needed."""
-        cls = class_index(KIND_SIZES[kind])
-        reg = self._registry
-        with self._lock:
-            # The spare slot is taken under the lock (re-entrant: a refill takes it too), so a
-            # check() in another process never sees it in transit and takes it for a leak.
-            spare = self._cache_pop(cls)
-            committed = False
-            try:
-                idx, _ = reg.lookup(key)
-                if idx >= 0:
-                    found, ref = reg.kind_ref(idx)
-                    if found != kind:
-                        raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
-                                           f"{KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
-                    return ref
-                reg.insert(key, kind, cls, spare)
-                committed = True
-                return spare
-            finally:
-                if not committed:  # found, refused (KindMismatch) or failed (DomainFull)
-                    self._cache_push(cls, spare)
-
-    def _entries(self) -> list[tuple[int, int, int, bytes]]:
-        """(kind, class, ref, key) of every live metric; cached by registry generation."""
-        return self._entries_at()[1]
-
-    def _entries_at(self) -> tuple[int, list[tuple[int, int, int, bytes]]]:
-        """The registry generation and the entries read at it (``Registry.entries_at``)."""
-        with self._lock:
-            return self._registry.entries_at()
+        return self._metrics.handle(KIND_SUMMARY, Summary, name, labels)
 
     @_closed_guard
     def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
@@ -575,22 +335,7 @@ class Domain:
         next quiescent point, within milliseconds); its slot is reused only after every live
         holder has acknowledged (a grace period).
         """
-        name = validate_metric_name(name)
-        key = encode_key(name, validate_labels(labels))
-        self._check_open()
-        self.vcpu_id()
-        with self._plock, self._lock:
-            idx, _ = self._registry.lookup(key)
-            if idx < 0:
-                return False
-            self._grace.reclaim()  # what is due makes room
-            self._pending.reserve()  # may raise DomainFull: nothing is changed yet
-            # The registry word lags a move whose publisher died before updating it; the
-            # handles follow the move, so the slot to retire and free is the current one.
-            ref = self._moves.current(self._registry.tombstone(idx))
-            self._grace.publish(ref)
-            self._quiesce()
-        return True
+        return self._metrics.remove(name, labels)
 
     # -- grace periods -------------------------------------------------------------------
 
@@ -603,13 +348,9 @@ class Domain:
         """What this process's quiescer thread survived (the last 16; empty when healthy)."""
         return list(self._grace.errors)
 
-    def _retire(self, h: _Handle) -> None:
-        """Make every later use of ``h`` raise (``Bindings.retire``). ``_plock`` held."""
-        self._bindings.retire(h)
-
     def _live_holders(self) -> list[int]:
         """Ids whose holder is alive, ours included. Domain lock held."""
-        return self._holder.live(self._vcpu)
+        return self._holder.live(self._lease.vcpu)
 
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
     #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
@@ -661,49 +402,19 @@ class Domain:
         Served from this holder's cache without the domain lock (the cache refills in bulk).
         The object belongs to this process: free it with ``obj.free()``.
         """
-        if size.__class__ is not int:
-            raise InvalidType(f"size must be an int, got {type(size).__name__}")
-        if not 1 <= size <= MAX_OBJECT_SIZE:
-            raise InvalidArgument(f"size must be in 1..{MAX_OBJECT_SIZE} bytes, got {size}")
-        self._check_open()
-        cls = class_index(size)
-        with self._plock:  # check() (same lock) never sees the slot between cache and handle
-            ref = self._cache_pop(cls)
-            try:
-                h = self._make_handle(PerCpu, ref, "", ())
-            except BaseException:  # e.g. DomainFull for this id's page: the slot goes back
-                self._cache_push(cls, ref)
-                raise
-            h.size = size
-            return h
+        return self._raw.alloc(size)
 
     @_closed_guard
     def _local_view(self, h: PerCpu) -> memoryview:
-        self._check_open()
-        off = h._offset
-        return self._bytes[off : off + h.size]
+        return self._raw.view(h)
 
     @_closed_guard
     def _copies(self, ref: int, size: int) -> dict[int, memoryview]:
-        self._check_open()
-        ps, slot = split_ref(ref)
-        e = self._pagesets.entry(ps)
-        csize = SIZE_CLASSES[int(e[P_CLASS]) - 1]
-        return {k: self._bytes[page + slot * csize : page + slot * csize + size]
-                for k, page in self._pagesets.id_pages(e)}
+        return self._raw.copies(ref, size)
 
     @_closed_guard
     def _free_object(self, h: PerCpu) -> None:
-        with self._plock:
-            if self._closed:
-                raise DomainClosed("the domain is closed")
-            handles = self._by_ref.get(h._ref)
-            if not handles or h not in handles:
-                raise InvalidArgument(f"{h!r} was already freed")
-            self._by_ref.pop(h._ref)
-            detach(h, REMOVED_VARIANT)
-            self._pagesets.zero(h._ref)  # only this process ever wrote it
-            self._cache_push(class_index(h.size), h._ref)
+        self._raw.free(h)
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -741,7 +452,7 @@ class Domain:
         """
         self._check_open()
         for _ in range(_SNAPSHOT_TRIES):
-            gen, entries = self._entries_at()
+            gen, entries = self._metrics.entries_at()
             moves = self._moves.read_begin()  # compaction: the batch and the ids' sequences
             try:
                 out = self._snapshots.values(entries)
@@ -753,7 +464,7 @@ class Domain:
                 return out
         with self._plock, self._lock:  # removals wait: the slots read cannot be reused
             fix = self._moves.finish_dead()  # compaction: no half-moved value under the lock
-            entries = self._entries()
+            entries = self._metrics.entries()
             return with_fix(entries, self._snapshots.values(entries), fix)
 
     # -- health --------------------------------------------------------------------------
@@ -764,7 +475,7 @@ class Domain:
         self._check_open()
         a = self.arena.stats()
         with self._lock:
-            return figures(self._root, self._max, self._vcpu, self._live_holders(),
+            return figures(self._root, self._max, self._lease.vcpu, self._live_holders(),
                            self._pagesets, a, self._pending.count(),
                            self._moves.stats(a.used_bytes))
 
@@ -786,13 +497,10 @@ class Domain:
         """
         self._check_open()
         with self._plock, self._lock:
-            caches = [(k, c, n, refs) for k in range(self._max)
-                      for c, (_cb, n, refs) in enumerate(self._caches.lists(k))]
-            raw = {h._ref for hs in self._by_ref.values() for h in hs if isinstance(h, PerCpu)}
             problems, unreferenced = audit(
-                (ref for _kind, _cls, ref, _key in self._entries()), caches,
-                (ref for ref, _epoch in self._pending.entries()), raw,
-                self._moves.moving_refs(), self._pagesets)
+                (ref for _kind, _cls, ref, _key in self._metrics.entries()),
+                self._caches.all_lists(), (ref for ref, _epoch in self._pending.entries()),
+                {h._ref for h in self._raw.live()}, self._moves.moving_refs(), self._pagesets)
             reclaimed = 0
             if reclaim and unreferenced and not self._others_alive():
                 for ref in unreferenced:
@@ -807,9 +515,8 @@ class Domain:
 
     def _others_alive(self) -> bool:
         """True when a holder other than this one is alive: on an id, or sharing the overflow
-        id (each of those holds a read lock at OVERFLOW_ACK_BASE + the epoch it has
-        acknowledged, never beyond the current one). Domain lock held."""
-        if self._live_holders() not in ([], [self._vcpu]):
+        id. Domain lock held."""
+        if self._live_holders() not in ([], [self._lease.vcpu]):
             return True
         return self._holder.other_overflow_holders(int(self._root[D_EPOCH]))
 
@@ -878,7 +585,7 @@ class Domain:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Domain {self.arena!r} max_vcpus={self._max} vcpu={self._vcpu}>"
+        return f"<Domain {self.arena!r} max_vcpus={self._max} vcpu={self._lease.vcpu}>"
 
     def _after_fork_in_child(self) -> None:
         """The child takes its own id (lazily) and rebinds named handles; raw objects stay the
@@ -887,26 +594,8 @@ class Domain:
         self._plock = threading.RLock()
         self._inflight = 0  # the calls of the parent's other threads do not exist here
         self._grace.after_fork()
-        if self._closed:
-            return
-        inherited = self._vcpu
-        self._vcpu = None
-        if self.arena.fd is None:
-            self._vcpu = inherited  # a private copy: the child owns all of it
-            return
-        # The arena reopened its file: this new open file description holds no lock, neither
-        # the parent's lease nor its overflow acknowledgement; the parent keeps both.
-        self._holder.ack_byte = None
-        self.last_lease_path = None
-        # A named handle that a thread of the parent had taken out of _by_ref (to retire or
-        # rebind it) when the fork came is still in _local: put it back, so that it is
-        # unbound too (its first use then checks the registry). Only possible when the
-        # fork did not get the process lock in time (_lock_before_fork).
-        tabled = {id(h) for hs in self._by_ref.values() for h in hs}
-        for h in self._local.values():
-            if id(h) not in tabled:
-                self._by_ref.setdefault(h._ref, []).append(h)
-        self._unbind_all()
+        if not self._closed:
+            self._lease.after_fork()
 
 
 def _check_max_vcpus(max_vcpus: object) -> int:
@@ -934,7 +623,7 @@ def _arena_size(size: object, bound: int) -> int:
 
 # Fork: every domain's process lock is taken before the fork and released after it in the
 # parent, so that no fork falls inside a section that has handles out of their tables (a
-# quiescer retiring or rebinding them): the child then finds every handle where _unbind_all
+# quiescer retiring or rebinding them): the child then finds every handle where Bindings.after_fork
 # sees it. The lock is re-entrant (a fork from inside a section of ours takes it at once) and
 # its sections are short, except one that waits for the domain lock while another process
 # holds it (stopped, say): a fork waits at most FORK_LOCK_WAIT for that, then goes ahead, and

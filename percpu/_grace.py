@@ -38,7 +38,7 @@ class Host(Protocol):
     _max: int
     _lock: Any
     _plock: Any  # a threading.RLock, replaced in a forked child
-    _vcpu: int | None
+    _lease: Any
     _closed: bool
     _closing: bool
     _background_quiescer: bool
@@ -87,7 +87,7 @@ class Grace:
                     for h in dom._by_ref.pop(ref, ()):
                         dom._retire(h)
             self.ack = epoch
-            vcpu = dom._vcpu
+            vcpu = dom._lease.vcpu
             if vcpu is not None and vcpu < self._max:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
             elif vcpu == self._max:

@@ -40,7 +40,7 @@ A handle is in one of four states, told by its class and its ``_cells``:
 Only the bound-to-a-leased-id state writes arena words on the hot path. In every other state
 an update, even one through a bound method the caller cached (``inc = c.inc``), or one
 dispatched before the state changed, reaches :class:`SlowCells`, whose ``__setitem__`` hands
-the amount to the domain (``Domain._slow_update``): under the process lock it raises for a
+the amount to the domain (``Bindings.slow_update``): under the process lock it raises for a
 retired handle, binds an unbound one (taking a lease) and adds where the handle now points,
 under the overflow lock for the overflow id. So no update is ever dropped silently: it counts,
 or it raises (``MetricRemoved``, ``DomainClosed``).
@@ -510,7 +510,7 @@ class SlowCells:
     """Stands in for the arena's words in a handle that is not bound to a leased id.
 
     ``cells[i] += n`` on it reads an :class:`_Amount` (raising at once for a retired handle)
-    and stores ``_Amount(n)``, which hands ``n`` to ``Domain._slow_update``: the update is
+    and stores ``_Amount(n)``, which hands ``n`` to ``Bindings.slow_update``: the update is
     counted where the handle points once the process lock is held, or raises. ``floats``:
     this stands for the float words (a Summary's sum) rather than the int words.
     """

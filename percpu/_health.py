@@ -30,7 +30,7 @@ from ._layout import (
     PAGE,
     lease_base,
 )
-from ._leases import ids_ever_used
+from ._lease_records import ids_ever_used
 from ._pagesets import Pagesets
 from ._results import DomainStats
 

@@ -1,7 +1,7 @@
 """How this process holds its vcpu id: the OFD locks of its lease and of the overflow id.
 
 Holding id ``k`` is holding an OFD write lock on byte ``LEASE_LOCK_BASE + k`` of the domain's
-file (``_leases`` has the rules and the pure bookkeeping). A holder of the shared overflow id
+file (``_lease_records`` has the rules and the pure bookkeeping). A holder of the shared overflow id
 has no lease record; it publishes the epoch it has acknowledged as a read lock on byte
 ``OVERFLOW_ACK_BASE + epoch``, moved forward as it acknowledges, and each of its operations
 holds the overflow lock (byte ``OVERFLOW_LOCK``).
@@ -27,7 +27,7 @@ from typing import Any
 from arena.locks import is_locked, lock, read_lock, try_lock, unlock
 
 from ._layout import LEASE_LOCK_BASE, OVERFLOW_ACK_BASE, OVERFLOW_LOCK
-from ._leases import choose_lowest, live_ids, oldest_mark
+from ._lease_records import choose_lowest, live_ids, oldest_mark
 
 
 class HolderLocks:

@@ -127,7 +127,7 @@ class Host(Protocol):
     _d: memoryview[float]
     _lock: SharedLock
     _plock: Any  # a threading.RLock, replaced in a forked child
-    _vcpu: int | None
+    _lease: Any
     _pagesets: Pagesets
     _holder: HolderLocks
     _caches: Caches
@@ -309,7 +309,7 @@ class Moves:
         Takes no lock when there is nothing to do."""
         r = self._root
         gen = int(r[D_MV_GEN])
-        vcpu = self._dom._vcpu
+        vcpu = self._dom._lease.vcpu
         stale = bool(gen & 1) and (time.monotonic_ns() - int(r[D_MV_STARTED])
                                    > DRIVE_AFTER * 1e9)
         if not stale and gen == self.seen and (
@@ -443,7 +443,7 @@ class Moves:
             if fwd:
                 self.fwd_prev, self.fwd = self.fwd, fwd
             self.seen = gen
-        vcpu = self._dom._vcpu
+        vcpu = self._dom._lease.vcpu
         if gen & 1 and vcpu is not None and vcpu < self._max:
             self.adopt(vcpu)
 
@@ -453,7 +453,7 @@ class Moves:
         never a mix)."""
         ps, slot = split_ref(new)
         size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
-        vcpu = self._dom._vcpu
+        vcpu = self._dom._lease.vcpu
         index = -1
         for h in handles:
             h._ref = new
@@ -619,7 +619,7 @@ class Moves:
         batch = self.batch(gen)
         need = self.need_ids(batch)
         epoch = int(r[D_MV_EPOCH])
-        mine = self._dom._vcpu
+        mine = self._dom._lease.vcpu
         live = set(self._dom._live_holders())
         waiting = False
         for k in range(self._max):

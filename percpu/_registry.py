@@ -15,7 +15,7 @@ Invariants
 3. ``D_REG_GEN`` changes with every change of what :meth:`Registry.entries_at` returns
    (insert, tombstone, grow, a ref moved by compaction); readers cache by it.
 4. An entry's ref may lag a compaction batch whose publisher died before pointing the
-   registry at the new refs: callers map it through the batch (``Domain._mv_current``).
+   registry at the new refs: callers map it through the batch (``Moves.current``).
 
 Every word is read and written under the domain lock; the module is pure apart from the two
 callables that allocate and free arena blocks.

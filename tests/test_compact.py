@@ -644,14 +644,14 @@ def test_a_new_holder_of_a_dead_id_moves_its_values_before_binding(
     b = open_holder(path, holders)
     for i in cs:
         b.counter("c", {"i": str(i)}).add(300)
-    vcpu_b = b._vcpu
+    vcpu_b = b._lease.vcpu
     assert vcpu_b is not None
     a.compact(timeout=0)  # published; b has not acknowledged
     assert in_flight(a)
     b._abandon()
     holders.remove(b)
     c2 = open_holder(path, holders)
-    assert c2._vcpu == vcpu_b
+    assert c2._lease.vcpu == vcpu_b
     gen = int(a._root[D_MV_GEN])
     assert int(a._root[move_state_base(2, vcpu_b) + MS_DONE]) == gen  # adopted at lease time
     for i in cs:
@@ -710,7 +710,7 @@ def test_an_overflow_holder_is_moved_under_the_overflow_lock(
     cs = churn(a, 1200, 0.05)
     b = open_holder(path, holders)
     o = open_holder(path, holders)
-    assert o._vcpu == 2  # every id taken: the overflow id
+    assert o._lease.vcpu == 2  # every id taken: the overflow id
     oc = {i: o.counter("c", {"i": str(i)}) for i in cs}
     for c in oc.values():
         c.add(40)
@@ -750,7 +750,7 @@ def test_a_copier_killed_mid_copy_is_finished_under_the_lock(
     b = open_holder(path, holders)
     for i in cs:
         b.counter("c", {"i": str(i)}).add(7)
-    vcpu_b = b._vcpu
+    vcpu_b = b._lease.vcpu
     assert vcpu_b is not None
     a.compact(timeout=0)
     crash = Crash(stores)

@@ -482,7 +482,7 @@ def test_a_dead_holders_cache_goes_to_the_next_holder_of_its_id(
     b = holders[1]
     objs = [b.alloc(8) for _ in range(5)]
     objs[0].free()
-    vcpu, cached = b.vcpu_id(), b._cached_slots(b.vcpu_id())
+    vcpu, cached = b.vcpu_id(), b._caches.count(b.vcpu_id())
     assert cached > 0
     before = a.stats().recovered_cache_slots
     b._abandon()  # dies: 4 raw objects leak, its cache stays with its id
@@ -538,7 +538,7 @@ class Holder:
     raws: list[Raw] = field(default_factory=list)
 
     def leased(self) -> bool:
-        return self.dom._vcpu is not None
+        return self.dom._lease.vcpu is not None
 
 
 @dataclass
@@ -581,7 +581,7 @@ class DomainMachine(SharedDomainMachine):
 
     def current_ref(self, key: Key) -> int | None:
         d = self.holders[0].dom
-        for _kind, _cls, ref, raw in d._entries():
+        for _kind, _cls, ref, raw in d._metrics.entries():
             from percpu._names import decode_key
             if decode_key(raw) == key:
                 return ref
@@ -645,10 +645,10 @@ class DomainMachine(SharedDomainMachine):
     @rule(data=st.data(), kill=st.booleans())
     def close_holder(self, data: st.DataObject, kill: bool) -> None:
         h = self.pick(data)
-        vcpu = h.dom._vcpu
+        vcpu = h.dom._lease.vcpu
         if kill:
             if vcpu is not None and vcpu < h.dom.max_vcpus:
-                self.dead_caches[vcpu] = h.dom._cached_slots(vcpu)
+                self.dead_caches[vcpu] = h.dom._caches.count(vcpu)
             h.dom._abandon()
             self.leaked += len(h.raws)
         else:

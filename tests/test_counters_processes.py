@@ -362,7 +362,7 @@ def test_a_killed_holders_cached_slots_are_recovered(path: str, children: Childr
         for obj in objs[:2]:
             obj.free()
         vcpu = d.vcpu_id()
-        os.write(w, f"{vcpu} {d._cached_slots(vcpu)}\n".encode())
+        os.write(w, f"{vcpu} {d._caches.count(vcpu)}\n".encode())
         time.sleep(HANG)
 
     kid = children.start(victim)

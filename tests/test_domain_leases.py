@@ -29,7 +29,7 @@ from arena._arena import ARENA_LOCK_BYTE
 from arena._locks import is_locked
 from percpu import Domain, InvalidArgument, InvalidType, MetricRemoved
 from percpu._cpuset import read_cpu_bounds
-from percpu._leases import LeasePath
+from percpu._lease_records import LeasePath
 
 HANG_GUARD = 60.0  # seconds a parent waits for a child's message before failing
 SIZE = 1 << 22  # bytes: small domains, quick to prefault

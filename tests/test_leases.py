@@ -1,4 +1,4 @@
-"""The lease protocol of ``percpu._leases`` against a model, without processes.
+"""The lease protocol of ``percpu._lease_records`` against a model, without processes.
 
 The functions under test are the ones ``Domain`` runs (choose_lowest, record_lease,
 record_release, live_ids, ids_ever_used, oldest_mark); the OFD locks are replaced by a table that
@@ -31,7 +31,7 @@ from percpu._layout import (
     lease_base,
     root_words,
 )
-from percpu._leases import (
+from percpu._lease_records import (
     LeasePath,
     choose_lowest,
     classify,

@@ -33,6 +33,7 @@ from arena.locks import unlock as real_unlock
 from percpu import Counter, Domain, DomainClosed, MetricRemoved
 from percpu._compact import copy_moves, plan_compaction
 from percpu._layout import D_MV_GEN, L_SEQ, LEASE_LOCK_BASE, MOVE_CAP, OVERFLOW_LOCK, lease_base
+from percpu._metrics import Metrics
 from percpu._moves import Moves
 from percpu._pagesets import Pagesets
 from percpu._registry import Registry
@@ -396,7 +397,7 @@ def test_a_snapshot_checks_the_generation_of_the_list_it_read(
         c.add(10 + k)
     expected = {c.labels: 10 + k for k, c in enumerate(hot)}
     d.snapshot()
-    paused, resume = pause_in(monkeypatch, Domain, "_entries_at", "A", after=True)
+    paused, resume = pause_in(monkeypatch, Metrics, "entries_at", "A", after=True)
     got: list[dict[Any, Any]] = []
     a = threading.Thread(name="A", target=lambda: got.append(
         {m.labels: m.value for m in d.snapshot() if m.name == "s"}))
@@ -593,7 +594,7 @@ def test_snapshot_values_of_stale_entries_do_not_raise(shared: tuple[str, list[D
     s = d.summary("sm")
     s.observe(2.5)
     ps = s._ref >> 16
-    _gen, stale = d._entries_at()
+    _gen, stale = d._metrics.entries_at()
     assert d.remove("sm") and d.synchronize(2)
     d.compact(timeout=2)
     cs = [d.counter("after", {"i": str(i)}) for i in range(8)]

@@ -1,0 +1,129 @@
+"""Named metrics of one process of a domain: registering, finding and removing them.
+
+The registry (``_registry``) is the shared table of names; the handle tables (``_bindings``)
+are this process's. This part connects them: a name is looked up in this process first, then
+registered (or found) in the shared table under the domain lock, and handed out as a handle.
+
+Invariants
+----------
+1. A handle handed out is never stale: when the domain's epoch moved since this process last
+   acknowledged, it acknowledges first (retiring the handles of removed metrics), so a name
+   removed in another process gets a new handle, never the removed one.
+2. A new metric's slot is taken from our id's cache under the domain lock and committed by
+   the registry insert; a slot not committed (the name was found, refused, or the domain is
+   full) goes back to the cache, so no ``check`` ever sees it in transit.
+3. ``remove`` never waits: room in the pending queue is made before the commit (``DomainFull``
+   changes nothing), and the slot retired is the metric's current one (the registry word may
+   lag a move whose publisher died).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypeVar
+
+from ._errors import KindMismatch
+from ._handles import _Handle, _Removed, _Unbound
+from ._layout import D_EPOCH, KIND_NAMES, KIND_SIZES, class_index
+from ._names import decode_key, encode_key, validate_labels, validate_metric_name
+from ._registry import Entry, Registry
+
+H = TypeVar("H", bound=_Handle)
+
+
+class Host(Protocol):
+    """What the metrics part reads of the domain it belongs to (``Domain`` implements it)."""
+
+    _root: memoryview[int]
+    _lock: Any
+    _plock: Any  # a threading.RLock, replaced in a forked child
+    _registry: Registry
+    _pending: Any
+    _grace: Any
+    _moves: Any
+    _bindings: Any
+    _lease: Any
+
+    def vcpu_id(self) -> int: ...
+
+    def _check_open(self) -> None: ...
+
+
+class Metrics:
+    """Registration and removal of the named metrics of one domain (see the module docstring)."""
+
+    def __init__(self, dom: Host) -> None:
+        self._dom = dom
+
+    def handle(self, kind: int, cls_: type[H], name: str, labels: dict[str, str] | None) -> H:
+        """This process's handle of the metric ``name{labels}`` of ``kind`` (invariant 1)."""
+        dom = self._dom
+        name = validate_metric_name(name)
+        lab = validate_labels(labels)
+        key = encode_key(name, lab)
+        local = dom._bindings.local
+        found = local.get((kind, key))
+        if (found is not None and not isinstance(found, _Unbound)
+                and dom._root[D_EPOCH] == dom._grace.ack):
+            return found  # type: ignore[no-any-return]
+        dom._check_open()
+        with dom._plock:
+            if dom._root[D_EPOCH] != dom._grace.ack:
+                dom._grace.acknowledge()  # retire what was removed since
+            found = local.get((kind, key))
+            if found is not None and isinstance(found, _Unbound):
+                dom._bindings.bind(found)  # checks the registry: it may have been removed
+            if found is not None and not isinstance(found, _Removed):
+                return found  # type: ignore[no-any-return]
+            ref = self.register(kind, key)
+            h: H = dom._bindings.make(dom, cls_, ref, name, lab)
+            local[(kind, key)] = h
+            return h
+
+    def register(self, kind: int, key: bytes) -> int:
+        """The ref of the metric ``key`` of ``kind``, creating it if needed (invariant 2)."""
+        dom = self._dom
+        cls = class_index(KIND_SIZES[kind])
+        reg = dom._registry
+        with dom._lock:
+            spare = dom._lease.cache_pop(cls)
+            committed = False
+            try:
+                idx, _ = reg.lookup(key)
+                if idx >= 0:
+                    found, ref = reg.kind_ref(idx)
+                    if found != kind:
+                        raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
+                                           f"{KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
+                    return int(ref)
+                reg.insert(key, kind, cls, spare)
+                committed = True
+                return int(spare)
+            finally:
+                if not committed:
+                    dom._lease.cache_push(cls, spare)
+
+    def entries(self) -> list[Entry]:
+        """(kind, class, ref, key) of every live metric; cached by registry generation."""
+        return self.entries_at()[1]
+
+    def entries_at(self) -> tuple[int, list[Entry]]:
+        """The registry generation and the entries read at it (``Registry.entries_at``)."""
+        with self._dom._lock:
+            return self._dom._registry.entries_at()
+
+    def remove(self, name: str, labels: dict[str, str] | None) -> bool:
+        """Remove ``name{labels}`` in every process; False if it does not exist (invariant 3)."""
+        dom = self._dom
+        key = encode_key(validate_metric_name(name), validate_labels(labels))
+        dom._check_open()
+        dom.vcpu_id()
+        with dom._plock, dom._lock:
+            idx, _ = dom._registry.lookup(key)
+            if idx < 0:
+                return False
+            dom._grace.reclaim()  # what is due makes room
+            dom._pending.reserve()  # may raise DomainFull: nothing is changed yet
+            ref = dom._moves.current(dom._registry.tombstone(idx))
+            dom._grace.publish(ref)
+            dom._grace.acknowledge()
+        return True

@@ -1,0 +1,115 @@
+"""The root block of a domain and the views and parts laid over it.
+
+The root block (``_layout``: header, lease records, pageset directory, registry header,
+pending queue) is one page-aligned block kept by the arena; its offset is the arena's root
+offset. :class:`RootBlock` maps it and builds the parts that own its words.
+
+Invariants
+----------
+1. A new domain's magic word is written last, under the domain lock: an opener trusts
+   nothing of a root whose magic is not there (its creator died mid-way).
+2. An opened root is checked before any part reads it: offset, magic, version, bound, and
+   the registry's and pending queue's own headers; a bad one is :class:`BadDomainFile` with
+   nothing written.
+3. Every block the parts allocate is kept by the arena (it survives the death of the
+   process that made it) and ``DomainFull`` is the only error an exhausted arena gives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from arena import Arena, ArenaExhausted
+
+from . import _cpuset
+from ._caches import Caches
+from ._errors import BadDomainFile, DomainFull
+from ._layout import (
+    D_MAGIC,
+    D_MAX_VCPUS,
+    D_VERSION,
+    MAGIC,
+    PAGE,
+    VERSION,
+    chunk_table,
+    pageset_words,
+    pending_base,
+    root_words,
+)
+from ._pagesets import Pagesets
+from ._pending import PendingQueue
+from ._registry import Registry
+
+
+class RootBlock:
+    """The views of one domain's arena and the parts over its root block."""
+
+    def __init__(self, arena: Arena, offset: int, bound: int, lock: Any,
+                 draining: Callable[[], frozenset[int]]) -> None:
+        heap = arena.heap
+        self._arena = arena
+        self.bytes = heap
+        self.q = heap.cast("q")  #: every slot, as int64 words
+        self.d = heap.cast("d")  #: the same words as float64 (summary sums)
+        self.offset = offset
+        self.bound = bound
+        self.words = heap[offset : offset + root_words(bound) * 8].cast("Q")  #: the root
+        alloc, free = self.alloc_block, self.free_block
+        self.pending = PendingQueue(self.words, heap, pending_base(bound), alloc, free)
+        self.registry = Registry(self.words, heap, alloc, free)
+        self.pagesets = Pagesets(self.words, heap, self.q, self.d, chunk_table(bound),
+                                 pageset_words(bound), bound + 1, lock, alloc, free, draining)
+        self.caches = Caches(self.words, bound, lock, self.pagesets)
+
+    @classmethod
+    def create(cls, arena: Arena, bound: int, lock: Any,
+               draining: Callable[[], frozenset[int]]) -> RootBlock:
+        """Make a new domain's root block in a fresh arena (invariant 1). Domain lock held."""
+        blk = arena.alloc(root_words(bound) * 8, align=PAGE)
+        arena.keep(blk)
+        self = cls(arena, blk.offset, bound, lock, draining)
+        r = self.words
+        r[D_VERSION] = VERSION
+        r[D_MAX_VCPUS] = bound
+        self.registry.create()
+        r[D_MAGIC] = MAGIC
+        arena.root_offset = blk.offset
+        return self
+
+    @classmethod
+    def attach(cls, arena: Arena, lock: Any, draining: Callable[[], frozenset[int]]) -> RootBlock:
+        """The root block of an existing domain, checked (invariant 2). Domain lock held."""
+        off = arena.root_offset
+        if off is None or off < 0 or off + 64 > arena.size or off % PAGE:
+            raise BadDomainFile(22, "the arena holds no domain (no valid root block)")
+        head = arena.heap[off : off + 64].cast("Q")
+        magic, version, bound = head[D_MAGIC], head[D_VERSION], head[D_MAX_VCPUS]
+        head.release()
+        if magic != MAGIC:
+            raise BadDomainFile(22, "bad domain magic: not a domain (or its creator died)")
+        if version != VERSION:
+            raise BadDomainFile(22, f"domain format version {version} is not supported")
+        if not 1 <= bound <= _cpuset.MAX_VCPUS_LIMIT or off + root_words(bound) * 8 > arena.size:
+            raise BadDomainFile(22, f"bad max_vcpus {bound} in the domain header")
+        self = cls(arena, off, bound, lock, draining)
+        problem = self.registry.problem(arena.size)
+        if problem:
+            raise BadDomainFile(22, problem)
+        problem = self.pending.problem(arena.size)
+        if problem:
+            raise BadDomainFile(22, f"bad pending-free queue: {problem}")
+        return self
+
+    def alloc_block(self, nbytes: int, what: str, align: int | None = None) -> int:
+        """A block kept by the arena (invariant 3); its offset."""
+        try:
+            blk = self._arena.alloc(nbytes, align=align)
+        except ArenaExhausted as exc:
+            raise DomainFull(f"no room in the domain's arena for {what}: {exc}") from None
+        self._arena.keep(blk)
+        return blk.offset
+
+    def free_block(self, offset: int) -> None:
+        """Give a kept block back to the arena. Domain lock held."""
+        self._arena.free(self._arena.block_at(offset))
