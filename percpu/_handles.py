@@ -148,7 +148,7 @@ class _Handle:
     labels: tuple[tuple[str, str], ...]
 
     def __init__(self) -> None:
-        raise TypeError("handles are made by a Domain (counter(), gauge(), summary(), alloc())")
+        raise InvalidType("handles are made by a Domain (counter(), gauge(), summary(), alloc())")
 
     def __repr__(self) -> str:
         labels = ",".join(f'{k}="{v}"' for k, v in self.labels)
