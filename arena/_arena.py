@@ -607,7 +607,9 @@ class Arena:
         """A handle on the allocated block that starts at ``offset`` (allocated by any process).
 
         Used by layers above to free blocks another process allocated. Returns the existing
-        handle if this process has one. Raises :class:`StaleBlock` when no allocated block
+        handle if this process has one and the block under it is still the one it was made
+        for (in a shared arena another process may have freed it since: such a handle is
+        dropped, and a later ``free`` of it raises :class:`StaleBlock`). Raises :class:`StaleBlock` when no allocated block
         starts at ``offset`` (inside a block, a free block, a block freed since),
         :class:`InvalidArgument` for an offset off the granule grid or outside the heap.
         """
@@ -620,7 +622,14 @@ class Arena:
         with self._lock:
             known = self._live.get(offset)
             if known is not None:
-                return known
+                if not self.shared or (
+                        self._core.used_size(g) == (known.size + self._gmask) >> self._gshift
+                        and self._core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
+                        == known._owner):
+                    return known
+                # Another process freed the block under this handle (a kept block, say),
+                # and maybe the offset was allocated again: the handle is stale for good.
+                del self._live[offset]
             if any(offset in quick for quick in self._quick.values()):
                 raise StaleBlock(f"no allocated block starts at offset {offset} (it was freed)")
             n = self._core.used_size(g)

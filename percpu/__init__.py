@@ -19,6 +19,7 @@ from ._errors import (
     KindMismatch,
     MetricRemoved,
     PercpuError,
+    TooManySeries,
 )
 from ._exposition import exposition
 from ._handles import Counter, Gauge, PerCpu, Summary
@@ -43,5 +44,6 @@ __all__ = [
     "PerCpu",
     "PercpuError",
     "Summary",
+    "TooManySeries",
     "exposition",
 ]

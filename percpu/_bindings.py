@@ -37,7 +37,7 @@ from ._handles import (
     bind_view,
     detach,
 )
-from ._layout import KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY, P_CLASS, SIZE_CLASSES, split_ref
+from ._layout import KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY, split_ref
 from ._names import encode_key
 
 H = TypeVar("H", bound=_Handle)
@@ -97,9 +97,8 @@ class Bindings:
                         # child): its slot may be reused already, so the registry decides.
                         self.drop(h)
                         return
-                    ps, slot = split_ref(h._ref)
-                    size = SIZE_CLASSES[int(dom._pagesets.entry(ps)[P_CLASS]) - 1]
-                    page = dom._pagesets.page(ps, vcpu)
+                    _e, slot, size = dom._pagesets.check_ref(h._ref)
+                    page = dom._pagesets.page(split_ref(h._ref)[0], vcpu)
                     if isinstance(h, PerCpu):
                         h._offset = page + slot * size  # a 4-byte class slot: not 8-aligned
                     if vcpu == dom._max:

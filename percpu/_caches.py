@@ -12,14 +12,17 @@ Invariants
    a slot (``check`` finds it), never hands one out twice.
 2. A dead holder's caches stay as they were; the next holder of the id takes them over (and
    counts them: ``D_RECOVERED_SLOTS``).
-3. A count above ``CACHE_CAP`` (a damaged file) is never used to index: it is refused.
+3. A count above ``CACHE_CAP`` (a damaged file) is never used to index: it is refused; each
+   ref is sealed with its id, class and position (``_layout.seal``), and a ref that fails its
+   check, or names a slot that is free or of another class, is refused before it is handed
+   out (``BadDomainFile``).
 """
 
 from __future__ import annotations
 
 from arena.locks import SharedLock
 
-from ._errors import BadDomainFile
+from ._errors import damaged
 from ._layout import (
     CACHE_CAP,
     CACHE_REFILL,
@@ -27,11 +30,17 @@ from ._layout import (
     L_CACHE,
     SIZE_CLASSES,
     lease_base,
+    seal,
     split_ref,
+    unseal,
 )
 from ._pagesets import Pagesets
 
 CacheList = tuple[int, int, list[int]]  # (count word, count, refs)
+
+
+def _salt(k: int, cls: int, i: int) -> int:
+    return 1 << 60 | k << 16 | cls << 8 | i
 
 
 class Caches:
@@ -54,8 +63,18 @@ class Caches:
         for c in range(len(SIZE_CLASSES)):
             cb = base + c * CACHE_WORDS
             n = int(r[cb])
-            out.append((cb, n, r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []))
+            words = r[cb + 1 : cb + 1 + n].tolist() if n <= CACHE_CAP else []
+            refs = [unseal(w, _salt(k, c, i)) for i, w in enumerate(words)]
+            if -1 in refs:
+                raise damaged(f"id {k}'s cache of class {c} holds a damaged ref")
+            out.append((cb, n, refs))
         return out
+
+    def _store(self, cb: int, k: int, cls: int, refs: list[int], at: int = 0) -> None:
+        """Write ``refs`` at positions ``at``.. of the cache list whose count word is ``cb``."""
+        r = self._root
+        for i, ref in enumerate(refs, at):
+            r[cb + 1 + i] = seal(ref, _salt(k, cls, i))
 
     def all_lists(self) -> list[tuple[int, int, int, list[int]]]:
         """(id, class, count, refs) of every id's cache of every class (for ``check``)."""
@@ -77,13 +96,17 @@ class Caches:
         if r[base] == 0:
             with self._lock:
                 refs = self._pagesets.take(cls, CACHE_REFILL)
-                for i, ref in enumerate(refs):
-                    r[base + 1 + i] = ref
+                self._store(base, vcpu, cls, refs)
                 r[base] = len(refs)  # commit
         n = int(r[base])
         if n > CACHE_CAP:
-            raise BadDomainFile(22, f"id {vcpu}'s cache count {n} is above {CACHE_CAP}")
-        ref = int(r[base + n])
+            raise damaged(f"id {vcpu}'s cache count {n} is above {CACHE_CAP}")
+        ref = unseal(int(r[base + n]), _salt(vcpu, cls, n - 1))
+        if ref < 0:
+            raise damaged(f"id {vcpu}'s cache of class {cls} holds a damaged ref")
+        self._pagesets.check_ref(ref, cls)
+        if not self._pagesets.is_taken(ref):
+            raise damaged(f"id {vcpu}'s cache holds {ref:#x}, a slot not taken")
         r[base] = n - 1  # commit before use: a crash now leaks the slot, never doubles it
         return ref
 
@@ -98,15 +121,15 @@ class Caches:
         base = lease_base(self._max, vcpu) + L_CACHE + cls * CACHE_WORDS
         n = int(r[base])
         if n > CACHE_CAP:
-            raise BadDomainFile(22, f"id {vcpu}'s cache count {n} is above {CACHE_CAP}")
+            raise damaged(f"id {vcpu}'s cache count {n} is above {CACHE_CAP}")
         if n == CACHE_CAP:
             with self._lock:
                 keep = CACHE_CAP - CACHE_REFILL
-                spill = [int(r[base + 1 + i]) for i in range(keep, CACHE_CAP)]
+                spill = self.lists(vcpu)[cls][2][keep:]
                 r[base] = keep  # commit
                 self._pagesets.give_back(spill)
                 n = keep
-        r[base + 1 + n] = ref
+        self._store(base, vcpu, cls, [ref], n)
         r[base] = n + 1  # commit
 
     def holds_any(self, k: int, pagesets: frozenset[int]) -> bool:
@@ -119,13 +142,12 @@ class Caches:
         if not pagesets:
             return
         r = self._root
-        for cb, _n, refs in self.lists(k):
+        for c, (cb, _n, refs) in enumerate(self.lists(k)):
             out = [x for x in refs if split_ref(x)[0] in pagesets]
             if not out:
                 continue
             keep = [x for x in refs if split_ref(x)[0] not in pagesets]
-            for i, x in enumerate(keep):
-                r[cb + 1 + i] = x
+            self._store(cb, k, c, keep)
             r[cb] = len(keep)  # commit: a crash from here leaks the slots below (check())
             for x in out:
                 self._pagesets.zero(x)

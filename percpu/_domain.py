@@ -86,14 +86,21 @@ from arena import Arena, ArenaError, ArenaExists, LockPolicy, error_line
 from . import _cpuset
 from ._bindings import Bindings
 from ._compact import POLICY_INTERVAL, POLICY_TIMEOUT, CompactResult
-from ._errors import BadDomainFile, DomainClosed, DomainExists, InvalidArgument, InvalidType
+from ._errors import (
+    BadDomainFile,
+    DomainClosed,
+    DomainExists,
+    InvalidArgument,
+    InvalidType,
+    damaged,
+)
 from ._grace import Grace
 from ._handles import Counter, Gauge, PerCpu, Summary, _Handle
 from ._health import audit, figures
 from ._holder import HolderLocks
 from ._layout import (
-    D_EPOCH,
     D_REG_GEN,
+    D_SERIES_LIMIT,
     KIND_COUNTER,
     KIND_GAUGE,
     KIND_SUMMARY,
@@ -337,6 +344,19 @@ class Domain:
         """
         return self._metrics.remove(name, labels)
 
+    @_closed_guard
+    def set_series_limit(self, limit: int | None) -> None:
+        """Refuse (:class:`TooManySeries`) a new label set of a metric name that has
+        ``limit`` series already, in every process of the domain (``None``: no limit).
+        Series registered before stay; the limit is kept in the domain file."""
+        if limit is not None and limit.__class__ is not int:
+            raise InvalidType(f"limit must be an int or None, got {type(limit).__name__}")
+        if limit is not None and not 1 <= limit < 1 << 32:
+            raise InvalidArgument(f"limit must be in 1..{(1 << 32) - 1} or None, got {limit}")
+        self._check_open()
+        with self._lock:
+            self._root[D_SERIES_LIMIT] = limit or 0
+
     # -- grace periods -------------------------------------------------------------------
 
     def _quiesce(self) -> None:
@@ -427,6 +447,8 @@ class Domain:
             if self._closing or self._closed:
                 raise DomainClosed("the domain is closed")
             return self._moves.read(ref, self._pagesets.slot_sum, int.__add__)
+        except IndexError:  # a page word read unchecked (``_pagesets``) is out of the arena
+            raise damaged(f"a page of ref {ref:#x} lies outside the arena") from None
         except (ValueError, OSError, BufferError, ArenaError):
             if self._closed or self._closing:
                 raise DomainClosed("the domain was closed during the call") from None
@@ -438,8 +460,11 @@ class Domain:
     def _read_summary(self, ref: int) -> tuple[int, float]:
         """A Summary's (count, sum) over every id (moves: as in ``_read_sum``)."""
         self._check_open()
-        return self._moves.read(ref, self._pagesets.slot_summary,
-                                lambda a, b: (a[0] + b[0], a[1] + b[1]))
+        try:
+            return self._moves.read(ref, self._pagesets.slot_summary,
+                                    lambda a, b: (a[0] + b[0], a[1] + b[1]))
+        except IndexError:  # as in _read_sum
+            raise damaged(f"a page of ref {ref:#x} lies outside the arena") from None
 
     @_closed_guard
     def snapshot(self) -> list[MetricValue]:
@@ -456,8 +481,10 @@ class Domain:
             moves = self._moves.read_begin()  # compaction: the batch and the ids' sequences
             try:
                 out = self._snapshots.values(entries)
-            except (IndexError, ValueError):  # stale entries met a pageset given back
-                if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
+            except (IndexError, ValueError, BadDomainFile) as exc:  # stale entries met a
+                if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):  # pageset
+                    if isinstance(exc, IndexError):  # given back; else the words are bad
+                        raise damaged("a page lies outside the arena") from None
                     raise
                 continue
             if self._root[D_REG_GEN] == gen and self._moves.read_end(moves):
@@ -518,7 +545,7 @@ class Domain:
         id. Domain lock held."""
         if self._live_holders() not in ([], [self._lease.vcpu]):
             return True
-        return self._holder.other_overflow_holders(int(self._root[D_EPOCH]))
+        return self._holder.other_overflow_holders(self._grace.epoch())
 
     # -- life cycle ------------------------------------------------------------------------
 

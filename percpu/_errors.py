@@ -6,6 +6,8 @@ catch. Rule: an operation that raises one of these has changed nothing.
 
 from __future__ import annotations
 
+import errno
+
 
 class PercpuError(Exception):
     """Root of every error raised by the ``percpu`` package."""
@@ -36,9 +38,22 @@ class DomainFull(PercpuError, MemoryError):
     domain with a larger ``size``; the message gives what was asked and what is free."""
 
 
+class TooManySeries(DomainFull):
+    """A new label set of a metric name would pass the domain's series limit
+    (``Domain.set_series_limit``): a label with unbounded values (a user id, a URL) would
+    otherwise fill the domain. Counted in ``stats().series_refused``."""
+
+
 class BadDomainFile(PercpuError, OSError):
-    """A shared domain file was refused on ``open``: its arena or its domain header does not
-    validate (magic, version, sizes), or it is not owned by this user / is writable by others."""
+    """A shared domain file was refused: on ``open``, its arena or its domain header does not
+    validate (magic, version, sizes), or it is not owned by this user / is writable by others;
+    in any later operation, a word of the file failed its bounds check before it was used
+    (nothing was written through it)."""
+
+
+def damaged(what: str) -> BadDomainFile:
+    """The refusal of a shared word that fails its bounds check (``what`` says which)."""
+    return BadDomainFile(errno.EINVAL, f"the domain file is damaged: {what}")
 
 
 class DomainExists(PercpuError, FileExistsError):

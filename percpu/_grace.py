@@ -24,11 +24,13 @@ import threading
 import time
 from typing import Any, Protocol
 
+from ._errors import damaged
 from ._layout import D_EPOCH, D_MV_GEN, L_ACK, lease_base
 from ._pagesets import Pagesets
 from ._pending import PendingQueue
 
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
+EPOCH_LIMIT = 1 << 62  # an epoch word above it is damage (a remove a nanosecond: 146 years)
 
 
 class Host(Protocol):
@@ -72,8 +74,15 @@ class Grace:
         queue). Domain lock held."""
         r = self._root
         self._pending.reserve()
-        r[D_EPOCH] += 1
+        r[D_EPOCH] = self.epoch() + 1
         self._pending.push(ref, int(r[D_EPOCH]))
+
+    def epoch(self) -> int:
+        """The current epoch, checked (its OFD lock byte must fit the file offset range)."""
+        epoch = int(self._root[D_EPOCH])
+        if epoch >= EPOCH_LIMIT:
+            raise damaged(f"epoch {epoch}")
+        return epoch
 
     def acknowledge(self) -> None:
         """Acknowledge the current epoch (see the module docstring); reclaim what is due."""
@@ -81,7 +90,7 @@ class Grace:
         with dom._plock, self._lock:
             dom._moves.sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
-            epoch = int(r[D_EPOCH])
+            epoch = self.epoch()
             for ref, since in self._pending.entries():
                 if since > self.ack:
                     for h in dom._by_ref.pop(ref, ()):
@@ -100,8 +109,14 @@ class Grace:
         slots reclaimed. Never waits. Domain lock held."""
         dom = self._dom
         r = self._root
+        epoch = self.epoch()
         acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in dom._live_holders()]
-        oldest = min(min(acks, default=int(r[D_EPOCH])), self.ack)
+        if any(a > epoch for a in acks):  # a holder past the epoch would release slots early
+            raise damaged(f"a holder acknowledged an epoch after the current one ({epoch})")
+        for ref, since in self._pending.entries():  # every entry, before any is taken out
+            if not 1 <= since <= epoch or not self._pagesets.is_taken(ref):
+                raise damaged(f"pending entry ({ref:#x}, epoch {since})")
+        oldest = min(min(acks, default=epoch), self.ack)
         oldest = dom._holder.oldest_ack(oldest)  # holders sharing the overflow id
         due = self._pending.take_due(oldest, dom._moves.moving_refs())
         for ref in due:  # each entry is gone already: a crash from here leaks, never doubles

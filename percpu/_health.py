@@ -22,8 +22,11 @@ from ._layout import (
     D_PAGES,
     D_RECLAIMED,
     D_RECOVERED_SLOTS,
+    D_REG_FAMILIES,
     D_REG_LIVE,
     D_REUSED,
+    D_SERIES_LIMIT,
+    D_SERIES_REFUSED,
     D_SHARED_OPS,
     L_PID,
     P_TAKEN,
@@ -46,7 +49,9 @@ def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
     counts = {name: int(r[word]) for name, word in (
         ("fresh_ids", D_FRESH), ("reused_ids", D_REUSED), ("reclaimed_ids", D_RECLAIMED),
         ("overflow_holders", D_OVERFLOW_HOLDERS), ("shared_id_operations", D_SHARED_OPS),
-        ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS))}
+        ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS),
+        ("metric_names", D_REG_FAMILIES), ("series_limit", D_SERIES_LIMIT),
+        ("series_refused", D_SERIES_REFUSED))}
     return DomainStats(
         max_vcpus=max_vcpus, vcpu_id=vcpu, holders_now=len(live), ids_in_use=tuple(live),
         holder_pids={k: int(r[lease_base(max_vcpus, k) + L_PID]) for k in live},

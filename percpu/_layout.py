@@ -3,11 +3,13 @@
 A domain's *root block* (its offset is the arena's ``root_offset``) is an array of u64 words:
 
     [ domain header | lease records: one per vcpu id, plus the overflow id |
-      pageset chunk table | pending-free queue | move region (compaction, see ``_compact``) ]
+      pageset chunk table | pending-free queue | move region (compaction, see ``_compact``) |
+      registry segment directory ]
 
 Pagesets are described in *chunks* of ``PS_PER_CHUNK`` entries, allocated on demand and never
 moved, so an entry's offset is stable for the life of the domain. The registry (name + labels ->
-slot) is an open-addressing hash table in its own block, re-allocated when it grows. Every word
+slot) is ``REG_SEGMENTS`` open-addressing hash tables, each in its own block, re-allocated
+when it grows (so no one block of it is large). Every word
 of these structures is read and written under the domain lock (the arena's lock), except the
 counter *slots* themselves, which are the hot path.
 
@@ -17,9 +19,11 @@ vcpu id's page; a *ref* names it as ``pageset << REF_SHIFT | k``.
 
 from __future__ import annotations
 
+from typing import Any
+
 PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
 MAGIC = int.from_bytes(b"PCDOMAN1", "little")
-VERSION = 3  # 2: the move region and the D_MV_* words (compaction); 3: the pending spill
+VERSION = 4  # 2: the move region (compaction); 3: the pending spill; 4: registry segments
 
 SIZE_CLASSES = (4, 8, 16, 32, 64)  # bytes; seed 002's FreeBSD-style per-cpu zones
 MAX_OBJECT_SIZE = SIZE_CLASSES[-1]
@@ -31,10 +35,10 @@ D_MAGIC = 0
 D_VERSION = 1
 D_MAX_VCPUS = 2  # ids 0..max-1 are leased; id max is the shared overflow id
 D_EPOCH = 3  # bumped by every change that live holders must acknowledge (grace periods)
-D_REG_TABLE = 4  # offset of the registry table block
-D_REG_CAP = 5  # entries in the registry table (a power of two)
-D_REG_USED = 6  # live + tombstone entries (drives growth)
-D_REG_LIVE = 7  # live entries
+D_SERIES_LIMIT = 4  # series a metric name may have (0: no limit), shared by every process
+D_SERIES_REFUSED = 5  # registrations refused by that limit, ever
+D_REG_FAMILIES = 6  # metric names (families) in the registry
+D_REG_LIVE = 7  # live series (metrics)
 D_REG_GEN = 8  # bumped when the registry changes (lets readers cache their decoding)
 D_PS_COUNT = 9  # pageset entries ever created (high-water mark)
 D_FRESH = 10  # path counters (seed 001's schedstat table): ids leased for the first time
@@ -108,18 +112,30 @@ M_NEW = 1  # ref moved to
 M_KIND = 2  # registry kind of the metric (a summary moves a count and a float sum)
 MOVE_WORDS = 3
 
-# Registry entries (open addressing, linear probing).
+# The registry: REG_SEGMENTS hash tables (open addressing, linear probing), each in its own
+# arena block that grows on its own, so that no block of it is ever larger than a
+# REG_SEGMENTS-th of the whole. A key's segment is its hash's top byte. Directory words per
+# segment, in the root block:
+REG_SEGMENTS = 256
+RS_TABLE = 0  # pack_table(offset, capacity) of the segment's table, 0 = no table yet
+RS_USED = 1  # live + tombstone entries of the segment (drives its growth)
+RS_WORDS = 2
+SEG_MIN_CAP = 8  # entries of a segment's first table
+SEG_MAX_CAP = 1 << 24  # entries of the largest table a segment may grow to
+# Registry entries.
 E_HASH = 0  # 0 = empty, 1 = tombstone, else the key's hash (>= 2)
 E_KEY = 1  # offset of the key's block
 E_META = 2  # kind | class << 8 | key length << 16
 E_REF = 3  # the slot (ref) of the metric
 ENTRY_WORDS = 4
 HASH_EMPTY, HASH_TOMBSTONE = 0, 1
-REG_MIN_CAP = 64
 
 KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY = 1, 2, 3
 KIND_NAMES = {KIND_COUNTER: "counter", KIND_GAUGE: "gauge", KIND_SUMMARY: "summary"}
 KIND_SIZES = {KIND_COUNTER: 8, KIND_GAUGE: 8, KIND_SUMMARY: 16}
+# A family entry: one per metric name (its key is ``_names.family_key``); no slot: its ref
+# word counts the name's live series (for the series limit), its class byte is 0.
+KIND_FAMILY = 16
 
 LEASE_LOCK_BASE = 1 << 20  # OFD lock byte of id k: LEASE_LOCK_BASE + k (beyond the data)
 OVERFLOW_LOCK = LEASE_LOCK_BASE - 1  # serialises operations on the overflow id
@@ -175,9 +191,14 @@ def move_records_base(max_vcpus: int) -> int:
     return move_sources_base(max_vcpus) + MOVE_SOURCES_CAP
 
 
+def registry_base(max_vcpus: int) -> int:
+    """Word index of the registry's segment directory (``REG_SEGMENTS`` x ``RS_WORDS``)."""
+    return move_records_base(max_vcpus) + MOVE_CAP * MOVE_WORDS
+
+
 def root_words(max_vcpus: int) -> int:
     """Words in the root block of a domain with ``max_vcpus`` ids."""
-    return move_records_base(max_vcpus) + MOVE_CAP * MOVE_WORDS
+    return registry_base(max_vcpus) + REG_SEGMENTS * RS_WORDS
 
 
 def pageset_words(max_vcpus: int) -> int:
@@ -209,3 +230,34 @@ def pack_table(off: int, cap: int) -> int:
 def unpack_table(word: int) -> tuple[int, int]:
     """(offset, capacity) of a table from its word (see :func:`pack_table`)."""
     return word & ~(TABLE_ALIGN - 1), 1 << (word & (TABLE_ALIGN - 1))
+
+
+# Sealed ref words: a ref (32 bits) stored in shared memory carries, in the word's top 32
+# bits, a check of itself and of the place it is stored at (``salt``: the registry entry's
+# hash, the cache's id, class and position, the pending entry's epoch and position). A
+# flipped bit, a zeroed word or a word copied from another place fails ``unseal`` (but for
+# one chance in 2**32), so a damaged ref is refused before anything is written through it.
+_MASK64 = (1 << 64) - 1
+
+
+def _ref_check(ref: int, salt: int) -> int:
+    x = (ref ^ salt * 0x9E3779B97F4A7C15) & _MASK64
+    x = (x ^ x >> 31) * 0xBF58476D1CE4E5B9 & _MASK64
+    return (x ^ x >> 32) & 0xFFFFFFFF | 1  # never 0: a zeroed word never passes
+
+
+def bump(words: Any, i: int, n: int = 1) -> None:
+    """Add ``n`` to the shared counter ``words[i]``, modulo 2**64: a counter never raises,
+    even one a damaged file set to the top of its range (no counter indexes anything)."""
+    words[i] = (int(words[i]) + n) & _MASK64
+
+
+def seal(ref: int, salt: int) -> int:
+    """The word that stores ``ref`` (< 2**32) at the place named by ``salt``."""
+    return ref | _ref_check(ref, salt) << 32
+
+
+def unseal(word: int, salt: int) -> int:
+    """The ref stored in ``word`` at the place ``salt``, or -1 if the word fails its check."""
+    ref = word & 0xFFFFFFFF
+    return ref if word >> 32 == _ref_check(ref, salt) else -1

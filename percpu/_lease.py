@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from ._caches import Caches
 from ._holder import HolderLocks
-from ._layout import D_EPOCH, D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, lease_base
+from ._layout import D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, bump, lease_base
 from ._lease_records import LeasePath, record_lease, record_release
 
 # No GIL: the hot path is not atomic, so every operation takes the overflow lock (issue: a
@@ -82,13 +82,13 @@ class Lease:
             try:
                 with dom._lock:
                     path = record_lease(r, bound, vcpu, os.getpid())
-                    epoch = int(r[D_EPOCH])
+                    epoch = dom._grace.epoch()
                     if vcpu is None:
                         vcpu = bound
                         holder.set_ack(epoch)
                     else:
                         if path is LeasePath.RECLAIMED:
-                            r[D_RECOVERED_SLOTS] += dom._caches.count(vcpu)
+                            bump(r, D_RECOVERED_SLOTS, dom._caches.count(vcpu))
                         r[lease_base(bound, vcpu) + L_ACK] = epoch
                         dom._moves.adopt(vcpu)  # the id's moves, before any bind
                     dom._grace.acknowledge()
@@ -127,7 +127,7 @@ class Lease:
         with dom._plock:
             dom._holder.lock_overflow()
             try:
-                dom._root[D_SHARED_OPS] += 1
+                bump(dom._root, D_SHARED_OPS)
                 if dom._q[dom._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
                     dom._moves.finish_overflow()
                 yield

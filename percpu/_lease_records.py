@@ -58,6 +58,7 @@ from ._layout import (
     D_REUSED,
     L_LEASES,
     L_PID,
+    bump,
     lease_base,
 )
 
@@ -122,10 +123,10 @@ def record_lease(root: Words, max_vcpus: int, vcpu: int | None, pid: int) -> Lea
         base = lease_base(max_vcpus, vcpu)
         path = classify(root[base + L_LEASES], root[base + L_PID])
         root[base + L_PID] = pid
-        root[base + L_LEASES] += 1
+        bump(root, base + L_LEASES)
         if vcpu + 1 > root[D_HIGHEST]:
             root[D_HIGHEST] = vcpu + 1
-    root[PATH_COUNTER[path]] += 1
+    bump(root, PATH_COUNTER[path])
     return path
 
 

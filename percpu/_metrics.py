@@ -12,6 +12,11 @@ Invariants
 2. A new metric's slot is taken from our id's cache under the domain lock and committed by
    the registry insert; a slot not committed (the name was found, refused, or the domain is
    full) goes back to the cache, so no ``check`` ever sees it in transit.
+4. A name's family entry counts its live series; a new series that would pass the series
+   limit (``D_SERIES_LIMIT``, 0: none) is refused (``TooManySeries``) with nothing changed
+   but the refusal count. The count is raised after the series' commit and lowered after its
+   tombstone: a holder killed in between leaves it one off, at worst allowing one series more
+   or one fewer.
 3. ``remove`` never waits: room in the pending queue is made before the commit (``DomainFull``
    changes nothing), and the slot retired is the metric's current one (the registry word may
    lag a move whose publisher died).
@@ -21,10 +26,19 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar
 
-from ._errors import KindMismatch
+from ._errors import KindMismatch, TooManySeries
 from ._handles import _Handle, _Removed, _Unbound
-from ._layout import D_EPOCH, KIND_NAMES, KIND_SIZES, class_index
-from ._names import decode_key, encode_key, validate_labels, validate_metric_name
+from ._layout import (
+    D_EPOCH,
+    D_SERIES_LIMIT,
+    D_SERIES_REFUSED,
+    KIND_FAMILY,
+    KIND_NAMES,
+    KIND_SIZES,
+    bump,
+    class_index,
+)
+from ._names import decode_key, encode_key, family_key, validate_labels, validate_metric_name
 from ._registry import Entry, Registry
 
 H = TypeVar("H", bound=_Handle)
@@ -37,6 +51,7 @@ class Host(Protocol):
     _lock: Any
     _plock: Any  # a threading.RLock, replaced in a forked child
     _registry: Registry
+    _pagesets: Any
     _pending: Any
     _grace: Any
     _moves: Any
@@ -74,16 +89,18 @@ class Metrics:
                 dom._bindings.bind(found)  # checks the registry: it may have been removed
             if found is not None and not isinstance(found, _Removed):
                 return found  # type: ignore[no-any-return]
-            ref = self.register(kind, key)
+            ref = self.register(kind, key, name)
             h: H = dom._bindings.make(dom, cls_, ref, name, lab)
             local[(kind, key)] = h
             return h
 
-    def register(self, kind: int, key: bytes) -> int:
-        """The ref of the metric ``key`` of ``kind``, creating it if needed (invariant 2)."""
+    def register(self, kind: int, key: bytes, name: str) -> int:
+        """The ref of the metric ``key`` (of the name ``name``) of ``kind``, creating it if
+        needed (invariants 2 and 4)."""
         dom = self._dom
         cls = class_index(KIND_SIZES[kind])
         reg = dom._registry
+        r = dom._root
         with dom._lock:
             spare = dom._lease.cache_pop(cls)
             committed = False
@@ -95,8 +112,19 @@ class Metrics:
                         raise KindMismatch(f"{decode_key(key)[0]} is registered as a "
                                            f"{KIND_NAMES[found]}, not a {KIND_NAMES[kind]}")
                     return int(ref)
+                fkey = family_key(name)
+                family, _ = reg.lookup(fkey)
+                if family < 0:
+                    family = reg.insert(fkey, KIND_FAMILY, 0, 0)
+                _kind, series = reg.kind_ref(family)
+                limit = int(r[D_SERIES_LIMIT])
+                if limit and series >= limit:
+                    bump(r, D_SERIES_REFUSED)
+                    raise TooManySeries(f"{name} has {series} series, the domain's limit "
+                                        f"(Domain.set_series_limit): refused {decode_key(key)[1]}")
                 reg.insert(key, kind, cls, spare)
                 committed = True
+                reg.add_to_ref(reg.lookup(fkey)[0], 1)  # the insert may have moved it
                 return int(spare)
             finally:
                 if not committed:
@@ -121,9 +149,15 @@ class Metrics:
             idx, _ = dom._registry.lookup(key)
             if idx < 0:
                 return False
+            kind, ref = dom._registry.kind_ref(idx)
+            # Its slot must be one of its kind's class: the grace period will zero it.
+            dom._pagesets.check_ref(dom._moves.current(ref), class_index(KIND_SIZES[kind]))
             dom._grace.reclaim()  # what is due makes room
             dom._pending.reserve()  # may raise DomainFull: nothing is changed yet
             ref = dom._moves.current(dom._registry.tombstone(idx))
+            family, _ = dom._registry.lookup(family_key(validate_metric_name(name)))
+            if family >= 0:
+                dom._registry.add_to_ref(family, -1)
             dom._grace.publish(ref)
             dom._grace.acknowledge()
         return True

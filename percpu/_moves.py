@@ -63,7 +63,6 @@ from ._layout import (
     D_MV_SOURCES,
     D_MV_STARTED,
     D_PAGES,
-    D_PS_COUNT,
     D_RECLAIMED_PAGESETS,
     D_REG_GEN,
     KIND_SUMMARY,
@@ -87,6 +86,7 @@ from ._layout import (
     P_TAKEN,
     PAGE,
     SIZE_CLASSES,
+    bump,
     lease_base,
     make_ref,
     move_records_base,
@@ -128,6 +128,7 @@ class Host(Protocol):
     _lock: SharedLock
     _plock: Any  # a threading.RLock, replaced in a forked child
     _lease: Any
+    _grace: Any
     _pagesets: Pagesets
     _holder: HolderLocks
     _caches: Caches
@@ -256,10 +257,10 @@ class Moves:
     def occupancy(self) -> float:
         """Taken slots over the capacity of the pagesets that cost memory. Lock held."""
         rows = []
-        for ps in range(int(self._root[D_PS_COUNT])):
+        for ps in range(self._pagesets.count()):
             e = self._pagesets.entry(ps)
             if e[P_CLASS]:
-                rows.append((int(e[P_CLASS]) - 1, int(e[P_TAKEN]),
+                rows.append((SIZE_CLASSES.index(self._pagesets.slot_size(e)), int(e[P_TAKEN]),
                              bool(self._pagesets.page_offsets(e))))
         return occupancy(rows)
 
@@ -327,16 +328,15 @@ class Moves:
     def inventory(self) -> tuple[list[PagesetInfo], dict[int, tuple[int, int]]]:
         """Every pageset's slots by role for the planner, and the registry's live refs ->
         (entry index, kind). Lock held, no batch in flight."""
-        r = self._root
         live = self._registry.live_refs()
         cached = {ref for k in range(self._max) for _cb, _n, refs in self._caches.lists(k)
                   for ref in refs}
         infos = []
-        for ps in range(int(r[D_PS_COUNT])):
+        for ps in range(self._pagesets.count()):
             e = self._pagesets.entry(ps)
-            cls = int(e[P_CLASS]) - 1
-            if cls < 0:
+            if not e[P_CLASS]:
                 continue
+            cls = SIZE_CLASSES.index(self._pagesets.slot_size(e))
             bits = e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()
             ids = frozenset(k for k, _page in self._pagesets.id_pages(e))
             lv: list[int] = []
@@ -375,14 +375,14 @@ class Moves:
         for m in plan.moves:  # reserve the targets (a crash before the commit leaks them)
             self._pagesets.zero(m.new)
             self._pagesets.reserve(m.new)
-        r[D_EPOCH] += 1  # every quiescer looks at the batch within QUIESCE_INTERVAL
+        r[D_EPOCH] = self._dom._grace.epoch() + 1  # every quiescer looks within QUIESCE_INTERVAL
         r[D_MV_EPOCH] = r[D_EPOCH]
         r[D_MV_STARTED] = time.monotonic_ns()
         r[D_MV_GEN] += 1  # commit: the batch is in flight
         for m in plan.moves:
             self._registry.set_ref(live[m.old][0], m.new)
         r[D_MV_REG_DONE] = r[D_MV_GEN]
-        r[D_REG_GEN] += 1
+        bump(r, D_REG_GEN)
 
     # Following the batch (protocol steps 3-4).
 
@@ -452,7 +452,7 @@ class Moves:
         bound, ``_index`` (the hot path reads ``_index`` once per update: old or new slot,
         never a mix)."""
         ps, slot = split_ref(new)
-        size = SIZE_CLASSES[int(self._pagesets.entry(ps)[P_CLASS]) - 1]
+        size = self._pagesets.slot_size(self._pagesets.entry(ps))
         vcpu = self._dom._lease.vcpu
         index = -1
         for h in handles:
@@ -521,7 +521,7 @@ class Moves:
             if not page:
                 pairs.append(None)
                 continue
-            size = SIZE_CLASSES[int(e[P_CLASS]) - 1]
+            size = self._pagesets.slot_size(e)
             ow = (page - 1 + oslot * size) // 8
             summary = kind == KIND_SUMMARY
             if not (q[ow] or (summary and d[ow + 1]) or step == j + 1):
@@ -597,7 +597,7 @@ class Moves:
             page = int(e[P_PAGES + self._max])
             if not page:
                 return {}
-            words.append((page - 1 + slot * SIZE_CLASSES[int(e[P_CLASS]) - 1]) // 8)
+            words.append((page - 1 + slot * self._pagesets.slot_size(e)) // 8)
         o, n = words
         dq = int(q[st + MS_OLD]) + int(q[st + MS_NEW]) - int(q[o]) - int(q[n])
         if kind == KIND_SUMMARY:
@@ -671,14 +671,14 @@ class Moves:
                 continue  # given back already, or a slot was taken meanwhile: kept
             pages += ps_.drop_pages(ps)
             pagesets += 1
-        r[D_REG_GEN] += 1  # a snapshot() that straddled the batch reads again
+        bump(r, D_REG_GEN)  # a snapshot() that straddled the batch reads again
         r[D_MV_GEN] = batch.gen + 1  # commit: readers stop pairing; old slots may be reused
         if _membarrier.NEEDS_FENCE:
             _membarrier.fence()  # before the lock that allows reuse is released
-        r[D_MOVES] += len(batch.moves)
-        r[D_RECLAIMED_PAGESETS] += pagesets
-        r[D_MV_PAGES] += pages
-        r[D_MV_BATCHES] += 1
+        bump(r, D_MOVES, len(batch.moves))
+        bump(r, D_RECLAIMED_PAGESETS, pagesets)
+        bump(r, D_MV_PAGES, pages)
+        bump(r, D_MV_BATCHES)
         r[D_MV_COUNT] = 0
         r[D_MV_SOURCES] = 0
 

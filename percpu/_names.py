@@ -190,6 +190,16 @@ def canonical_labels(labels: object) -> Labels:
     return validate_labels(labels)
 
 
+_FAMILY_FORMAT = 0x02  # a family key's first byte: never a series key's (``_KEY_FORMAT``)
+
+
+def family_key(name: str) -> bytes:
+    """The registry key of the metric family ``name`` (already validated): distinct from
+    every series key, never decoded as one."""
+    raw = name.encode("ascii")
+    return bytes((_FAMILY_FORMAT, len(raw))) + raw
+
+
 def encode_key(name: object, labels: object = None) -> bytes:
     """Encode a metric name and its labels as one canonical byte string (layout above).
 

@@ -18,6 +18,11 @@ Invariants
 
 Every word is read and written under the domain lock, except the page words read on the
 hot paths of reads (a page word only ever goes from 0 to an offset while an id may use it).
+Every word is checked before it is used to find or write memory (the count against the
+directory's size, chunk and page words against the arena and their alignment, a class against
+the classes, a ref's slot against its page): a damaged one raises ``BadDomainFile``. The sums
+of the read paths read through unchecked page words at worst a wrong value or an
+``IndexError``, which the domain reports as ``BadDomainFile``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from collections.abc import Callable
 
 from arena.locks import SharedLock
 
-from ._errors import DomainFull
+from ._errors import DomainFull, damaged
 from ._layout import (
     BITMAP_WORDS,
     D_PAGES,
@@ -39,10 +44,13 @@ from ._layout import (
     PAGE,
     PS_PER_CHUNK,
     SIZE_CLASSES,
+    bump,
     make_ref,
     slots_per_page,
     split_ref,
 )
+
+MAX_PAGESETS = MAX_CHUNKS * PS_PER_CHUNK
 
 
 class Pagesets:
@@ -80,49 +88,85 @@ class Pagesets:
 
     def count(self) -> int:
         """Pageset entries ever created (given-back ones included: their class is 0)."""
-        return int(self._root[D_PS_COUNT])
+        n = int(self._root[D_PS_COUNT])
+        if n > MAX_PAGESETS:
+            raise damaged(f"{n} pagesets, more than a domain can describe ({MAX_PAGESETS})")
+        return n
 
     def entry(self, ps: int) -> memoryview:
         """Pageset ``ps``'s entry words. Entries never move once their chunk exists, so each
         view is made once (a cast costs about 40% of a value read)."""
         e = self._views.get(ps)
         if e is None:
-            chunk = int(self._root[self._chunks + ps // PS_PER_CHUNK])
-            base = chunk - 1 + (ps % PS_PER_CHUNK) * self._words * 8
-            e = self._heap[base : base + self._words * 8].cast("Q")
-            if chunk:  # never cache a missing chunk
-                self._views[ps] = e
+            if not 0 <= ps < self.count():
+                raise damaged(f"pageset {ps} does not exist")
+            e = self._entry_view(ps)
+        return e
+
+    def _entry_view(self, ps: int) -> memoryview:
+        chunk = int(self._root[self._chunks + ps // PS_PER_CHUNK])
+        nbytes = self._words * 8
+        if not chunk or (chunk - 1) % 8 or chunk - 1 + PS_PER_CHUNK * nbytes > len(self._heap):
+            raise damaged(f"pageset {ps}'s directory chunk word {chunk:#x}")
+        base = chunk - 1 + (ps % PS_PER_CHUNK) * nbytes
+        e = self._views[ps] = self._heap[base : base + nbytes].cast("Q")
         return e
 
     def slot_size(self, e: memoryview) -> int:
-        """Bytes per slot of the pageset whose entry is ``e``."""
-        return SIZE_CLASSES[int(e[P_CLASS]) - 1]
+        """Bytes per slot of the pageset whose entry is ``e`` (a pageset in use)."""
+        c = int(e[P_CLASS])
+        if not 1 <= c <= len(SIZE_CLASSES):
+            raise damaged(f"a pageset of class word {c} is in use")
+        return SIZE_CLASSES[c - 1]
+
+    def check_ref(self, ref: int, cls: int | None = None) -> tuple[memoryview, int, int]:
+        """(entry, slot, slot size) of ``ref``, checked: its pageset exists and is in use (of
+        class ``cls`` when given), its slot lies in its page."""
+        ps, slot = split_ref(ref)
+        e = self.entry(ps)
+        size = self.slot_size(e)
+        if slot >= PAGE // size or (cls is not None and size != SIZE_CLASSES[cls]):
+            raise damaged(f"ref {ref:#x} names no slot of a {size}-byte pageset")
+        return e, slot, size
+
+    def _pages(self, e: memoryview) -> list[int]:
+        """The page words of ``e`` (offset + 1, 0 = none), each checked."""
+        words = e[P_PAGES : P_PAGES + self._ids].tolist()
+        limit = len(self._heap) - PAGE + 1
+        for p in words:
+            if p and ((p - 1) % PAGE or p > limit):
+                raise damaged(f"a page word {p:#x} outside the arena or not page-aligned")
+        return words
 
     def id_pages(self, e: memoryview) -> list[tuple[int, int]]:
         """(id, byte offset of its page) of every id that has a page of the pageset whose
         entry is ``e``: the walk behind every per-slot sum and copy."""
-        return [(k, p - 1) for k, p in enumerate(e[P_PAGES : P_PAGES + self._ids].tolist())
-                if p]
+        return [(k, p - 1) for k, p in enumerate(self._pages(e)) if p]
 
     def page_offsets(self, e: memoryview) -> list[int]:
         """The same walk without the ids."""
-        return [p - 1 for p in e[P_PAGES : P_PAGES + self._ids].tolist() if p]
+        return [p - 1 for p in self._pages(e) if p]
 
     def page(self, ps: int, vcpu: int) -> int:
         """Byte offset of id ``vcpu``'s page of pageset ``ps``, allocated on first touch."""
         e = self.entry(ps)
         page = int(e[P_PAGES + vcpu])
         if page:
-            return page - 1
+            return self._checked_page(page)
         with self._lock:
             page = int(e[P_PAGES + vcpu])
             if page:
-                return page - 1
+                return self._checked_page(page)
             off = self._alloc(PAGE, "a pageset page", PAGE)
             self._heap[off : off + PAGE] = bytes(PAGE)
             e[P_PAGES + vcpu] = off + 1  # commit
-            self._root[D_PAGES] += 1
+            bump(self._root, D_PAGES)
             return off
+
+    def _checked_page(self, p: int) -> int:
+        if (p - 1) % PAGE or p - 1 + PAGE > len(self._heap):
+            raise damaged(f"a page word {p:#x} outside the arena or not page-aligned")
+        return p - 1
 
     def drop_pages(self, ps: int) -> int:
         """Give every page of the (empty) pageset ``ps`` back and free its entry; the pages
@@ -131,7 +175,7 @@ class Pagesets:
         pages = 0
         for k, page in self.id_pages(e):
             e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases it
-            self._root[D_PAGES] -= 1
+            bump(self._root, D_PAGES, -1)
             self._free(page)
             pages += 1
         e[P_CLASS] = 0  # the entry is free for new()
@@ -191,6 +235,8 @@ class Pagesets:
         for ps in range(count):
             e = self.entry(ps)
             if e[P_CLASS] == 0:
+                if e[P_TAKEN] or any(e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()):
+                    raise damaged(f"pageset {ps} is given back but has slots taken")
                 e[P_CLASS] = cls + 1
                 return ps
         ps = count
@@ -202,7 +248,7 @@ class Pagesets:
             blk = self._alloc(nbytes, "a pageset directory chunk", None)
             self._heap[blk : blk + nbytes] = bytes(nbytes)
             r[self._chunks + chunk] = blk + 1
-        e = self.entry(ps)
+        e = self._entry_view(ps)
         e[P_CLASS] = cls + 1
         r[D_PS_COUNT] = ps + 1
         return ps
@@ -233,27 +279,27 @@ class Pagesets:
                     bits |= 1 << b
                     refs.append(make_ref(best, slot))
             e[P_BITMAP + w] = bits
+        if not refs:
+            raise damaged(f"pageset {best} counts {int(e[P_TAKEN])} slots taken, its bitmap all")
         e[P_TAKEN] += len(refs)
         return refs
 
     def reserve(self, ref: int) -> None:
         """Take the free slot ``ref`` (compaction's target). Lock held."""
-        ps, slot = split_ref(ref)
-        e = self.entry(ps)
+        e, slot, size = self.check_ref(ref)
+        if e[P_TAKEN] >= PAGE // size:
+            raise damaged(f"a pageset counts {int(e[P_TAKEN])} slots taken")
         e[P_BITMAP + slot // 64] |= 1 << (slot % 64)
         e[P_TAKEN] += 1
 
     def is_taken(self, ref: int) -> bool:
         """True when slot ``ref`` is taken (in a pageset that exists)."""
-        ps, slot = split_ref(ref)
-        e = self.entry(ps)
-        return bool(e[P_CLASS] and e[P_BITMAP + slot // 64] >> (slot % 64) & 1)
+        e, slot, _size = self.check_ref(ref)
+        return bool(e[P_BITMAP + slot // 64] >> (slot % 64) & 1)
 
     def give_back(self, refs: list[int]) -> None:
         """Give zeroed slots back to their pagesets (invariant 2). Lock held."""
-        for ref in refs:
-            ps, slot = split_ref(ref)
-            e = self.entry(ps)
+        for e, slot, _size in [self.check_ref(ref) for ref in refs]:  # all checked first
             bit = 1 << (slot % 64)
             if not e[P_BITMAP + slot // 64] & bit or not e[P_TAKEN]:
                 self.double_frees += 1
@@ -270,10 +316,10 @@ class Pagesets:
         problems: list[str] = []
         for ps in range(self.count()):
             e = self.entry(ps)
-            cls = int(e[P_CLASS]) - 1
-            if cls < 0:
+            if not e[P_CLASS]:
                 continue
-            size = SIZE_CLASSES[cls]
+            size = self.slot_size(e)
+            cls = SIZE_CLASSES.index(size)
             zero = bytes(size)
             pages = [bytes(self._heap[p : p + PAGE]) for p in self.page_offsets(e)]
             count = 0
@@ -290,9 +336,7 @@ class Pagesets:
 
     def zero(self, ref: int) -> None:
         """Clear every id's copy of slot ``ref`` (nobody may be using it)."""
-        ps, slot = split_ref(ref)
-        e = self.entry(ps)
-        size = self.slot_size(e)
+        e, slot, size = self.check_ref(ref)
         zero = bytes(size)
         for _k, page in self.id_pages(e):
             off = page + slot * size

@@ -14,6 +14,10 @@ Invariants
    counted. The spill table's location and capacity are one word (``D_SPILL``), so growing it
    commits with one store and a crash leaves the old table in place (and a block leaked).
 
+4. Each ref is sealed with its epoch, its part and its position (``_layout.seal``): an
+   entry that fails its check (a flipped bit, a zeroed run, an entry copied from elsewhere)
+   is refused (``BadDomainFile``) before any entry is taken out.
+
 Every word is read and written under the domain lock; the module is pure (words in, words
 out) apart from the two callables that allocate and free arena blocks.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 
+from ._errors import damaged
 from ._layout import (
     D_PENDING,
     D_SPILL,
@@ -32,10 +37,16 @@ from ._layout import (
     PENDING_WORDS,
     TABLE_ALIGN,
     pack_table,
+    seal,
     unpack_table,
+    unseal,
 )
 
 Part = tuple[memoryview, int, int]  # (words, index of the first entry, root word of its count)
+
+
+def _salt(epoch: int, part: int, i: int) -> int:
+    return 2 << 60 ^ epoch << 24 ^ part << 23 ^ i
 
 
 class PendingQueue:
@@ -79,10 +90,14 @@ class PendingQueue:
         """(ref, epoch) of every waiting slot."""
         r = self._root
         out = []
-        for words, base, count in self.parts():
+        for part, (words, base, count) in enumerate(self.parts()):
             for i in range(int(r[count])):
                 p = base + i * PENDING_WORDS
-                out.append((int(words[p + PE_REF]), int(words[p + PE_EPOCH])))
+                epoch = int(words[p + PE_EPOCH])
+                ref = unseal(int(words[p + PE_REF]), _salt(epoch, part, i))
+                if ref < 0:
+                    raise damaged(f"pending entry {i} of part {part} is damaged")
+                out.append((ref, epoch))
         return out
 
     def reserve(self) -> None:
@@ -106,10 +121,11 @@ class PendingQueue:
         """Queue ``ref`` until every live holder has acknowledged ``epoch``."""
         self.reserve()
         r = self._root
-        words, base, count = self.parts()[0 if r[D_PENDING] < PENDING_CAP else 1]
+        part = 0 if r[D_PENDING] < PENDING_CAP else 1
+        words, base, count = self.parts()[part]
         n = int(r[count])
         p = base + n * PENDING_WORDS
-        words[p + PE_REF] = ref
+        words[p + PE_REF] = seal(ref, _salt(epoch, part, n))
         words[p + PE_EPOCH] = epoch
         r[count] = n + 1  # commit
 
@@ -117,18 +133,28 @@ class PendingQueue:
         """Take out every entry whose epoch every live holder has acknowledged (``<= oldest``)
         and whose ref is not in ``keep`` (a compaction still moves it); return their refs,
         which the caller zeroes and frees (invariant 1)."""
+        self.entries()  # every entry checked before any is taken out (invariant 4)
         r = self._root
         due = []
-        for words, base, count in self.parts():
+        for part, (words, base, count) in enumerate(self.parts()):
             i = 0
             while i < int(r[count]):
                 p = base + i * PENDING_WORDS
-                ref = int(words[p + PE_REF])
-                if words[p + PE_EPOCH] <= oldest and ref not in keep:
-                    last = base + (int(r[count]) - 1) * PENDING_WORDS
-                    words[p + PE_REF], words[p + PE_EPOCH] = (words[last + PE_REF],
-                                                              words[last + PE_EPOCH])
-                    r[count] -= 1  # commit
+                epoch = int(words[p + PE_EPOCH])
+                ref = unseal(int(words[p + PE_REF]), _salt(epoch, part, i))
+                if epoch <= oldest and ref not in keep:
+                    n = int(r[count]) - 1
+                    last = base + n * PENDING_WORDS
+                    moved = int(words[last + PE_EPOCH])
+                    ref_moved = unseal(int(words[last + PE_REF]), _salt(moved, part, n))
+                    # The last entry moves to position i: sealed again for it. A crash
+                    # before the count's store leaves it at both places, the copy at i
+                    # sealed for i: the next take finds both valid and frees the slot once
+                    # (give_back refuses the second time), never zeroes a reused one: the
+                    # two leave the queue together, before the slot can be reused.
+                    words[p + PE_REF] = seal(ref_moved, _salt(moved, part, i))
+                    words[p + PE_EPOCH] = moved
+                    r[count] = n  # commit
                     due.append(ref)
                 else:
                     i += 1

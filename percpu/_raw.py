@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType
 from ._handles import REMOVED_VARIANT, PerCpu, detach
-from ._layout import MAX_OBJECT_SIZE, P_CLASS, SIZE_CLASSES, class_index, split_ref
+from ._layout import MAX_OBJECT_SIZE, class_index
 from ._pagesets import Pagesets
 
 
@@ -70,9 +70,7 @@ class RawObjects:
         """Every id's copy of the slot ``ref`` (its first ``size`` bytes), by id."""
         dom = self._dom
         dom._check_open()
-        ps, slot = split_ref(ref)
-        e = dom._pagesets.entry(ps)
-        csize = SIZE_CLASSES[int(e[P_CLASS]) - 1]
+        e, slot, csize = dom._pagesets.check_ref(ref)
         return {k: dom._bytes[page + slot * csize : page + slot * csize + size]
                 for k, page in dom._pagesets.id_pages(e)}
 

@@ -1,7 +1,12 @@
 """The registry: name + labels -> (kind, slot) of every metric of a domain, in shared memory.
 
-An open-addressing hash table (linear probing) of ``ENTRY_WORDS``-word entries in its own
-arena block; a key (the encoded name and labels, ``_names``) lives in a block of its own.
+``REG_SEGMENTS`` open-addressing hash tables (linear probing) of ``ENTRY_WORDS``-word
+entries; a key's segment is the top byte of its hash, so each segment holds about a
+``REG_SEGMENTS``-th of the keys and grows on its own: no block of the registry is ever larger
+than that share (a registry of one table would need one contiguous run of the arena for all of
+them). A segment has no table until its first key. A key (the encoded name and labels,
+``_names``) lives in a block of its own. Besides one entry per series there is one *family*
+entry per metric name (``KIND_FAMILY``), whose ref word counts the name's live series.
 
 Invariants
 ----------
@@ -9,30 +14,34 @@ Invariants
    is gone once that word is a tombstone (:meth:`Registry.tombstone`); its other words are
    written before the commit, so a holder killed mid-insert leaves no half entry (and leaks a
    key block and a slot at most, which ``check`` finds).
-2. The table's offset and capacity are one word, ``D_REG_TABLE`` (``_layout.pack_table``):
+2. A segment's table offset and capacity are one directory word (``_layout.pack_table``):
    growing fills a new table completely, then commits with one store and frees the old one, so
    a crash leaves the old table in place, never a table read with the wrong size.
 3. ``D_REG_GEN`` changes with every change of what :meth:`Registry.entries_at` returns
    (insert, tombstone, grow, a ref moved by compaction); readers cache by it.
 4. An entry's ref may lag a compaction batch whose publisher died before pointing the
    registry at the new refs: callers map it through the batch (``Moves.current``).
+5. Every word is checked before it is used to find memory: a directory word against the
+   arena and the capacities, a key's offset and length against the arena, a kind against the
+   kinds and its class against the kind's, and the ref word is sealed with the entry's hash
+   (``_layout.seal``), so that a flipped bit or a word copied from another entry is refused
+   rather than followed to another metric's slot (a damaged one raises ``BadDomainFile``).
 
-Every word is read and written under the domain lock; the module is pure apart from the two
-callables that allocate and free arena blocks.
+An entry index names a segment and a position: ``segment << 32 | i``. Every word is read and
+written under the domain lock; the module is pure apart from the two callables that allocate
+and free arena blocks.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from ._errors import BadDomainFile
+from ._errors import damaged
 from ._layout import (
-    D_REG_CAP,
+    D_REG_FAMILIES,
     D_REG_GEN,
     D_REG_LIVE,
-    D_REG_TABLE,
-    D_REG_USED,
     E_HASH,
     E_KEY,
     E_META,
@@ -40,13 +49,33 @@ from ._layout import (
     ENTRY_WORDS,
     HASH_EMPTY,
     HASH_TOMBSTONE,
-    REG_MIN_CAP,
+    KIND_FAMILY,
+    KIND_SIZES,
+    REG_SEGMENTS,
+    RS_TABLE,
+    RS_USED,
+    RS_WORDS,
+    SEG_MAX_CAP,
+    SEG_MIN_CAP,
     TABLE_ALIGN,
+    bump,
+    class_index,
     pack_table,
+    seal,
     unpack_table,
+    unseal,
 )
 
 Entry = tuple[int, int, int, bytes]  # (kind, size class, ref, key) of a live metric
+_SEG_SHIFT = 56  # a hash's top byte picks its segment
+_POS_MASK = (1 << 32) - 1
+
+
+def _ref(word: int, h: int, idx: int) -> int:
+    ref = unseal(word, h)
+    if ref < 0:
+        raise damaged(f"registry entry {idx:#x}: its ref word fails its check")
+    return ref
 
 
 def key_hash(key: bytes) -> int:
@@ -55,138 +84,200 @@ def key_hash(key: bytes) -> int:
     return h if h > HASH_TOMBSTONE else h + 2
 
 
-class Registry:
-    """The registry of the domain whose root words are ``root``; ``heap`` is the arena.
-    ``alloc(nbytes, what, align)`` returns the offset of a kept block (raising
-    ``DomainFull``), ``free(offset)`` gives one back."""
+def _kind_class(meta: int, idx: int) -> tuple[int, int]:
+    """The kind and size class of an entry's meta word, checked against each other."""
+    kind, cls = meta & 0xFF, meta >> 8 & 0xFF
+    if kind == KIND_FAMILY and cls == 0:
+        return kind, cls
+    if kind not in KIND_SIZES or cls != class_index(KIND_SIZES[kind]):
+        raise damaged(f"registry entry {idx:#x}: kind {kind}, class {cls}")
+    return kind, cls
 
-    def __init__(self, root: memoryview, heap: memoryview,
+
+class Registry:
+    """The registry of the domain whose root words are ``root`` (its segment directory at
+    word ``base``); ``heap`` is the arena. ``alloc(nbytes, what, align)`` returns the offset
+    of a kept block (raising ``DomainFull``), ``free(offset)`` gives one back."""
+
+    def __init__(self, root: memoryview, heap: memoryview, base: int,
                  alloc: Callable[[int, str, int | None], int],
                  free: Callable[[int], None]) -> None:
         self._root = root
         self._heap = heap
+        self._base = base
         self._alloc = alloc
         self._free = free
         self._cache: tuple[int, list[Entry]] = (-1, [])  # (generation, its entries)
 
-    # -- the table -----------------------------------------------------------------------
+    # -- segments ------------------------------------------------------------------------
 
     def create(self) -> None:
-        """An empty table, for a new domain."""
-        off = self._new_table(REG_MIN_CAP)
-        r = self._root
-        r[D_REG_TABLE] = pack_table(off, REG_MIN_CAP)  # commit
-        r[D_REG_CAP] = REG_MIN_CAP
-        r[D_REG_USED] = 0
-        r[D_REG_LIVE] = 0
-        r[D_REG_GEN] += 1
+        """An empty registry, for a new domain (the directory is zero: no tables yet)."""
+        bump(self._root, D_REG_GEN)
 
     def problem(self, arena_size: int) -> str | None:
-        """Why the table word cannot be trusted (a damaged file), or None."""
-        table, cap = unpack_table(int(self._root[D_REG_TABLE]))
-        if cap < REG_MIN_CAP or table + cap * ENTRY_WORDS * 8 > arena_size:
-            return "bad registry table in the domain header"
+        """Why the directory cannot be trusted (a damaged file), or None."""
+        for seg in range(REG_SEGMENTS):
+            try:
+                self._segment(seg, arena_size)
+            except OSError as exc:
+                return str(exc.args[-1])
         return None
 
-    def _new_table(self, cap: int) -> int:
-        nbytes = cap * ENTRY_WORDS * 8
-        off = self._alloc(nbytes, "the metric registry", TABLE_ALIGN)
-        self._heap[off : off + nbytes] = bytes(nbytes)
-        return off
+    def _segment(self, seg: int, limit: int | None = None) -> tuple[int, int, int]:
+        """(table offset, capacity, used) of segment ``seg``, checked; capacity 0: no table."""
+        d = self._base + seg * RS_WORDS
+        word, used = int(self._root[d + RS_TABLE]), int(self._root[d + RS_USED])
+        if not word:
+            if used:
+                raise damaged(f"registry segment {seg} has no table but {used} entries")
+            return 0, 0, 0
+        off, cap = unpack_table(word)
+        size = len(self._heap) if limit is None else limit
+        if not SEG_MIN_CAP <= cap <= SEG_MAX_CAP or off + cap * ENTRY_WORDS * 8 > size \
+                or used > cap:
+            raise damaged(f"registry segment {seg}'s directory words")
+        return off, cap, used
 
-    def table(self) -> memoryview:
-        """The table's words (every entry's ``ENTRY_WORDS``)."""
-        off, cap = unpack_table(int(self._root[D_REG_TABLE]))
+    def table(self, seg: int) -> memoryview:
+        """Segment ``seg``'s table words (every entry's ``ENTRY_WORDS``; empty: no table)."""
+        off, cap, _used = self._segment(seg)
         return self._heap[off : off + cap * ENTRY_WORDS * 8].cast("Q")
+
+    def _tables(self) -> Iterator[tuple[int, memoryview]]:
+        for seg in range(REG_SEGMENTS):
+            if self._root[self._base + seg * RS_WORDS + RS_TABLE]:
+                yield seg, self.table(seg)
 
     def key_at(self, t: memoryview, i: int) -> bytes:
         """Entry ``i``'s key (bounds-checked against the arena)."""
         off = int(t[i * ENTRY_WORDS + E_KEY])
         n = int(t[i * ENTRY_WORDS + E_META]) >> 16
         if off + n > len(self._heap):
-            raise BadDomainFile(22, f"registry entry {i} points outside the arena")
+            raise damaged(f"registry entry {i} points outside the arena")
         return bytes(self._heap[off : off + n])
 
     def lookup(self, key: bytes, h: int | None = None) -> tuple[int, int]:
-        """(entry index or -1, first free index on the probe path)."""
+        """(entry index or -1, first free index on the probe path or -1)."""
         h = key_hash(key) if h is None else h
-        t = self.table()
+        seg = h >> _SEG_SHIFT
+        t = self.table(seg)
         cap = len(t) // ENTRY_WORDS
+        if not cap:
+            return -1, -1
         i, free = h & (cap - 1), -1
         for _ in range(cap):
             eh = t[i * ENTRY_WORDS + E_HASH]
             if eh == HASH_EMPTY:
-                return -1, free if free >= 0 else i
+                return -1, seg << 32 | (free if free >= 0 else i)
             if eh == HASH_TOMBSTONE:
                 if free < 0:
                     free = i
             elif eh == h and self.key_at(t, i) == key:
-                return i, free
+                return seg << 32 | i, -1 if free < 0 else seg << 32 | free
             i = (i + 1) & (cap - 1)
-        return -1, free
+        return -1, -1 if free < 0 else seg << 32 | free
+
+    def _word(self, idx: int, field: int) -> tuple[memoryview, int]:
+        t = self.table(idx >> 32)
+        i = (idx & _POS_MASK) * ENTRY_WORDS + field
+        if i >= len(t):
+            raise damaged(f"registry entry {idx:#x} does not exist")
+        return t, i
 
     def kind_ref(self, idx: int) -> tuple[int, int]:
-        """(kind, ref as recorded) of entry ``idx``."""
-        t = self.table()
-        return int(t[idx * ENTRY_WORDS + E_META]) & 0xFF, int(t[idx * ENTRY_WORDS + E_REF])
+        """(kind, ref as recorded) of entry ``idx`` (its kind and class checked)."""
+        t, i = self._word(idx, 0)
+        kind, _cls = _kind_class(int(t[i + E_META]), idx)
+        return kind, _ref(int(t[i + E_REF]), int(t[i + E_HASH]), idx)
 
     # -- changes -------------------------------------------------------------------------
 
-    def insert(self, key: bytes, kind: int, cls: int, ref: int) -> None:
-        """Add ``key`` (not present) as a metric of ``kind`` in slot ``ref`` of class
-        ``cls``, growing the table first if it is half full."""
+    def insert(self, key: bytes, kind: int, cls: int, ref: int) -> int:
+        """Add ``key`` (not present) as an entry of ``kind`` with ref word ``ref`` (a series'
+        slot of class ``cls``, or a family's count), growing its segment first if it is half
+        full; the new entry's index."""
         h = key_hash(key)
-        r = self._root
-        if (r[D_REG_USED] + 1) * 2 > unpack_table(int(r[D_REG_TABLE]))[1]:
-            self._grow()
+        seg = h >> _SEG_SHIFT
+        _off, cap, used = self._segment(seg)
+        if (used + 1) * 2 > cap:
+            self._grow(seg)
         _, free = self.lookup(key, h)
+        if free < 0:  # the used count said there was room: recount, and try once more
+            self._grow(seg)
+            _, free = self.lookup(key, h)
+            if free < 0:
+                raise damaged(f"registry segment {seg} is full below its growth threshold")
         key_off = self._alloc(max(len(key), 1), "a metric name", None)
         self._heap[key_off : key_off + len(key)] = key
-        t = self.table()
-        e = free * ENTRY_WORDS
+        t, e = self._word(free, 0)
         was_empty = t[e + E_HASH] == HASH_EMPTY
         t[e + E_KEY] = key_off
         t[e + E_META] = kind | cls << 8 | len(key) << 16
-        t[e + E_REF] = ref
+        t[e + E_REF] = seal(ref, h)
         t[e + E_HASH] = h  # commit
-        r[D_REG_USED] += 1 if was_empty else 0
-        r[D_REG_LIVE] += 1
-        r[D_REG_GEN] += 1
+        r = self._root
+        bump(r, self._base + seg * RS_WORDS + RS_USED, 1 if was_empty else 0)
+        bump(r, D_REG_FAMILIES if kind == KIND_FAMILY else D_REG_LIVE)
+        bump(r, D_REG_GEN)
+        return free
 
     def tombstone(self, idx: int) -> int:
         """Remove entry ``idx`` (the commit), free its key block; its ref as recorded."""
-        t = self.table()
-        e = idx * ENTRY_WORDS
-        ref, key_off = int(t[e + E_REF]), int(t[e + E_KEY])
+        t, e = self._word(idx, 0)
+        if t[e + E_HASH] <= HASH_TOMBSTONE:
+            raise damaged(f"registry entry {idx:#x} is not live")
+        kind, _cls = _kind_class(int(t[e + E_META]), idx)
+        ref, key_off = _ref(int(t[e + E_REF]), int(t[e + E_HASH]), idx), int(t[e + E_KEY])
         t[e + E_HASH] = HASH_TOMBSTONE  # commit: the name is gone
         r = self._root
-        r[D_REG_LIVE] -= 1
-        r[D_REG_GEN] += 1
+        count = D_REG_FAMILIES if kind == KIND_FAMILY else D_REG_LIVE
+        if r[count]:
+            bump(r, count, -1)
+        bump(r, D_REG_GEN)
         self._free(key_off)
         return ref
 
-    def repoint(self, news: dict[int, int]) -> None:
-        """Point every live entry whose ref is a key of ``news`` at its value (compaction)."""
-        t = self.table()
-        for i, (h, ref) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
-                                         t[E_REF::ENTRY_WORDS].tolist(), strict=True)):
-            if h > HASH_TOMBSTONE and ref in news:
-                t[i * ENTRY_WORDS + E_REF] = news[ref]
-        self._root[D_REG_GEN] += 1
+    def add_to_ref(self, idx: int, delta: int) -> int:
+        """Add ``delta`` to entry ``idx``'s ref word (a family's series count, never below
+        0); the new value. No generation change: no series changed."""
+        t, e = self._word(idx, 0)
+        h = int(t[e + E_HASH])
+        value = min(max(0, _ref(int(t[e + E_REF]), h, idx) + delta), 0xFFFFFFFF)
+        t[e + E_REF] = seal(value, h)
+        return value
 
-    def _grow(self) -> None:
-        """Rehash the live entries into a new table (dropping tombstones); invariant 2."""
-        old = self.table()
-        old_off, old_cap = unpack_table(int(self._root[D_REG_TABLE]))
-        entries = [tuple(int(old[i * ENTRY_WORDS + j]) for j in range(ENTRY_WORDS))
-                   for i in range(len(old) // ENTRY_WORDS)]
-        old.release()
-        live = [e for e in entries if e[E_HASH] > HASH_TOMBSTONE]
-        cap = max(REG_MIN_CAP, old_cap)
+    def repoint(self, news: dict[int, int]) -> None:
+        """Point every live series whose ref is a key of ``news`` at its value (compaction)."""
+        for seg, t in self._tables():
+            for i, (h, meta, word) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
+                                                    t[E_META::ENTRY_WORDS].tolist(),
+                                                    t[E_REF::ENTRY_WORDS].tolist(), strict=True)):
+                if h > HASH_TOMBSTONE and meta & 0xFF != KIND_FAMILY:
+                    ref = _ref(word, h, seg << 32 | i)
+                    if ref in news:
+                        t[i * ENTRY_WORDS + E_REF] = seal(news[ref], h)
+        bump(self._root, D_REG_GEN)
+
+    def _grow(self, seg: int) -> None:
+        """Rehash segment ``seg``'s live entries into a new table (dropping tombstones);
+        invariant 2."""
+        old_off, old_cap, _used = self._segment(seg)
+        live: list[tuple[int, ...]] = []
+        if old_cap:
+            old = self.table(seg)
+            live = [tuple(int(old[i * ENTRY_WORDS + j]) for j in range(ENTRY_WORDS))
+                    for i in range(old_cap) if old[i * ENTRY_WORDS + E_HASH] > HASH_TOMBSTONE]
+            old.release()
+        cap = max(SEG_MIN_CAP, old_cap)
         while (len(live) + 1) * 3 > cap:  # doubling: 25-50% full after a grow
             cap *= 2
-        off = self._new_table(cap)
-        t = self._heap[off : off + cap * ENTRY_WORDS * 8].cast("Q")
+        if cap > SEG_MAX_CAP:
+            raise damaged(f"registry segment {seg} would need {cap} entries")
+        nbytes = cap * ENTRY_WORDS * 8
+        off = self._alloc(nbytes, "the metric registry", TABLE_ALIGN)
+        self._heap[off : off + nbytes] = bytes(nbytes)
+        t = self._heap[off : off + nbytes].cast("Q")
         for e in live:
             i = e[E_HASH] & (cap - 1)
             while t[i * ENTRY_WORDS + E_HASH] != HASH_EMPTY:
@@ -195,41 +286,50 @@ class Registry:
                 t[i * ENTRY_WORDS + j] = e[j]
         t.release()
         r = self._root
-        r[D_REG_TABLE] = pack_table(off, cap)  # commit
-        r[D_REG_CAP] = cap
-        r[D_REG_USED] = len(live)
-        r[D_REG_LIVE] = len(live)
-        r[D_REG_GEN] += 1
-        self._free(old_off)
+        d = self._base + seg * RS_WORDS
+        r[d + RS_TABLE] = pack_table(off, cap)  # commit
+        r[d + RS_USED] = len(live)
+        bump(r, D_REG_GEN)
+        if old_cap:
+            self._free(old_off)
 
     # -- reads ---------------------------------------------------------------------------
 
     def entries_at(self) -> tuple[int, list[Entry]]:
-        """The generation and every live entry read at it, as one pair (cached by
+        """The generation and every live series read at it, as one pair (cached by
         generation): another thread may replace the cache the moment this returns, so a
         caller never reads the generation back on its own."""
         gen = int(self._root[D_REG_GEN])
         cached = self._cache
         if cached[0] == gen:
             return cached
-        t = self.table()
         out = []
-        for i in range(len(t) // ENTRY_WORDS):
-            if t[i * ENTRY_WORDS + E_HASH] > HASH_TOMBSTONE:
-                meta = int(t[i * ENTRY_WORDS + E_META])
-                out.append((meta & 0xFF, meta >> 8 & 0xFF, int(t[i * ENTRY_WORDS + E_REF]),
-                            self.key_at(t, i)))
+        for seg, t in self._tables():
+            hashes = t[E_HASH::ENTRY_WORDS].tolist()
+            metas = t[E_META::ENTRY_WORDS].tolist()
+            refs = t[E_REF::ENTRY_WORDS].tolist()
+            for i, h in enumerate(hashes):
+                if h > HASH_TOMBSTONE:
+                    kind, cls = _kind_class(metas[i], seg << 32 | i)
+                    if kind != KIND_FAMILY:
+                        out.append((kind, cls, _ref(refs[i], h, seg << 32 | i),
+                                    self.key_at(t, i)))
         self._cache = (gen, out)
         return gen, out
 
     def live_refs(self) -> dict[int, tuple[int, int]]:
-        """Recorded ref -> (entry index, kind) of every live entry."""
-        t = self.table()
-        return {ref: (i, meta & 0xFF) for i, (h, meta, ref) in enumerate(zip(
-            t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
-            t[E_REF::ENTRY_WORDS].tolist(), strict=True)) if h > HASH_TOMBSTONE}
+        """Recorded ref -> (entry index, kind) of every live series."""
+        out = {}
+        for seg, t in self._tables():
+            for i, (h, meta, word) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
+                                                    t[E_META::ENTRY_WORDS].tolist(),
+                                                    t[E_REF::ENTRY_WORDS].tolist(), strict=True)):
+                if h > HASH_TOMBSTONE and meta & 0xFF != KIND_FAMILY:
+                    out[_ref(word, h, seg << 32 | i)] = (seg << 32 | i, meta & 0xFF)
+        return out
 
     def set_ref(self, idx: int, ref: int) -> None:
         """Point entry ``idx`` at ``ref`` (compaction's publish; the caller bumps the
         generation once for the batch)."""
-        self.table()[idx * ENTRY_WORDS + E_REF] = ref
+        t, e = self._word(idx, 0)
+        t[e + E_REF] = seal(ref, int(t[e + E_HASH]))

@@ -48,6 +48,10 @@ class DomainStats:
     compacted_pagesets: int = 0  #: pagesets emptied and given back by compaction, ever
     compacted_pages: int = 0  #: their pages, returned to the arena, ever
     compaction_batches: int = 0  #: compaction batches completed, ever
+    # The registry (Domain.set_series_limit).
+    metric_names: int = 0  #: metric names (families) registered; ``metrics`` counts series
+    series_limit: int = 0  #: series a metric name may have (0: no limit)
+    series_refused: int = 0  #: registrations refused by that limit, ever
 
 
 @dataclass(slots=True)  # not frozen: a snapshot builds one per metric, and a frozen

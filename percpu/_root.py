@@ -35,6 +35,7 @@ from ._layout import (
     chunk_table,
     pageset_words,
     pending_base,
+    registry_base,
     root_words,
 )
 from ._pagesets import Pagesets
@@ -57,7 +58,7 @@ class RootBlock:
         self.words = heap[offset : offset + root_words(bound) * 8].cast("Q")  #: the root
         alloc, free = self.alloc_block, self.free_block
         self.pending = PendingQueue(self.words, heap, pending_base(bound), alloc, free)
-        self.registry = Registry(self.words, heap, alloc, free)
+        self.registry = Registry(self.words, heap, registry_base(bound), alloc, free)
         self.pagesets = Pagesets(self.words, heap, self.q, self.d, chunk_table(bound),
                                  pageset_words(bound), bound + 1, lock, alloc, free, draining)
         self.caches = Caches(self.words, bound, lock, self.pagesets)

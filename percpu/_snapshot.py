@@ -14,10 +14,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from ._errors import damaged
 from ._layout import (
     KIND_NAMES,
     KIND_SIZES,
     KIND_SUMMARY,
+    PAGE,
     SIZE_CLASSES,
     class_index,
     split_ref,
@@ -71,12 +73,21 @@ class SnapshotReader:
             keep = {key for _kind, _cls, _ref, key in entries}
             self._decoded = {k: v for k, v in self._decoded.items() if k in keep}
         rows = []
-        for kind, cls, ref, key in entries:
+        for kind, cls, ref, key in entries:  # kinds and classes: checked by the registry
+            # The slot against the entry's own class, not the pageset's: a stale entry (its
+            # pageset given back and reused for another class meanwhile) is no damage, and
+            # the caller discards its read.
             ps, slot = split_ref(ref)
+            size = SIZE_CLASSES[cls]
+            if slot >= PAGE // size:
+                raise damaged(f"ref {ref:#x} names no slot of a {size}-byte pageset")
             decoded = self._decoded.get(key)
             if decoded is None:
-                decoded = self._decoded[key] = decode_key(key)
-            rows.append((ps, slot * SIZE_CLASSES[cls] // 8, decoded[0], decoded[1],
+                try:
+                    decoded = self._decoded[key] = decode_key(key)
+                except ValueError:  # InvalidArgument: not a name and labels we wrote
+                    raise damaged(f"a registry key {key[:40]!r} does not decode") from None
+            rows.append((ps, slot * size // 8, decoded[0], decoded[1],
                          KIND_NAMES[kind]))
         return rows
 

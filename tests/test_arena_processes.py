@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 from _children import Child
 
-from arena import Arena, ArenaExhausted, Block
+from arena import Arena, ArenaExhausted, Block, StaleBlock
 from arena._layout import W_OP
 
 SIZES = (16, 64, 100, 500, 1000, 4096)
@@ -297,3 +297,30 @@ def test_killed_holding_the_lock_at_every_store(backing: str, op: str, tmp_path:
     parent.free_all()
     assert a.stats().used_bytes == 0 and a.check().ok
     a.close()
+
+
+def test_block_at_never_returns_a_handle_another_holder_freed(tmp_path: Any) -> None:
+    """Holder A keeps a block; holder B frees it (``block_at`` + ``free``, as a domain frees
+    a kept table) and allocates the offset again, larger. A's ``block_at`` must see the new
+    block, not hand back its own stale handle (whose ``free`` then failed with StaleBlock,
+    found by the compaction machine once the registry freed small tables often)."""
+    path = str(tmp_path / "arena")
+    a = Arena.create(path, 1 << 20)
+    b = Arena.open(path)
+    try:
+        blk = a.alloc(256)
+        a.keep(blk)
+        offset = blk.offset
+        b.free(b.block_at(offset))
+        again = b.alloc(512)
+        assert again.offset == offset  # the lowest free block: the same offset, larger
+        b.keep(again)
+        found = a.block_at(offset)
+        assert found is not blk and found.size == 512
+        a.free(found)
+        with pytest.raises(StaleBlock):
+            a.free(blk)
+        assert a.check().ok
+    finally:
+        b.close()
+        a.close()

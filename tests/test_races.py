@@ -216,10 +216,10 @@ def test_remove_after_a_compactor_died_before_updating_the_registry(
             inside[0] = True
             publish(self, *args)
 
-        def table_or_die(self: Registry) -> memoryview:
+        def table_or_die(self: Registry, seg: int) -> memoryview:
             if inside[0] and int(dc._root[D_MV_GEN]) & 1:
                 os.kill(os.getpid(), signal.SIGKILL)  # committed, registry not updated
-            return table(self)
+            return table(self, seg)
 
         Moves.publish = publishing  # type: ignore[method-assign, assignment]
         Registry.table = table_or_die  # type: ignore[method-assign]
