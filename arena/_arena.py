@@ -609,9 +609,10 @@ class Arena:
         Used by layers above to free blocks another process allocated. Returns the existing
         handle if this process has one and the block under it is still the one it was made
         for (in a shared arena another process may have freed it since: such a handle is
-        dropped, and a later ``free`` of it raises :class:`StaleBlock`). Raises :class:`StaleBlock` when no allocated block
-        starts at ``offset`` (inside a block, a free block, a block freed since),
-        :class:`InvalidArgument` for an offset off the granule grid or outside the heap.
+        dropped, and a later ``free`` of it raises :class:`StaleBlock`). Raises
+        :class:`StaleBlock` when no allocated block starts at ``offset`` (inside a block, a
+        free block, a block freed since), :class:`InvalidArgument` for an offset off the
+        granule grid or outside the heap.
         """
         if offset.__class__ is not int or offset < 0 or offset & self._gmask:
             raise InvalidArgument(f"offset {offset!r} is not a granule boundary of this arena")
