@@ -728,18 +728,19 @@ class Arena:
         """Free through the allocator, or (``to_cache``) mark the block as this process's in
         its start tag and cache it; either only while the tag says what the handle saw."""
         w, core = self._words, self._core
+        bits = -1
+        if self.shared:
+            bits = block._owner
+            if bits & TAG_CACHED and bits != self._cached_tag:
+                # Only the process that marked a block frees it: this handle came across fork
+                # from a parent that cached the block (and hands it out still).
+                owner = bits >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
+                raise StaleBlock(f"{block!r} is in process {owner}'s cache")
         self._lock.acquire()
         try:
-            bits = core.tag(g) & ~TAG_SIZE_MASK
-            if core.used_size(g) != n or (self.shared and (
-                    bits != block._owner or (bits & TAG_CACHED and bits != self._cached_tag))):
-                # Another process freed it (through its own handle) since, and maybe another
-                # one allocated it again (a new owner), or cached it; or the handle came
-                # across fork from a parent that cached the block (only the process that
-                # marked a block frees it). The handle is already retired from _live: it is
-                # stale for good. Only a block re-kept since escapes this check.
-                raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
             if to_cache:
+                if core.used_size(g) != n or core.tag(g) & ~TAG_SIZE_MASK != bits:
+                    raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
                 core.set_tag(g, core.tag(g) | TAG_CACHED)  # one store; the end tag stays
                 block._owner = self._cached_tag
                 cache = self._cache.setdefault(n, [])
@@ -749,11 +750,17 @@ class Arena:
                 return
             w[W_OP] = self._pid
             try:
-                core.free(g)
+                freed = core.free(g, n, bits)
             except CorruptArena as exc:
                 raise self._damaged(exc) from None
-            w[W_FREES] = add64(w[W_FREES], 1)
             w[W_OP] = 0
+            if not freed:
+                # Another process freed it (through its own handle) since, and maybe another
+                # one allocated it again (a new owner), or cached it. The handle is already
+                # retired from _live: it is stale for good. Only a block re-kept since
+                # escapes this check.
+                raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
+            w[W_FREES] = add64(w[W_FREES], 1)
         finally:
             self._lock.release()
 

@@ -160,8 +160,7 @@ class Tlsf:
         n = self.n_granules
         self._set_tags(0, n, n)  # a free tag is just the size
         self._clear_index()
-        self._check_head(n)
-        self._push(0, n)
+        self._push(0, _list_index(n))
         self.words[W_USED] = 0
 
     def _clear_index(self) -> None:
@@ -237,10 +236,10 @@ class Tlsf:
                                "block's")
         return m
 
-    def _check_node(self, g: int, m: int) -> tuple[int, int]:
-        """The (next, prev) links of free block ``g`` of ``m`` granules, checked: each
-        neighbour is a free block of the heap that links back to ``g``; with no predecessor,
-        ``g`` heads the list ``m`` maps to."""
+    def _check_node(self, g: int, li: int) -> tuple[int, int]:
+        """The (next, prev) links of free block ``g`` on list ``li`` (``fl * SL_COUNT + sl``),
+        checked: each neighbour is a free block of the heap that links back to ``g``; with no
+        predecessor, ``g`` heads the list."""
         w, t, heap, stride, top = self.words, self._tags, self._heap, self._stride, \
             self.n_granules
         link = w[heap + g * stride]
@@ -250,74 +249,71 @@ class Tlsf:
             raise CorruptIndex(f"free block {g}: its next link {nxt:#x} is not a free block "
                                "that links back")
         if prv == NIL:
-            fl, sl = mapping_insert(m)
-            if w[W_HEADS + fl * SL_COUNT + sl] != g:
+            if w[W_HEADS + li] != g:
                 raise CorruptIndex(f"free block {g} has no predecessor but does not head its "
-                                   f"list ({fl}, {sl})")
+                                   f"list {divmod(li, SL_COUNT)}")
         elif not (prv < top and 0 < w[t + prv] <= top - prv
                   and w[heap + prv * stride] & _LOW32 == g):
             raise CorruptIndex(f"free block {g}: its prev link {prv:#x} is not a free block "
                                "that links to it")
         return int(nxt), int(prv)
 
-    def _check_head(self, m: int) -> None:
-        """Check the head of the list a free block of ``m`` granules goes on (before a push)."""
+    def _check_head(self, li: int) -> None:
+        """Check the head of list ``li`` (before a push onto it)."""
         w, t, top = self.words, self._tags, self.n_granules
-        fl, sl = mapping_insert(m)
-        h = w[W_HEADS + fl * SL_COUNT + sl]
+        h = w[W_HEADS + li]
         if h != NIL and not (h < top and 0 < w[t + h] <= top - h
                              and w[self._heap + h * self._stride] >> 32 == NIL):
-            raise CorruptIndex(f"list ({fl}, {sl}) has head {h:#x}, not a free block without "
-                               "a predecessor")
+            raise CorruptIndex(f"list {divmod(li, SL_COUNT)} has head {h:#x}, not a free "
+                               "block without a predecessor")
 
     # -- list stores (after the checks) ---------------------------------------------------
 
-    def _push(self, g: int, n: int) -> None:
-        """Push free block ``g`` of ``n`` granules on the head of its list (head checked)."""
+    def _push(self, g: int, li: int) -> None:
+        """Push free block ``g`` on the head of list ``li`` (its head checked)."""
         w = self.words
-        fl, sl = mapping_insert(n)
-        hi = W_HEADS + fl * SL_COUNT + sl
+        hi = W_HEADS + li
         head = w[hi]
         w[self._heap + g * self._stride] = head | _NIL_PREV  # next = head, prev = NIL
         if head != NIL:
-            li = self._heap + head * self._stride
-            w[li] = (w[li] & _LOW32) | (g << 32)
+            k = self._heap + head * self._stride
+            w[k] = (w[k] & _LOW32) | (g << 32)
         w[hi] = g
-        w[W_SL + fl] |= 1 << sl
+        fl = li >> SL_LOG2
+        w[W_SL + fl] |= 1 << (li & (SL_COUNT - 1))
         w[W_FL] |= 1 << fl
 
-    def _unlink(self, g: int, n: int, nxt: int, prv: int) -> None:
-        """Unlink free block ``g`` of ``n`` granules whose links were checked."""
+    def _unlink(self, g: int, li: int, nxt: int, prv: int) -> None:
+        """Unlink free block ``g`` of list ``li`` whose links were checked."""
         w, heap, stride = self.words, self._heap, self._stride
         if nxt != NIL:
-            li = heap + nxt * stride
-            w[li] = (w[li] & _LOW32) | (prv << 32)
+            k = heap + nxt * stride
+            w[k] = (w[k] & _LOW32) | (prv << 32)
         if prv != NIL:
-            li = heap + prv * stride
-            w[li] = (w[li] & _HIGH32) | nxt
+            k = heap + prv * stride
+            w[k] = (w[k] & _HIGH32) | nxt
             return
-        fl, sl = mapping_insert(n)
-        w[W_HEADS + fl * SL_COUNT + sl] = nxt
+        w[W_HEADS + li] = nxt
         if nxt == NIL:
-            slmap = w[W_SL + fl] & ~(1 << sl)
+            fl = li >> SL_LOG2
+            slmap = w[W_SL + fl] & ~(1 << (li & (SL_COUNT - 1)))
             w[W_SL + fl] = slmap
             if not slmap:
                 w[W_FL] &= ~(1 << fl) & _MASK64
 
-    def _replace(self, old: int, new: int, nxt: int, prv: int, m: int) -> None:
-        """Put free block ``new`` in the list place of ``old`` (checked links ``nxt``/``prv``;
-        both of ``m``-class size): a merge or split that stays on its list relinks in place."""
+    def _replace(self, old: int, new: int, nxt: int, prv: int, li: int) -> None:
+        """Put free block ``new`` in the place of ``old`` on list ``li`` (checked links
+        ``nxt``/``prv``): a merge that stays on its list relinks in place."""
         w, heap, stride = self.words, self._heap, self._stride
         w[heap + new * stride] = nxt | (prv << 32)
         if nxt != NIL:
-            li = heap + nxt * stride
-            w[li] = (w[li] & _LOW32) | (new << 32)
+            k = heap + nxt * stride
+            w[k] = (w[k] & _LOW32) | (new << 32)
         if prv != NIL:
-            li = heap + prv * stride
-            w[li] = (w[li] & _HIGH32) | new
+            k = heap + prv * stride
+            w[k] = (w[k] & _HIGH32) | new
         else:
-            fl, sl = mapping_insert(m)
-            w[W_HEADS + fl * SL_COUNT + sl] = new
+            w[W_HEADS + li] = new
 
     # -- the operations ------------------------------------------------------------------
 
@@ -431,7 +427,7 @@ class Tlsf:
         if n > 1:
             w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
         if rest:
-            self._push(r, rest)
+            self._push(r, hi2 - W_HEADS)
         w[W_USED] = used0 + n
         return int(g)
 
@@ -477,15 +473,17 @@ class Tlsf:
     def _carve(self, g: int, m: int, gap: int, n: int, tag: int, used0: int) -> int:
         """Take ``n`` granules at ``g + gap`` out of free block ``g`` of ``m`` (the general,
         colder path: any place in a list, a gap before it). Checks first, then stores."""
-        nxt, prv = self._check_node(g, m)
+        li = _list_index(m)
+        nxt, prv = self._check_node(g, li)
         rest = m - gap - n
         a = g + gap
+        gli, rli = _list_index(gap), _list_index(rest)
         if gap:
-            self._check_head(gap)
+            self._check_head(gli)
         if rest:
-            self._check_head(rest)
+            self._check_head(rli)
         w = self.words
-        self._unlink(g, m, nxt, prv)
+        self._unlink(g, li, nxt, prv)
         # Prepare every tag inside the old extent, then commit with the leftmost start tag.
         if rest:
             self._set_tags(a + n, rest, rest)
@@ -493,18 +491,19 @@ class Tlsf:
         if gap:
             self._set_tags(a, n, used)
             self._set_tags(g, gap, gap)  # commit
-            self._push(g, gap)
+            self._push(g, gli)
         else:
             self._set_tags(a, n, used)  # commit
         if rest:
-            self._push(a + n, rest)
+            self._push(a + n, rli)
         w[W_USED] = used0 + n
         return a
 
-    def free(self, g: int, n: int = 0, owner: int = -1) -> int:
+    def free(self, g: int, n: int = 0, bits: int = -1) -> int:
         """Free the used block at ``g``; coalesce with free neighbours. Returns its size in
         granules, or 0 (nothing changed) when no used block of ``n`` granules (any size when
-        ``n`` is 0) starts at ``g``, or its owner is not ``owner`` (any owner when -1).
+        ``n`` is 0) starts at ``g``, or its start tag's flag and owner bits are not ``bits``
+        (any when -1).
 
         Raises :class:`CorruptIndex`, nothing written, when a neighbour or list word read is
         out of its bounds (Rule 4).
@@ -517,17 +516,17 @@ class Tlsf:
         if (not tag & TAG_USED or tag & TAG_END or not size or (n and size != n)
                 or g + size > top
                 or (size > 1 and w[t + g + size - 1] != (tag & ~TAG_CACHED) | TAG_END)
-                or (owner >= 0 and tag >> TAG_OWNER_SHIFT & TAG_OWNER_MAX != owner)):
+                or (bits >= 0 and tag & ~TAG_SIZE_MASK != bits)):
             return 0
         n = size
         used0 = w[W_USED]
         if used0 < n or used0 > top:
             raise CorruptIndex(f"used count {used0} cannot hold a used block of {n} granules")
-        heap, stride = self._heap, self._stride
         start, total = g, n
-        # The free neighbours, each checked (Rule 4) before anything is written.
+        # The free neighbours, each checked (Rule 4) before anything is written; the list
+        # index of a size (mapping_insert) is inlined for each.
         nxt = g + n
-        nn = 0
+        nn = nli = 0
         if nxt < top:
             ntag = w[t + nxt]
             if not ntag & TAG_USED:
@@ -535,9 +534,14 @@ class Tlsf:
                 if not 0 < nn <= top - nxt or (nn > 1 and w[t + nxt + nn - 1] != nn | TAG_END):
                     raise CorruptIndex(f"granule {nxt} after block {g}: tag {ntag:#x} is not "
                                        "a block's start")
-                n_next, n_prev = self._check_node(nxt, nn)
+                if nn < SL_COUNT:
+                    nli = nn
+                else:
+                    bl = nn.bit_length()
+                    nli = (bl - SL_LOG2) * SL_COUNT + ((nn >> (bl - SL_LOG2 - 1)) & 15)
+                n_next, n_prev = self._check_node(nxt, nli)
                 total += nn
-        pn = 0
+        pn = pli = 0
         if g:
             ptag = w[t + g - 1]
             if not ptag & TAG_USED:
@@ -547,50 +551,55 @@ class Tlsf:
                         or w[t + start] != pn):
                     raise CorruptIndex(f"granule {g - 1} before block {g}: tag {ptag:#x} is "
                                        "not a free block's end")
-                p_next, p_prev = self._check_node(start, pn)
+                if pn < SL_COUNT:
+                    pli = pn
+                else:
+                    bl = pn.bit_length()
+                    pli = (bl - SL_LOG2) * SL_COUNT + ((pn >> (bl - SL_LOG2 - 1)) & 15)
+                p_next, p_prev = self._check_node(start, pli)
                 total += pn
-        if not (nn or pn):
-            self._check_head(total)
-            self._set_tags(g, n, n)  # commit
-            self._push(g, n)
-            w[W_USED] = used0 - n
-            return int(n)
-        if total < SL_COUNT:  # mapping_insert(total), inlined
-            tl = total
+        if total < SL_COUNT:
+            tli = total
         else:
             bl = total.bit_length()
-            tl = (bl - SL_LOG2) * SL_COUNT + ((total >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1))
-        if pn and not nn and tl == _list_index(pn):
+            tli = (bl - SL_LOG2) * SL_COUNT + ((total >> (bl - SL_LOG2 - 1)) & 15)
+        if pn and not nn and tli == pli:
             # Merged into the free block before: its list place and start stay.
-            self._set_tags(start, total, total)  # commit
-            for c in (g - 1, g, g + n - 1):
-                if start < c < start + total - 1:
-                    w[t + c] = 0
+            w[t + start] = total  # commit
+            w[t + g + n - 1] = total | TAG_END
+            if n > 1:
+                w[t + g] = 0
+            if pn > 1:
+                w[t + g - 1] = 0  # Rule 3: the old boundary is inside the block now
             w[W_USED] = used0 - n
             return int(n)
-        if nn and not pn and tl == _list_index(nn):
+        if nn and not pn and tli == nli:
             # Merged with the free block after: g takes its list place.
-            self._set_tags(g, total, total)  # commit
-            self._replace(nxt, g, n_next, n_prev, nn)
-            for c in (g + n - 1, nxt):
-                if g < c < g + total - 1:
-                    w[t + c] = 0
+            w[t + g] = total  # commit
+            w[t + g + total - 1] = total | TAG_END
+            if n > 1:
+                w[t + g + n - 1] = 0
+            if nn > 1:
+                w[t + nxt] = 0
+            self._replace(nxt, g, n_next, n_prev, nli)
             w[W_USED] = used0 - n
             return int(n)
-        self._check_head(total)
+        self._check_head(tli)
         if nn:
-            self._unlink(nxt, nn, n_next, n_prev)
+            self._unlink(nxt, nli, n_next, n_prev)
         if pn:
             if nn:  # the unlink above may have changed start's links: take them again
-                link = w[heap + start * stride]
+                link = w[self._heap + start * self._stride]
                 p_next, p_prev = link & _LOW32, link >> 32
-            self._unlink(start, pn, p_next, p_prev)
-        self._set_tags(start, total, total)  # commit
+            self._unlink(start, pli, p_next, p_prev)
+        w[t + start] = total  # commit
+        if total > 1:
+            w[t + start + total - 1] = total | TAG_END
         # Rule 3: the boundary words absorbed by the merge are now inside the block.
         for c in (g - 1, g, g + n - 1, g + n):
             if start < c < start + total - 1:
                 w[t + c] = 0
-        self._push(start, total)
+        self._push(start, tli)
         w[W_USED] = used0 - n
         return int(n)
 
@@ -689,7 +698,7 @@ class Tlsf:
                 if run_size:
                     self._set_tags(run_start, run_size, run_size)
                     self._zero_tags(run_start + 1, run_start + run_size - 1)
-                    self._push(run_start, run_size)
+                    self._push(run_start, _list_index(run_size))
                     run_size = 0
                 if b.size > 1:
                     w[t + b.start + b.size - 1] = (w[t + b.start] & ~TAG_CACHED) | TAG_END
@@ -702,7 +711,7 @@ class Tlsf:
         if run_size:
             self._set_tags(run_start, run_size, run_size)
             self._zero_tags(run_start + 1, run_start + run_size - 1)
-            self._push(run_start, run_size)
+            self._push(run_start, _list_index(run_size))
         w[W_USED] = used
         w[W_RECOVERIES] = add64(w[W_RECOVERIES], 1)
         w[W_OP] = 0
