@@ -20,6 +20,26 @@ Invariants
    another process is not freed through an old handle).
 4. After ``Arena(...)`` returns, the whole mapping is resident (prefaulted) and, when locking
    succeeded, locked: allocating and using blocks never page-faults.
+5. Every word read from the mapping is checked before it is used (``_tlsf`` Rule 4): a damaged
+   index or header word makes the operation raise :class:`BadArenaFile` with nothing changed
+   (``W_OP`` is put back as it was), never IndexError/ValueError, never a store through it.
+
+Caches
+------
+A freed block of up to ``cache_max`` bytes is kept, still allocated in the TLSF, on a per-size
+list of this process and handed out again without the allocator or its lock: up to 1 KiB (16
+granules) on the quick lists of a private arena (at most QUICK_DEPTH a size), above that (and
+at every size in a shared arena that asked for it) on lists bounded in bytes by
+``cache_bytes``. ``stats()``,
+``check()``, ``close()``, exhaustion and (shared arenas) the exit of the process give every
+cached block back to the allocator first, so the figures stay exact and nothing is refused
+while cached memory could serve it. A shared arena's cache is safe across processes: a block
+enters it, under the lock, by setting TAG_CACHED in its start tag with this process as owner,
+and keeps the mark while this process hands it out and takes it back (so the warm pair makes no
+fcntl call and no store to a tag). A marked block is this process's alone: another process's
+``block_at`` and ``free`` refuse it (StaleBlock), ``keep`` clears the mark, and once its owner
+is dead ``check()`` lists it as leaked (``reclaim=True`` frees it). A child after fork drops the
+shared caches it inherited (their blocks are its parent's).
 
 Threads and fork: every public method is thread-safe. A child after ``fork`` reopens the file
 of a shared arena (a fresh open file description, so its locks are its own), resets the thread
@@ -30,6 +50,7 @@ the child does not take copy-on-write faults later) and restarts its fault count
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import os
@@ -42,6 +63,7 @@ from typing import Literal, TypeAlias
 from . import _osmem
 from ._errors import (
     ArenaClosed,
+    ArenaError,
     ArenaExhausted,
     ArenaExists,
     BadArenaFile,
@@ -58,8 +80,11 @@ from ._layout import (
     MAX_GRANULES,
     MIN_GRANULE,
     PAGE_SIZE,
+    TAG_CACHED,
     TAG_OWNER_MAX,
     TAG_OWNER_SHIFT,
+    TAG_SIZE_MASK,
+    TAG_USED,
     VERSION,
     W_ALLOCS,
     W_CREATOR,
@@ -74,7 +99,6 @@ from ._layout import (
     W_ROOT,
     W_TAGS,
     W_TOTAL,
-    W_USED,
     W_VERSION,
     Layout,
     is_power_of_two,
@@ -82,7 +106,7 @@ from ._layout import (
     validate_header,
 )
 from ._locks import SharedLock, reopen_fd
-from ._tlsf import CorruptArena, Tlsf
+from ._tlsf import CorruptArena, CorruptIndex, Tlsf, add64
 
 LockPolicy: TypeAlias = Literal["auto", "require"] | bool
 ARENA_LOCK_BYTE = 0  # OFD lock byte of the allocator; other layers lock other bytes
@@ -93,11 +117,18 @@ _FREED: memoryview = memoryview(b"")
 _FREED.release()
 # A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES
 # (and QUICK_MAX_BYTES) on a per-size list and hands them out again without the allocator (as
-# glibc's tcache does). Shared arenas do not: a block cached by one process would be invisible
-# to the others.
+# glibc's tcache does); a table indexed by the size in bytes finds the list in one step.
 QUICK_MAX_GRANULES = 16
 QUICK_MAX_BYTES = 4096
 QUICK_DEPTH = 64
+# Above them, up to ``cache_max`` bytes (default CACHE_MAX_BYTES), every arena keeps freed
+# blocks on per-size lists bounded in bytes (``cache_bytes``; defaults below), private and
+# shared alike (see "Caches" in the module docstring).
+CACHE_MAX_BYTES = 1 << 20
+CACHE_PRIVATE_SHARE = 4  # default cache_bytes: a quarter of a private heap ...
+CACHE_PRIVATE_CAP = 64 << 20  # ... at most 64 MiB
+# A shared arena caches only when asked (cache_bytes > 0): what one process caches is used
+# memory to the others (their stats, their allocations) until it gives it back.
 
 _make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
 _warned_unlocked = False  # "auto" warns once per process, then stays quiet
@@ -118,7 +149,9 @@ class Block:
     offset: int
     size: int
     _view: memoryview | None  # None: live, no view yet; a view: live; _FREED: freed
-    _owner: int  # shared arenas: the owner pid its tag had when this handle was made
+    # Shared arenas: the start tag's flag and owner bits when this handle was made (TAG_USED,
+    # the owner pid, TAG_CACHED); a free goes ahead only while the tag still has them.
+    _owner: int
 
     def __init__(self) -> None:
         raise TypeError("blocks are made by Arena.alloc, not directly")
@@ -173,6 +206,7 @@ class LeakedBlock:
     offset: int
     size: int  #: bytes (granule-rounded)
     owner_pid: int
+    cached: bool = False  #: it sat in (or was handed out from) the dead process's cache
 
 
 @dataclass(frozen=True)
@@ -225,30 +259,41 @@ class Arena:
     ``prefault=True`` faults every page in before returning. ``lock`` decides ``mlock``:
     ``"require"`` (or True) raises :class:`MemlockError` when the kernel refuses (usually
     RLIMIT_MEMLOCK), ``"auto"`` warns once and carries on unlocked, ``False`` does not lock.
+
+    ``cache_max`` (bytes, default 1 MiB) is the largest block a free keeps in this process's
+    cache for the next alloc of its size; ``cache_bytes`` bounds what the cache holds (default:
+    a quarter of a private heap, at most 64 MiB; 0 turns the byte-bounded cache off). A shared
+    arena caches only when given ``cache_bytes``: until this process gives its cached blocks
+    back (stats, check, close, exhaustion, exit), the other processes see them as used. See
+    "Caches" in the module docstring.
     """
 
     def __init__(self, size: int, *, block_size: int = 64, lock: LockPolicy = "auto",
-                 prefault: bool = True, shared: bool = False) -> None:
+                 prefault: bool = True, shared: bool = False, cache_bytes: int | None = None,
+                 cache_max: int = CACHE_MAX_BYTES) -> None:
         layout = _layout_from_args(size, block_size)
         _check_lock_policy(lock)
+        caching = _cache_args(cache_bytes, cache_max)
         if shared:
             fd = _osmem.memfd("arena", layout.total)
             try:
                 mm = _osmem.map_shared(fd, layout.total, prefault)
-                self._setup(mm, fd, None, layout, lock, prefault, fresh=True)
+                self._setup(mm, fd, None, layout, lock, prefault, fresh=True, caching=caching)
             except BaseException:
                 os.close(fd)
                 raise
         else:
             mm = _osmem.map_private(layout.total, prefault)
-            self._setup(mm, None, None, layout, lock, prefault, fresh=True)
+            self._setup(mm, None, None, layout, lock, prefault, fresh=True, caching=caching)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], size: int, *, block_size: int = 64,
-               lock: LockPolicy = "auto", prefault: bool = True) -> Arena:
+               lock: LockPolicy = "auto", prefault: bool = True, cache_bytes: int | None = None,
+               cache_max: int = CACHE_MAX_BYTES) -> Arena:
         """Create a new shared arena file at ``path`` (0600, O_EXCL: never an existing file)."""
         layout = _layout_from_args(size, block_size)
         _check_lock_policy(lock)
+        caching = _cache_args(cache_bytes, cache_max)
         spath = os.fspath(path)
         try:
             fd = _osmem.create_file(spath, layout.total)
@@ -258,7 +303,7 @@ class Arena:
         try:
             mm = _osmem.map_shared(fd, layout.total, prefault)
             self = cls.__new__(cls)
-            self._setup(mm, fd, spath, layout, lock, prefault, fresh=True)
+            self._setup(mm, fd, spath, layout, lock, prefault, fresh=True, caching=caching)
         except BaseException:
             os.close(fd)
             os.unlink(spath)
@@ -267,9 +312,11 @@ class Arena:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, lock: LockPolicy = "auto",
-             prefault: bool = True) -> Arena:
+             prefault: bool = True, cache_bytes: int | None = None,
+             cache_max: int = CACHE_MAX_BYTES) -> Arena:
         """Map an existing shared arena file after checking owner, mode and header."""
         _check_lock_policy(lock)
+        caching = _cache_args(cache_bytes, cache_max)
         spath = os.fspath(path)
         fd, file_size = _osmem.open_file(spath)
         try:
@@ -287,7 +334,7 @@ class Arena:
                     words.release()
             mm = _osmem.map_shared(fd, layout.total, prefault)
             self = cls.__new__(cls)
-            self._setup(mm, fd, spath, layout, lock, prefault, fresh=False)
+            self._setup(mm, fd, spath, layout, lock, prefault, fresh=False, caching=caching)
         except BaseException:
             os.close(fd)
             raise
@@ -296,7 +343,8 @@ class Arena:
     # -- set-up ------------------------------------------------------------------------
 
     def _setup(self, mm: object, fd: int | None, path: str | None, layout: Layout,
-               lock: LockPolicy, prefault: bool, fresh: bool) -> None:
+               lock: LockPolicy, prefault: bool, fresh: bool,
+               caching: tuple[int | None, int] = (None, CACHE_MAX_BYTES)) -> None:
         import mmap
 
         assert isinstance(mm, mmap.mmap)
@@ -315,6 +363,7 @@ class Arena:
         self._core = Tlsf(self._words, layout.tags_offset // 8, layout.heap_offset // 8,
                           layout.granule, layout.n_granules)
         self._live: dict[int, Block] = {}  # offset -> the one valid handle (invariant 3)
+        self._set_owner_tags()
         # Quick lists (private arenas): offsets of freed small blocks, kept allocated for reuse,
         # one list per granule count; _quick_by_size maps a size in bytes to its list, so the
         # hot path indexes once instead of rounding.
@@ -326,15 +375,29 @@ class Arena:
             self._quick_by_size = [self._quick[1]] + [  # index 0 is never used: size > 0
                 self._quick[(size + self._gmask) >> self._gshift]
                 for size in range(1, min(n_max << self._gshift, QUICK_MAX_BYTES) + 1)]
-        self._quick_max_size = len(self._quick_by_size) - 1
-        # Frees onto the quick lists (counted in a Python int: cheaper than a shared word) and
-        # blocks given back from them (counted under the lock); stats() adds them to the
-        # shared counts, and quick allocations follow: pushed - given back - still cached.
-        # Racing threads may lose an increment of _quick_frees (load, add, store); that loses
-        # one allocation and one free alike, so allocations - frees stays exact. Blocks
-        # themselves are never lost or doubled.
-        self._quick_frees = 0
-        self._quick_drained = 0
+        self._quick_max_size = len(self._quick_by_size) - 1  # -1: none
+        # The byte-bounded cache: granule count -> offsets, for sizes above the quick lists up
+        # to _cache_max bytes. _cached_bytes is what it holds; racing threads may lose an update
+        # of it (load, add, store), which moves the bound by a block until the next drain sets
+        # it to 0 again. Blocks themselves are never lost or doubled (list append/pop are
+        # atomic under the GIL; a free-threaded build needs a lock here).
+        cache_bytes, cache_max = caching
+        if cache_bytes is None:
+            cache_bytes = 0 if self.shared else min(layout.heap_size // CACHE_PRIVATE_SHARE,
+                                                    CACHE_PRIVATE_CAP)
+        self._cache: dict[int, list[int]] = {}
+        self._cache_limit = cache_bytes
+        self._cache_max = cache_max if cache_bytes else self._quick_max_size
+        self._cached_bytes = 0
+        # Frees onto a cache (counted in a Python int: cheaper than a shared word) and blocks
+        # given back from one (counted under the lock). A drain folds them into the shared
+        # counts: the cache's allocations are pushed - given back - still cached. Racing
+        # threads may lose an increment of _pushes; that loses one allocation and one free
+        # alike, so allocations - frees stays exact.
+        self._pushes = 0
+        self._drained = 0
+        self._folded_frees = 0
+        self._folded_allocs = 0
         if fresh:
             with self._lock:
                 self._format(layout)
@@ -428,11 +491,25 @@ class Arena:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        """Rebuild the index from the start tags (lock held); BadArenaFile if they are broken."""
+        """Rebuild the index from the start tags (lock held); BadArenaFile, with ``W_OP`` as it
+        was and nothing else written, if the tags themselves are broken."""
+        op = int(self._words[W_OP])
+        self._words[W_OP] = self._pid  # a rebuild killed half way is done again
         try:
             self._core.rebuild()
         except CorruptArena as exc:
+            self._words[W_OP] = op
             raise BadArenaFile(117, f"arena is corrupt and cannot be repaired: {exc}") from None
+
+    def _damaged(self, exc: CorruptArena) -> BadArenaFile:
+        """The refusal of an operation that met a word out of its bounds (``W_OP`` put back:
+        the operation wrote nothing)."""
+        self._words[W_OP] = 0
+        where = f"`python -m arena check {self.path}` rebuilds it" if self.path else \
+            "Arena.check() rebuilds it"
+        if not isinstance(exc, CorruptIndex):
+            where = "it cannot be repaired"
+        return BadArenaFile(117, f"arena is damaged ({exc}); nothing was changed; {where}")
 
     def alloc(self, size: int, align: int | None = None) -> Block:
         """A block of ``size`` bytes at an offset that is a multiple of ``align``.
@@ -444,52 +521,91 @@ class Arena:
         if size.__class__ is not int or size <= 0:
             _check_size("size", size)
         if align is None:
-            try:  # IndexError: larger than the quick lists serve, or its list is empty
-                offset = self._quick_by_size[size].pop()  # atomic: one thread gets a block
-            except IndexError:
-                pass
-            else:
-                # _new_handle inlined (a call costs more than the rest; no owner in a private
-                # arena): one handle made, four stores, one table entry.
-                block = _make_block(Block)
-                block.arena = self
-                block.offset = offset
-                block.size = size
-                block._view = None
-                self._live[offset] = block
-                return block
-            ag = 1
-        else:
-            ag = self._align_granules(align)
+            if size <= self._quick_max_size:
+                try:  # IndexError: its list is empty
+                    offset = self._quick_by_size[size].pop()  # atomic: one thread gets a block
+                except IndexError:
+                    pass
+                else:
+                    # _new_handle inlined (a call costs more than the rest; no owner in a
+                    # private arena): one handle made, four stores, one table entry.
+                    block = _make_block(Block)
+                    block.arena = self
+                    block.offset = offset
+                    block.size = size
+                    block._view = None
+                    self._live[offset] = block
+                    return block
+            elif size <= self._cache_max:
+                n = (size + self._gmask) >> self._gshift
+                cache = self._cache.get(n)
+                if cache:
+                    try:
+                        offset = cache.pop()
+                    except IndexError:  # another thread took the last one
+                        pass
+                    else:
+                        self._cached_bytes -= n << self._gshift
+                        block = _make_block(Block)
+                        block.arena = self
+                        block.offset = offset
+                        block.size = size
+                        block._view = None
+                        block._owner = self._cached_tag
+                        self._live[offset] = block
+                        return block
+        return self._alloc_slow(size, align)
+
+    def _alloc_slow(self, size: int, align: int | None) -> Block:
+        """Everything but a cache hit: an aligned request (a cached block that happens to be
+        aligned serves it), then the allocator under the lock."""
         if self._closed:
             raise ArenaClosed("the arena is closed")
-        n = (size + self._gmask) >> self._gshift
+        ag = 1 if align is None else self._align_granules(align)
+        gshift = self._gshift
+        n = (size + self._gmask) >> gshift
+        if ag > 1 and size <= self._cache_max:
+            cached = (self._quick_by_size[size] if size <= self._quick_max_size
+                      else self._cache.get(n))
+            if cached:
+                try:
+                    offset = cached.pop()
+                except IndexError:
+                    pass
+                else:
+                    if not (offset >> gshift) % ag:
+                        if size > self._quick_max_size:
+                            self._cached_bytes -= n << gshift
+                        return self._new_handle(offset, size, self._cached_tag)
+                    cached.append(offset)
         g = self._alloc_locked(n, ag)
         if g < 0:
-            raise self._exhausted(size, align)
-        return self._new_handle(g << self._gshift, size, self._pid)
+            exc = self._exhausted(size, align)  # BadArenaFile instead if stats meets damage
+            with self._lock:
+                self._words[W_FAILED] = add64(self._words[W_FAILED], 1)
+            raise exc
+        return self._new_handle(g << gshift, size, self._used_tag)
 
     def _alloc_locked(self, n: int, ag: int) -> int:
-        """Granule of a new block, or -1 (counted once as a failure) when nothing fits even
-        after the quick lists were given back (cached blocks may coalesce into a fit)."""
-        w, lock = self._words, self._lock
+        """Granule of a new block (counted), or -1 when nothing fits even after the caches
+        were given back (cached blocks may coalesce into a fit); the caller counts a failure
+        once it has the figures for its message."""
+        w, lock, core = self._words, self._lock, self._core
         lock.acquire()
         try:
-            if n > self._layout.n_granules:
-                g = -1
-            else:
-                w[W_OP] = self._pid
-                g = self._core.alloc(n, ag, self._pid)
+            w[W_OP] = self._pid
+            try:
+                g = core.alloc_tagged(n, ag, self._used_tag)
                 w[W_OP] = 0
-                if g < 0 and self._quick_count():
-                    self._drain_quick()
+                if g < 0 and self._cached_count():
+                    self._drain_caches()
                     w[W_OP] = self._pid
-                    g = self._core.alloc(n, ag, self._pid)
+                    g = core.alloc_tagged(n, ag, self._used_tag)
                     w[W_OP] = 0
-            if g < 0:
-                w[W_FAILED] += 1
-            else:
-                w[W_ALLOCS] += 1
+            except CorruptArena as exc:
+                raise self._damaged(exc) from None
+            if g >= 0:
+                w[W_ALLOCS] = add64(w[W_ALLOCS], 1)
         finally:
             lock.release()
         return g
@@ -504,25 +620,46 @@ class Arena:
         self._live[offset] = block
         return block
 
-    def _quick_count(self) -> int:
-        return sum(map(len, self._quick.values()))
+    def _set_owner_tags(self) -> None:
+        """The start-tag bits of this process's blocks (again after fork: a new pid)."""
+        pid = self._pid
+        if not 0 < pid <= TAG_OWNER_MAX:
+            raise ArenaError(f"pid {pid} does not fit an arena tag")
+        self._used_tag = TAG_USED | pid << TAG_OWNER_SHIFT
+        # Blocks in (or handed out from) this process's cache; a private arena needs no mark.
+        self._cached_tag = self._used_tag | TAG_CACHED if self.shared else self._used_tag
 
-    def _drain_quick(self) -> None:
-        """Give every block cached on the quick lists back to the allocator (coalescing)."""
-        if not self._quick_count():
-            return
-        w, gshift = self._words, self._gshift
+    def _cached_count(self) -> int:
+        return sum(map(len, self._quick.values())) + sum(map(len, self._cache.values()))
+
+    _quick_count = _cached_count
+
+    def _drain_caches(self) -> None:
+        """Give every cached block back to the allocator (coalescing), then fold the caches'
+        counts into the shared statistics. Takes the lock."""
+        w, gshift, core = self._words, self._gshift, self._core
         with self._lock:
-            for quick in self._quick.values():
-                while quick:
+            for cached in (*self._quick.values(), *self._cache.values()):
+                while cached:
                     try:
-                        offset = quick.pop()
+                        offset = cached.pop()
                     except IndexError:
                         break
                     w[W_OP] = self._pid
-                    self._core.free(offset >> gshift)
+                    try:
+                        core.free(offset >> gshift)
+                    except CorruptArena as exc:
+                        cached.append(offset)  # still allocated: it stays cached
+                        raise self._damaged(exc) from None
                     w[W_OP] = 0
-                    self._quick_drained += 1
+                    self._drained += 1
+            self._cached_bytes = 0
+            allocs = self._pushes - self._drained - self._cached_count()
+            frees = self._pushes
+            if frees != self._folded_frees or allocs != self._folded_allocs:
+                w[W_FREES] = add64(w[W_FREES], frees - self._folded_frees)
+                w[W_ALLOCS] = add64(w[W_ALLOCS], allocs - self._folded_allocs)
+                self._folded_frees, self._folded_allocs = frees, allocs
 
     def _align_granules(self, align: object) -> int:
         if align.__class__ is not int:
@@ -568,25 +705,62 @@ class Arena:
             quick = self._quick_by_size[size]
             if len(quick) < QUICK_DEPTH:
                 quick.append(offset)
-                self._quick_frees += 1
+                self._pushes += 1
                 return
+        elif size <= self._cache_max:
+            nbytes = (size + self._gmask) & ~self._gmask
+            if self._cached_bytes + nbytes <= self._cache_limit:
+                if not self.shared or block._owner == self._cached_tag:
+                    cache = self._cache.get(nbytes >> self._gshift)
+                    if cache is None:
+                        cache = self._cache.setdefault(nbytes >> self._gshift, [])
+                    cache.append(offset)
+                    self._cached_bytes += nbytes
+                    self._pushes += 1
+                    return
+                if block._owner == self._used_tag:  # ours, not marked yet: mark it
+                    self._free_locked(offset >> self._gshift, nbytes >> self._gshift, block,
+                                      True)
+                    return
         self._free_locked(offset >> self._gshift, (size + self._gmask) >> self._gshift, block)
 
-    def _free_locked(self, g: int, n: int, block: Block) -> None:
-        w = self._words
+    def _free_locked(self, g: int, n: int, block: Block, to_cache: bool = False) -> None:
+        """Free through the allocator, or (``to_cache``) mark the block as this process's in
+        its start tag and cache it; either only while the tag says what the handle saw."""
+        w, core = self._words, self._core
+        bits = -1
+        if self.shared:
+            bits = block._owner
+            if bits & TAG_CACHED and bits != self._cached_tag:
+                # Only the process that marked a block frees it: this handle came across fork
+                # from a parent that cached the block (and hands it out still).
+                owner = bits >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
+                raise StaleBlock(f"{block!r} is in process {owner}'s cache")
         self._lock.acquire()
         try:
-            core = self._core
-            if core.used_size(g) != n or (
-                    self.shared and core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX != block._owner):
-                # Another process freed it (through its own handle) since, and maybe another
-                # one allocated it again (a new owner). The handle is already retired from
-                # _live: it is stale for good. Only a block re-kept since escapes this check.
-                raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
+            if to_cache:
+                if core.used_size(g) != n or core.tag(g) & ~TAG_SIZE_MASK != bits:
+                    raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
+                core.set_tag(g, core.tag(g) | TAG_CACHED)  # one store; the end tag stays
+                block._owner = self._cached_tag
+                cache = self._cache.setdefault(n, [])
+                cache.append(g << self._gshift)
+                self._cached_bytes += n << self._gshift
+                self._pushes += 1
+                return
             w[W_OP] = self._pid
-            self._core.free(g)
-            w[W_FREES] += 1
+            try:
+                freed = core.free(g, n, bits)
+            except CorruptArena as exc:
+                raise self._damaged(exc) from None
             w[W_OP] = 0
+            if not freed:
+                # Another process freed it (through its own handle) since, and maybe another
+                # one allocated it again (a new owner), or cached it. The handle is already
+                # retired from _live: it is stale for good. Only a block re-kept since
+                # escapes this check.
+                raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
+            w[W_FREES] = add64(w[W_FREES], 1)
         finally:
             self._lock.release()
 
@@ -611,8 +785,8 @@ class Arena:
         for (in a shared arena another process may have freed it since: such a handle is
         dropped, and a later ``free`` of it raises :class:`StaleBlock`). Raises
         :class:`StaleBlock` when no allocated block starts at ``offset`` (inside a block, a
-        free block, a block freed since), :class:`InvalidArgument` for an offset off the
-        granule grid or outside the heap.
+        free block, a block freed since, a block in a process's cache),
+        :class:`InvalidArgument` for an offset off the granule grid or outside the heap.
         """
         if offset.__class__ is not int or offset < 0 or offset & self._gmask:
             raise InvalidArgument(f"offset {offset!r} is not a granule boundary of this arena")
@@ -625,25 +799,31 @@ class Arena:
             if known is not None:
                 if not self.shared or (
                         self._core.used_size(g) == (known.size + self._gmask) >> self._gshift
-                        and self._core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
-                        == known._owner):
+                        and self._core.tag(g) & ~TAG_SIZE_MASK == known._owner):
                     return known
                 # Another process freed the block under this handle (a kept block, say),
                 # and maybe the offset was allocated again: the handle is stale for good.
                 del self._live[offset]
-            if any(offset in quick for quick in self._quick.values()):
-                raise StaleBlock(f"no allocated block starts at offset {offset} (it was freed)")
             n = self._core.used_size(g)
             if not n:
                 raise StaleBlock(f"no allocated block starts at offset {offset}")
-            owner = self._core.tag(g) >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
-            return self._new_handle(offset, n << self._gshift, owner)
+            tag = self._core.tag(g)
+            if tag & TAG_CACHED:
+                owner = tag >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
+                whose = "this process's" if owner == self._pid else f"process {owner}'s"
+                raise StaleBlock(f"the block at offset {offset} is in {whose} cache")
+            if not self.shared and any(
+                    offset in cached for cached in (*self._quick.values(),
+                                                    *self._cache.values())):
+                raise StaleBlock(f"no allocated block starts at offset {offset} (it was freed)")
+            return self._new_handle(offset, n << self._gshift, tag & ~TAG_SIZE_MASK)
 
     def keep(self, block: Block) -> None:
         """Mark ``block`` as owned by the shared structure rather than by this process.
 
         :meth:`check` reports blocks whose owner died; a layer that has recorded a block in
-        its own shared tables calls ``keep`` so the block survives its allocator's death.
+        its own shared tables calls ``keep`` so the block survives its allocator's death. A
+        kept block is never cached (its free goes to the allocator).
         """
         if block.__class__ is not Block or block.arena is not self:
             raise self._not_mine("keep", block)
@@ -652,22 +832,24 @@ class Arena:
             if self._live.get(block.offset) is not block:
                 raise self._bad_handle(block)
             self._core.set_owner(block.offset >> self._gshift, 0)
-            block._owner = 0
+            block._owner = TAG_USED
 
     # -- health ------------------------------------------------------------------------
 
     def stats(self) -> ArenaStats:
         """Health figures (see :class:`ArenaStats`); takes the lock briefly."""
         self._check_open()
-        self._drain_quick()  # cached blocks count as free, and may coalesce
         w = self._words
         self._lock.acquire()
         try:
-            used = int(w[W_USED]) << self._gshift
-            largest = self._core.largest_free() << self._gshift
-            quick_allocs = self._quick_frees - self._quick_drained - self._quick_count()
-            counts = (int(w[W_ALLOCS]) + quick_allocs, int(w[W_FREES]) + self._quick_frees,
-                      int(w[W_FAILED]), int(w[W_RECOVERIES]))
+            self._drain_caches()  # cached blocks count as free, and may coalesce
+            try:
+                used = self._core.used_count() << self._gshift
+                largest = self._core.largest_free() << self._gshift
+            except CorruptArena as exc:
+                raise self._damaged(exc) from None
+            counts = (int(w[W_ALLOCS]), int(w[W_FREES]), int(w[W_FAILED]),
+                      int(w[W_RECOVERIES]))
         finally:
             self._lock.release()
         free = self.size - used
@@ -686,17 +868,18 @@ class Arena:
         """Verify the whole structure, repair its index if needed, and report leaked blocks.
 
         A leaked block is allocated, owned by a process that is dead, not kept, and not held
-        by this process (a handle from :meth:`block_at`, or one inherited across fork). With
-        ``reclaim=True`` they are freed. Costs a full walk: an operator's tool, not a hot path.
+        by this process (a handle from :meth:`block_at`, or one inherited across fork); the
+        blocks a dead process had cached are among them. With ``reclaim=True`` they are
+        freed. Broken start tags cannot be repaired: :class:`BadArenaFile` says so, nothing
+        changed. Costs a full walk: an operator's tool, not a hot path.
         """
         self._check_open()
-        self._drain_quick()
         self._lock.acquire()
         try:
             problems = tuple(self._core.problems())
             if problems:
-                self._words[W_OP] = self._pid
                 self._rebuild()
+            self._drain_caches()
             blocks = list(self._core.blocks())
             leaked = []
             live = self._live
@@ -705,14 +888,14 @@ class Arena:
                         and b.start << self._gshift not in live
                         and not _pid_alive(b.owner)):
                     leaked.append(LeakedBlock(b.start << self._gshift, b.size << self._gshift,
-                                              b.owner))
+                                              b.owner, b.cached))
             reclaimed = 0
             if reclaim and leaked:
                 w = self._words
                 for leak in leaked:
                     w[W_OP] = self._pid
                     self._core.free(leak.offset >> self._gshift)
-                    w[W_FREES] += 1
+                    w[W_FREES] = add64(w[W_FREES], 1)
                     w[W_OP] = 0
                     reclaimed += leak.size
         finally:
@@ -766,12 +949,19 @@ class Arena:
         """
         if self._closed:
             return
+        if self.shared and self._cached_count():
+            # The cached blocks are this process's alone: give them back to the others. A
+            # damaged file keeps them (check() of a later process finds them leaked).
+            with contextlib.suppress(ArenaError):
+                self._drain_caches()
         self._closed = True
         self._release_mapping()
         self._live.clear()
         self._quick = {}
         self._quick_by_size = []
-        self._quick_max_size = 0
+        self._quick_max_size = -1
+        self._cache = {}
+        self._cache_max = -1
         with contextlib.suppress(BufferError):
             self._mm.close()
         if self._fd is not None:
@@ -795,6 +985,13 @@ class Arena:
         self._lock.set_fd(None)  # a fresh thread lock; no OFD lock until the fd is our own
         if self._closed:
             return
+        self._set_owner_tags()
+        if self.shared:
+            # The cached blocks are marked as the parent's, which still hands them out: drop
+            # them here, and the counts of the parent's cache with them.
+            self._cache = {}
+            self._cached_bytes = 0
+            self._pushes = self._drained = self._folded_frees = self._folded_allocs = 0
         if self._fd is not None:
             old = self._fd
             try:
@@ -829,9 +1026,40 @@ def _layout_from_args(size: object, block_size: object) -> Layout:
     return layout_for(n, granule)
 
 
+def _cache_args(cache_bytes: object, cache_max: object) -> tuple[int | None, int]:
+    if cache_bytes is not None:
+        if cache_bytes.__class__ is not int:
+            raise InvalidType(f"cache_bytes must be an int or None, got "
+                              f"{type(cache_bytes).__name__}")
+        assert isinstance(cache_bytes, int)
+        if cache_bytes < 0:
+            raise InvalidArgument(f"cache_bytes must be >= 0, got {cache_bytes}")
+    if cache_max.__class__ is not int:
+        raise InvalidType(f"cache_max must be an int, got {type(cache_max).__name__}")
+    assert isinstance(cache_max, int)
+    if cache_max < 0:
+        raise InvalidArgument(f"cache_max must be >= 0, got {cache_max}")
+    return cache_bytes, cache_max
+
+
 def _check_lock_policy(lock: object) -> None:
     if lock.__class__ not in (str, bool) or lock not in _LOCK_POLICIES:
         raise InvalidArgument(f"lock must be 'auto', 'require', True or False, got {lock!r}")
+
+
+def _drain_at_exit() -> None:
+    """Give the blocks cached by this process in shared arenas back as it exits (a thread
+    still inside an arena method keeps that arena's: never wait at exit)."""
+    for a in list(_arenas):
+        if a.shared and not a._closed and a._cached_count() and a._lock.try_acquire():
+            try:
+                with contextlib.suppress(Exception):
+                    a._drain_caches()
+            finally:
+                a._lock.release()
+
+
+atexit.register(_drain_at_exit)
 
 
 def _reset_after_fork() -> None:

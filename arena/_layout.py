@@ -58,8 +58,12 @@ HEADER_WORDS = W_HEADS + FL_COUNT * SL_COUNT
 # is answered by two words, and a forged or stale offset is told apart from a real block.
 TAG_SIZE_MASK = 0xFFFFFFFF  # bits 0..31: size in granules (>= 1)
 TAG_USED = 1 << 32  # bit 32: the block is allocated
-TAG_OWNER_SHIFT = 33  # bits 33..62: pid of the allocating process; 0 = kept by the structure
-TAG_OWNER_MAX = (1 << 30) - 1  # Linux pids stay below 2**22 (PID_MAX_LIMIT)
+TAG_OWNER_SHIFT = 33  # bits 33..61: pid of the allocating process; 0 = kept by the structure
+TAG_OWNER_MAX = (1 << 29) - 1  # Linux pids stay below 2**22 (PID_MAX_LIMIT)
+# bit 62 (start tags only): the block belongs to its owner's per-process cache (see
+# arena._arena, "caches"): no other process may free it or take a handle on it. End tags never
+# carry it, so the owner can set and clear it with one store of the start tag.
+TAG_CACHED = 1 << 62
 TAG_END = 1 << 63  # bit 63: this word is the end tag of a block of two granules or more
 
 MIN_GRANULE = 16  # bytes: a free block keeps its two 32-bit links in its first word

@@ -134,6 +134,25 @@ class SharedLock:
             return True
         return False
 
+    def try_acquire(self) -> bool:
+        """Take the lock only if no thread or process holds it now; True when taken."""
+        if not self._mutex.acquire(blocking=False):
+            return False
+        if self._depth == 0 and self._fd is not None:
+            try:
+                fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, self._lock_request)
+            except BaseException:
+                self._mutex.release()
+                return False
+        self._depth += 1
+        if self._depth == 1 and self._on_acquire is not None:
+            try:
+                self._on_acquire()
+            except BaseException:
+                self.release()
+                raise
+        return True
+
     def release(self) -> None:
         """Release one level; the OFD lock goes with the outermost level."""
         self._depth -= 1

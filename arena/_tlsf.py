@@ -43,6 +43,22 @@ block, on an end tag, on a block freed and coalesced since) is refused, not free
 
 Hence a process SIGKILLed inside ``alloc`` or ``free`` costs at most the block it was handling
 (which then shows as a used block with a dead owner: ``Arena.check`` finds it).
+
+Untrusted words
+---------------
+Rule 4: the words come from a file that anything may have written, so no word is used as an
+index before it is checked against its bounds, and every operation checks all it reads before
+its first store. A list head or link must name a granule of the heap whose tag is a free start
+tag (and, where the block is taken, whose end tag matches); a link's neighbour must point back
+(the unlink check of a doubly linked list, which also makes every walk end: a list whose back
+links agree cannot loop); a bitmap bit must name a list that exists; the used count must stay
+within the heap. A check that fails raises :class:`CorruptIndex` with the words unchanged (the
+derived state is damaged: :meth:`Tlsf.rebuild` repairs it); broken start tags raise
+:class:`CorruptArena` (nothing can repair them).
+
+Cost: the common alloc and free are written out in one function each (a Python call costs as
+much as a handful of word reads), and a split or merge whose remainder stays on the list it was
+on relinks in place instead of unlinking and pushing again.
 """
 
 from __future__ import annotations
@@ -55,6 +71,7 @@ from ._layout import (
     NIL,
     SL_COUNT,
     SL_LOG2,
+    TAG_CACHED,
     TAG_END,
     TAG_OWNER_MAX,
     TAG_OWNER_SHIFT,
@@ -71,6 +88,7 @@ from ._layout import (
 _LOW32 = 0xFFFFFFFF
 _HIGH32 = 0xFFFFFFFF00000000
 _MASK64 = 0xFFFFFFFFFFFFFFFF
+_NIL_PREV = NIL << 32  # a link word's "no predecessor" half
 _ZEROS = memoryview(bytes(8 * 4096)).cast("Q")  # source for zeroing runs of tag words
 
 
@@ -97,6 +115,11 @@ def lowest_bit(x: int) -> int:
     return (x & -x).bit_length() - 1
 
 
+def add64(value: int, delta: int) -> int:
+    """``value + delta`` wrapped to a u64 (a statistics counter never overflows a word)."""
+    return (value + delta) & _MASK64
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     """One block as the tags describe it (granule units)."""
@@ -105,10 +128,16 @@ class BlockInfo:
     size: int
     used: bool
     owner: int
+    cached: bool = False  #: in its owner's per-process cache (TAG_CACHED)
 
 
 class CorruptArena(Exception):
     """The start tags do not describe a partition: the heap was overwritten from outside."""
+
+
+class CorruptIndex(CorruptArena):
+    """A derived word (list head or link, bitmap, used count) is out of its bounds or disagrees
+    with the tags. Raised before anything was written; :meth:`Tlsf.rebuild` repairs it."""
 
 
 class Tlsf:
@@ -131,7 +160,7 @@ class Tlsf:
         n = self.n_granules
         self._set_tags(0, n, n)  # a free tag is just the size
         self._clear_index()
-        self._insert(0, n)
+        self._push(0, _list_index(n))
         self.words[W_USED] = 0
 
     def _clear_index(self) -> None:
@@ -142,7 +171,7 @@ class Tlsf:
         for i in range(FL_COUNT * SL_COUNT):
             w[W_HEADS + i] = NIL
 
-    # -- tags and links ------------------------------------------------------------------
+    # -- tags ------------------------------------------------------------------------------
 
     def _set_tags(self, start: int, size: int, tag: int) -> None:
         """Write the start tag (it may be the commit), then the end tag.
@@ -150,12 +179,12 @@ class Tlsf:
         In this order because a merge's new end tag can land on a start tag of the old
         partition (the last absorbed block is one granule long): that word may change only
         once the commit has put it inside the new block. End tags are derived (Rule 2), so
-        one missing after a kill is rebuilt.
+        one missing after a kill is rebuilt. An end tag never carries TAG_CACHED.
         """
         w, t = self.words, self._tags
         w[t + start] = tag
         if size > 1:
-            w[t + start + size - 1] = tag | TAG_END
+            w[t + start + size - 1] = (tag & ~TAG_CACHED) | TAG_END
 
     def _zero_tags(self, first: int, stop: int) -> None:
         """Zero the tag words of granules ``first``..``stop - 1`` (inside one block: Rule 3)."""
@@ -166,8 +195,15 @@ class Tlsf:
             first += k
 
     def tag(self, g: int) -> int:
-        """The tag word at granule ``g``."""
+        """The tag word at granule ``g`` (0 outside the heap)."""
+        if not 0 <= g < self.n_granules:
+            return 0
         return int(self.words[self._tags + g])
+
+    def set_tag(self, g: int, tag: int) -> None:
+        """Store the start tag of the used block at ``g`` (same size; flag and owner bits may
+        change, TAG_CACHED included): one aligned store, the end tag is unaffected."""
+        self.words[self._tags + g] = tag
 
     def used_size(self, g: int) -> int:
         """Granules of the used block that starts at granule ``g``; 0 when none starts there.
@@ -182,66 +218,102 @@ class Tlsf:
         if not tag & TAG_USED or tag & TAG_END:
             return 0
         n = tag & TAG_SIZE_MASK
-        if g + n > self.n_granules or (n > 1 and w[t + g + n - 1] != tag | TAG_END):
+        if not n or g + n > self.n_granules or (
+                n > 1 and w[t + g + n - 1] != (tag & ~TAG_CACHED) | TAG_END):
             return 0
         return int(n)
 
-    def _insert(self, g: int, n: int) -> None:
-        """Push free block ``g`` of ``n`` granules on the head of its list."""
-        w = self.words
-        if n < SL_COUNT:  # mapping_insert(n), inlined: every alloc and free comes here
-            fl, sl = 0, n
-        else:
-            bl = n.bit_length()
-            fl, sl = bl - SL_LOG2, (n >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
-        hi = W_HEADS + fl * SL_COUNT + sl
-        head = w[hi]
-        w[self._heap + g * self._stride] = head | (NIL << 32)  # next = head, prev = NIL
-        if head != NIL:
-            li = self._heap + head * self._stride
-            w[li] = (w[li] & _LOW32) | (g << 32)
-        w[hi] = g
-        w[W_SL + fl] |= 1 << sl
-        w[W_FL] |= 1 << fl
+    # -- checked reads (Rule 4) ------------------------------------------------------------
 
-    def _remove(self, g: int, n: int) -> None:
-        """Unlink free block ``g`` of ``n`` granules from its list."""
-        w, heap, stride = self.words, self._heap, self._stride
+    def _free_size(self, g: int) -> int:
+        """Granules of the free block at ``g``, its start and end tags checked (Rule 4)."""
+        if not 0 <= g < self.n_granules:
+            raise CorruptIndex(f"a free list names granule {g:#x}, outside the heap")
+        w, t = self.words, self._tags
+        m = int(w[t + g])
+        if not 0 < m <= self.n_granules - g or (m > 1 and w[t + g + m - 1] != m | TAG_END):
+            raise CorruptIndex(f"a free list names granule {g}, whose tag {m:#x} is not a free "
+                               "block's")
+        return m
+
+    def _check_node(self, g: int, li: int) -> tuple[int, int]:
+        """The (next, prev) links of free block ``g`` on list ``li`` (``fl * SL_COUNT + sl``),
+        checked: each neighbour is a free block of the heap that links back to ``g``; with no
+        predecessor, ``g`` heads the list."""
+        w, t, heap, stride, top = self.words, self._tags, self._heap, self._stride, \
+            self.n_granules
         link = w[heap + g * stride]
         nxt, prv = link & _LOW32, link >> 32
-        if nxt != NIL:
-            li = heap + nxt * stride
-            w[li] = (w[li] & _LOW32) | (prv << 32)
-        if prv != NIL:
-            li = heap + prv * stride
-            w[li] = (w[li] & _HIGH32) | nxt
-        else:
-            if n < SL_COUNT:  # mapping_insert(n), inlined
-                fl, sl = 0, n
-            else:
-                bl = n.bit_length()
-                fl, sl = bl - SL_LOG2, (n >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
-            w[W_HEADS + fl * SL_COUNT + sl] = nxt
-            if nxt == NIL:
-                slmap = w[W_SL + fl] & ~(1 << sl)
-                w[W_SL + fl] = slmap
-                if not slmap:
-                    w[W_FL] &= ~(1 << fl) & _MASK64
+        if nxt != NIL and not (nxt < top and 0 < w[t + nxt] <= top - nxt
+                               and w[heap + nxt * stride] >> 32 == g):
+            raise CorruptIndex(f"free block {g}: its next link {nxt:#x} is not a free block "
+                               "that links back")
+        if prv == NIL:
+            if w[W_HEADS + li] != g:
+                raise CorruptIndex(f"free block {g} has no predecessor but does not head its "
+                                   f"list {divmod(li, SL_COUNT)}")
+        elif not (prv < top and 0 < w[t + prv] <= top - prv
+                  and w[heap + prv * stride] & _LOW32 == g):
+            raise CorruptIndex(f"free block {g}: its prev link {prv:#x} is not a free block "
+                               "that links to it")
+        return int(nxt), int(prv)
 
-    def _find(self, n: int) -> int:
-        """Head of the first non-empty list whose blocks all hold ``n`` granules, or NIL."""
+    def _check_head(self, li: int) -> None:
+        """Check the head of list ``li`` (before a push onto it)."""
+        w, t, top = self.words, self._tags, self.n_granules
+        h = w[W_HEADS + li]
+        if h != NIL and not (h < top and 0 < w[t + h] <= top - h
+                             and w[self._heap + h * self._stride] >> 32 == NIL):
+            raise CorruptIndex(f"list {divmod(li, SL_COUNT)} has head {h:#x}, not a free "
+                               "block without a predecessor")
+
+    # -- list stores (after the checks) ---------------------------------------------------
+
+    def _push(self, g: int, li: int) -> None:
+        """Push free block ``g`` on the head of list ``li`` (its head checked)."""
         w = self.words
-        fl, sl = mapping_search(n)
-        if fl >= FL_COUNT:
-            return NIL
-        slmap = w[W_SL + fl] & (-1 << sl)
-        if not slmap:
-            flmap = w[W_FL] & (-1 << (fl + 1))
-            if not flmap:
-                return NIL
-            fl = (flmap & -flmap).bit_length() - 1  # lowest set bit, inlined
-            slmap = w[W_SL + fl]
-        return int(w[W_HEADS + fl * SL_COUNT + (slmap & -slmap).bit_length() - 1])
+        hi = W_HEADS + li
+        head = w[hi]
+        w[self._heap + g * self._stride] = head | _NIL_PREV  # next = head, prev = NIL
+        if head != NIL:
+            k = self._heap + head * self._stride
+            w[k] = (w[k] & _LOW32) | (g << 32)
+        w[hi] = g
+        fl = li >> SL_LOG2
+        w[W_SL + fl] |= 1 << (li & (SL_COUNT - 1))
+        w[W_FL] |= 1 << fl
+
+    def _unlink(self, g: int, li: int, nxt: int, prv: int) -> None:
+        """Unlink free block ``g`` of list ``li`` whose links were checked."""
+        w, heap, stride = self.words, self._heap, self._stride
+        if nxt != NIL:
+            k = heap + nxt * stride
+            w[k] = (w[k] & _LOW32) | (prv << 32)
+        if prv != NIL:
+            k = heap + prv * stride
+            w[k] = (w[k] & _HIGH32) | nxt
+            return
+        w[W_HEADS + li] = nxt
+        if nxt == NIL:
+            fl = li >> SL_LOG2
+            slmap = w[W_SL + fl] & ~(1 << (li & (SL_COUNT - 1)))
+            w[W_SL + fl] = slmap
+            if not slmap:
+                w[W_FL] &= ~(1 << fl) & _MASK64
+
+    def _replace(self, old: int, new: int, nxt: int, prv: int, li: int) -> None:
+        """Put free block ``new`` in the place of ``old`` on list ``li`` (checked links
+        ``nxt``/``prv``): a merge that stays on its list relinks in place."""
+        w, heap, stride = self.words, self._heap, self._stride
+        w[heap + new * stride] = nxt | (prv << 32)
+        if nxt != NIL:
+            k = heap + nxt * stride
+            w[k] = (w[k] & _LOW32) | (new << 32)
+        if prv != NIL:
+            k = heap + prv * stride
+            w[k] = (w[k] & _HIGH32) | new
+        else:
+            w[W_HEADS + li] = new
 
     # -- the operations ------------------------------------------------------------------
 
@@ -253,99 +325,287 @@ class Tlsf:
         """
         if not 0 <= owner <= TAG_OWNER_MAX:
             raise ValueError(f"owner {owner} does not fit a tag")
-        w, t = self.words, self._tags
-        if align <= 1:
-            g = self._find(n)
-            if g == NIL:
-                g = self._find_in_own_list(n)
-                if g == NIL:
-                    return -1
-            gap = 0
+        return self.alloc_tagged(n, align, TAG_USED | owner << TAG_OWNER_SHIFT)
+
+    def alloc_tagged(self, n: int, align: int, tag: int) -> int:
+        """:meth:`alloc` with the start tag's flag and owner bits given (``TAG_USED | owner
+        << TAG_OWNER_SHIFT``, maybe ``TAG_CACHED``), as the arena computes them once.
+
+        Raises :class:`CorruptIndex` (nothing written) when a word it reads is out of its
+        bounds (Rule 4).
+        """
+        w, t, top = self.words, self._tags, self.n_granules
+        used0 = w[W_USED]
+        if used0 + n > top:
+            if used0 > top:
+                raise CorruptIndex(f"used count {used0} exceeds the heap's {top} granules")
+            return -1
+        if align > 1:
+            return self._alloc_aligned(n, align, tag, used0)
+        # mapping_search(n), inlined: the first list whose every block holds n granules.
+        if n < SL_COUNT:
+            fl, sl = 0, n
         else:
-            g, gap = self._find_aligned(n, align)
-            if g < 0:
-                return -1
-        m = w[t + g] & TAG_SIZE_MASK
-        self._remove(g, m)
-        a = g + gap
+            r = n + (1 << (n.bit_length() - SL_LOG2 - 1)) - 1
+            bl = r.bit_length()
+            fl, sl = bl - SL_LOG2, (r >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
+        slmap = w[W_SL + fl] & (-1 << sl)
+        if not slmap:
+            flmap = w[W_FL] & (-1 << (fl + 1))
+            if not flmap:
+                return self._alloc_from_own_list(n, tag, used0)
+            fl = (flmap & -flmap).bit_length() - 1
+            if fl >= FL_COUNT:
+                raise CorruptIndex(f"first-level bitmap {w[W_FL]:#x} names list {fl}")
+            slmap = w[W_SL + fl]
+        sl = (slmap & -slmap).bit_length() - 1
+        if not 0 <= sl < SL_COUNT:
+            raise CorruptIndex(f"second-level bitmap {fl} ({w[W_SL + fl]:#x}) names no list")
+        hi = W_HEADS + fl * SL_COUNT + sl
+        g = w[hi]
+        # Rule 4: the head is a free block of the heap, large enough, without a predecessor,
+        # and its successor links back to it.
+        if g >= top:
+            raise CorruptIndex(f"list ({fl}, {sl}) is marked non-empty but its head is {g:#x}")
+        m = w[t + g]
+        if not n <= m <= top - g or (m > 1 and w[t + g + m - 1] != m | TAG_END):
+            raise CorruptIndex(f"list ({fl}, {sl}) head {g}: tag {m:#x} is not a free block "
+                               f"of at least {n} granules")
+        heap, stride = self._heap, self._stride
+        link = w[heap + g * stride]
+        nxt = link & _LOW32
+        if link >> 32 != NIL:
+            raise CorruptIndex(f"list ({fl}, {sl}) head {g} has a predecessor")
+        if nxt != NIL and not (nxt < top and 0 < w[t + nxt] <= top - nxt
+                               and w[heap + nxt * stride] >> 32 == g):
+            raise CorruptIndex(f"free block {g}: its next link {nxt:#x} is not a free block "
+                               "that links back")
+        rest = m - n
+        r = g + n
+        if rest:
+            if rest < SL_COUNT:  # mapping_insert(rest), inlined
+                fl2, sl2 = 0, rest
+            else:
+                bl = rest.bit_length()
+                fl2, sl2 = bl - SL_LOG2, (rest >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
+            hi2 = W_HEADS + fl2 * SL_COUNT + sl2
+            if hi2 == hi:
+                # The rest stays on this list: it takes g's place (no bitmap change).
+                w[t + r] = rest
+                if rest > 1:
+                    w[t + g + m - 1] = rest | TAG_END
+                w[t + g] = n | tag  # commit
+                if n > 1:
+                    w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
+                w[heap + r * stride] = nxt | _NIL_PREV
+                if nxt != NIL:
+                    li = heap + nxt * stride
+                    w[li] = (w[li] & _LOW32) | (r << 32)
+                w[hi] = r
+                w[W_USED] = used0 + n
+                return int(g)
+            h2 = w[hi2]
+            if h2 != NIL and not (h2 < top and 0 < w[t + h2] <= top - h2
+                                  and w[heap + h2 * stride] >> 32 == NIL):
+                raise CorruptIndex(f"list ({fl2}, {sl2}) has head {h2:#x}, not a free block "
+                                   "without a predecessor")
+        # Unlink g (it heads its list), then write the tags and push the rest.
+        if nxt != NIL:
+            li = heap + nxt * stride
+            w[li] = (w[li] & _LOW32) | _NIL_PREV
+        w[hi] = nxt
+        if nxt == NIL:
+            slmap = w[W_SL + fl] & ~(1 << sl)
+            w[W_SL + fl] = slmap
+            if not slmap:
+                w[W_FL] &= ~(1 << fl) & _MASK64
+        if rest:
+            w[t + r] = rest
+            if rest > 1:
+                w[t + g + m - 1] = rest | TAG_END
+        w[t + g] = n | tag  # commit
+        if n > 1:
+            w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
+        if rest:
+            self._push(r, hi2 - W_HEADS)
+        w[W_USED] = used0 + n
+        return int(g)
+
+    def _alloc_from_own_list(self, n: int, tag: int, used0: int) -> int:
+        """The good-fit search starts one list above ``n``'s own; when that found nothing,
+        walk ``n``'s own list for a block large enough (only a nearly full arena comes here)."""
+        fl, sl = mapping_insert(n)
+        for g, m in self._walk(fl, sl):
+            if m >= n:
+                return self._carve(g, m, 0, n, tag, used0)
+        return -1
+
+    def _alloc_aligned(self, n: int, align: int, tag: int, used0: int) -> int:
+        """An aligned allocation: O(1) through the padded request; when that fails (an
+        alignment close to the heap size), visit the free blocks large enough."""
+        w = self.words
+        fl, sl = mapping_search(n + align - 1)
+        if fl < FL_COUNT:
+            slmap = w[W_SL + fl] & (-1 << sl)
+            if not slmap:
+                flmap = w[W_FL] & (-1 << (fl + 1))
+                fl = lowest_bit(flmap) if flmap else FL_COUNT
+                slmap = w[W_SL + fl] if fl < FL_COUNT else 0
+            if slmap:
+                sl = lowest_bit(slmap)
+                if sl >= SL_COUNT:
+                    raise CorruptIndex(f"second-level bitmap {fl} ({slmap:#x}) names no list")
+                g = int(w[W_HEADS + fl * SL_COUNT + sl])
+                m = self._free_size(g)
+                if m < n + align - 1:
+                    raise CorruptIndex(f"list ({fl}, {sl}) holds block {g} of only {m} "
+                                       "granules")
+                return self._carve(g, m, -g % align, n, tag, used0)
+            if fl >= FL_COUNT and w[W_FL] >> FL_COUNT:
+                raise CorruptIndex(f"first-level bitmap {w[W_FL]:#x} names lists that do "
+                                   "not exist")
+        for g, m in self._free_blocks(min_size=n):
+            gap = -g % align
+            if gap + n <= m:
+                return self._carve(g, m, gap, n, tag, used0)
+        return -1
+
+    def _carve(self, g: int, m: int, gap: int, n: int, tag: int, used0: int) -> int:
+        """Take ``n`` granules at ``g + gap`` out of free block ``g`` of ``m`` (the general,
+        colder path: any place in a list, a gap before it). Checks first, then stores."""
+        li = _list_index(m)
+        nxt, prv = self._check_node(g, li)
         rest = m - gap - n
-        used = n | TAG_USED | (owner << TAG_OWNER_SHIFT)
+        a = g + gap
+        gli, rli = _list_index(gap), _list_index(rest)
+        if gap:
+            self._check_head(gli)
+        if rest:
+            self._check_head(rli)
+        w = self.words
+        self._unlink(g, li, nxt, prv)
         # Prepare every tag inside the old extent, then commit with the leftmost start tag.
         if rest:
             self._set_tags(a + n, rest, rest)
+        used = n | tag
         if gap:
             self._set_tags(a, n, used)
             self._set_tags(g, gap, gap)  # commit
-            self._insert(g, gap)
+            self._push(g, gli)
         else:
             self._set_tags(a, n, used)  # commit
         if rest:
-            self._insert(a + n, rest)
-        w[W_USED] += n
+            self._push(a + n, rli)
+        w[W_USED] = used0 + n
         return a
 
-    def _find_in_own_list(self, n: int) -> int:
-        """A block of at least ``n`` granules on the list that ``n`` itself maps to, or NIL.
+    def free(self, g: int, n: int = 0, bits: int = -1) -> int:
+        """Free the used block at ``g``; coalesce with free neighbours. Returns its size in
+        granules, or 0 (nothing changed) when no used block of ``n`` granules (any size when
+        ``n`` is 0) starts at ``g``, or its start tag's flag and owner bits are not ``bits``
+        (any when -1).
 
-        The good-fit search starts one list higher; this walk runs only when that failed.
+        Raises :class:`CorruptIndex`, nothing written, when a neighbour or list word read is
+        out of its bounds (Rule 4).
         """
-        w, t, heap, stride = self.words, self._tags, self._heap, self._stride
-        fl, sl = mapping_insert(n)
-        if fl >= FL_COUNT:
-            return NIL
-        g = w[W_HEADS + fl * SL_COUNT + sl]
-        while g != NIL:
-            if w[t + g] & TAG_SIZE_MASK >= n:
-                return int(g)
-            g = w[heap + g * stride] & _LOW32
-        return NIL
-
-    def _find_aligned(self, n: int, align: int) -> tuple[int, int]:
-        """A free block able to hold ``n`` granules at an ``align`` boundary: (start, gap).
-
-        O(1) through the padded request; when that fails (an alignment close to the heap size),
-        falls back to visiting the free blocks large enough, which only such requests pay.
-        """
-        g = self._find(n + align - 1)
-        if g != NIL:
-            return g, -g % align
-        for start, size in self._free_blocks(min_size=n):
-            gap = -start % align
-            if gap + n <= size:
-                return start, gap
-        return -1, 0
-
-    def free(self, g: int) -> int:
-        """Free the used block at ``g``; coalesce with free neighbours. Returns its size."""
-        w, t = self.words, self._tags
-        n = w[t + g] & TAG_SIZE_MASK
-        size = n
-        start = g
+        w, t, top = self.words, self._tags, self.n_granules
+        if not 0 <= g < top:
+            return 0
+        tag = w[t + g]
+        size = tag & TAG_SIZE_MASK
+        if (not tag & TAG_USED or tag & TAG_END or not size or (n and size != n)
+                or g + size > top
+                or (size > 1 and w[t + g + size - 1] != (tag & ~TAG_CACHED) | TAG_END)
+                or (bits >= 0 and tag & ~TAG_SIZE_MASK != bits)):
+            return 0
+        n = size
+        used0 = w[W_USED]
+        if used0 < n or used0 > top:
+            raise CorruptIndex(f"used count {used0} cannot hold a used block of {n} granules")
+        start, total = g, n
+        # The free neighbours, each checked (Rule 4) before anything is written; the list
+        # index of a size (mapping_insert) is inlined for each.
         nxt = g + n
-        if nxt < self.n_granules:
+        nn = nli = 0
+        if nxt < top:
             ntag = w[t + nxt]
             if not ntag & TAG_USED:
-                nn = ntag & TAG_SIZE_MASK
-                self._remove(nxt, nn)
-                size += nn
+                nn = ntag
+                if not 0 < nn <= top - nxt or (nn > 1 and w[t + nxt + nn - 1] != nn | TAG_END):
+                    raise CorruptIndex(f"granule {nxt} after block {g}: tag {ntag:#x} is not "
+                                       "a block's start")
+                if nn < SL_COUNT:
+                    nli = nn
+                else:
+                    bl = nn.bit_length()
+                    nli = (bl - SL_LOG2) * SL_COUNT + ((nn >> (bl - SL_LOG2 - 1)) & 15)
+                n_next, n_prev = self._check_node(nxt, nli)
+                total += nn
+        pn = pli = 0
         if g:
             ptag = w[t + g - 1]
             if not ptag & TAG_USED:
                 pn = ptag & TAG_SIZE_MASK
                 start = g - pn
-                self._remove(start, pn)
-                size += pn
-        self._set_tags(start, size, size)  # commit
+                if (not 0 < pn <= g or ptag != (pn | TAG_END if pn > 1 else pn)
+                        or w[t + start] != pn):
+                    raise CorruptIndex(f"granule {g - 1} before block {g}: tag {ptag:#x} is "
+                                       "not a free block's end")
+                if pn < SL_COUNT:
+                    pli = pn
+                else:
+                    bl = pn.bit_length()
+                    pli = (bl - SL_LOG2) * SL_COUNT + ((pn >> (bl - SL_LOG2 - 1)) & 15)
+                p_next, p_prev = self._check_node(start, pli)
+                total += pn
+        if total < SL_COUNT:
+            tli = total
+        else:
+            bl = total.bit_length()
+            tli = (bl - SL_LOG2) * SL_COUNT + ((total >> (bl - SL_LOG2 - 1)) & 15)
+        if pn and not nn and tli == pli:
+            # Merged into the free block before: its list place and start stay.
+            w[t + start] = total  # commit
+            w[t + g + n - 1] = total | TAG_END
+            if n > 1:
+                w[t + g] = 0
+            if pn > 1:
+                w[t + g - 1] = 0  # Rule 3: the old boundary is inside the block now
+            w[W_USED] = used0 - n
+            return int(n)
+        if nn and not pn and tli == nli:
+            # Merged with the free block after: g takes its list place.
+            w[t + g] = total  # commit
+            w[t + g + total - 1] = total | TAG_END
+            if n > 1:
+                w[t + g + n - 1] = 0
+            if nn > 1:
+                w[t + nxt] = 0
+            self._replace(nxt, g, n_next, n_prev, nli)
+            w[W_USED] = used0 - n
+            return int(n)
+        self._check_head(tli)
+        if nn:
+            self._unlink(nxt, nli, n_next, n_prev)
+        if pn:
+            if nn:  # the unlink above may have changed start's links: take them again
+                link = w[self._heap + start * self._stride]
+                p_next, p_prev = link & _LOW32, link >> 32
+            self._unlink(start, pli, p_next, p_prev)
+        w[t + start] = total  # commit
+        if total > 1:
+            w[t + start + total - 1] = total | TAG_END
         # Rule 3: the boundary words absorbed by the merge are now inside the block.
         for c in (g - 1, g, g + n - 1, g + n):
-            if start < c < start + size - 1:
+            if start < c < start + total - 1:
                 w[t + c] = 0
-        self._insert(start, size)
-        w[W_USED] -= n
+        self._push(start, tli)
+        w[W_USED] = used0 - n
         return int(n)
 
     def set_owner(self, g: int, owner: int) -> None:
-        """Record ``owner`` in the used block at ``g`` (both tags; one store each)."""
+        """Record ``owner`` in the used block at ``g`` (both tags; one store each); clears
+        TAG_CACHED."""
         if not 0 <= owner <= TAG_OWNER_MAX:
             raise ValueError(f"owner {owner} does not fit a tag")
         w, t = self.words, self._tags
@@ -365,27 +625,38 @@ class Tlsf:
             if n == 0 or g + n > end or tag & TAG_END:
                 raise CorruptArena(f"granule {g}: tag {tag:#x} does not fit the heap")
             yield BlockInfo(g, int(n), bool(tag & TAG_USED),
-                            int(tag >> TAG_OWNER_SHIFT & TAG_OWNER_MAX))
+                            int(tag >> TAG_OWNER_SHIFT & TAG_OWNER_MAX), bool(tag & TAG_CACHED))
             g += n
+
+    def _walk(self, fl: int, sl: int) -> Iterator[tuple[int, int]]:
+        """Every block on list (fl, sl) as (start, size), each checked (Rule 4): a free block
+        whose back link names the block before it, so the walk ends."""
+        w, heap, stride = self.words, self._heap, self._stride
+        g, prev = w[W_HEADS + fl * SL_COUNT + sl], NIL
+        while g != NIL:
+            m = self._free_size(g)
+            link = w[heap + g * stride]
+            if link >> 32 != prev:
+                raise CorruptIndex(f"list ({fl}, {sl}): free block {g} links back to "
+                                   f"{link >> 32:#x}, not {prev:#x}")
+            yield int(g), m
+            g, prev = link & _LOW32, g
 
     def _free_blocks(self, min_size: int = 1) -> Iterator[tuple[int, int]]:
         """Every block on the lists that may hold ``min_size`` granules, as (start, size)."""
-        w, t, heap, stride = self.words, self._tags, self._heap, self._stride
+        w = self.words
         fl0, _ = mapping_insert(min_size)
-        flmap = w[W_FL] & (-1 << fl0)
+        flmap = w[W_FL] & (-1 << fl0) & ((1 << FL_COUNT) - 1)
         while flmap:
             fl = lowest_bit(flmap)
             flmap &= flmap - 1
-            slmap = w[W_SL + fl]
+            slmap = w[W_SL + fl] & ((1 << SL_COUNT) - 1)
             while slmap:
                 sl = lowest_bit(slmap)
                 slmap &= slmap - 1
-                g = w[W_HEADS + fl * SL_COUNT + sl]
-                while g != NIL:
-                    size = w[t + g] & TAG_SIZE_MASK
+                for g, size in self._walk(fl, sl):
                     if size >= min_size:
-                        yield int(g), int(size)
-                    g = w[heap + g * stride] & _LOW32
+                        yield g, size
 
     def largest_free(self) -> int:
         """Granules in the largest free block: the top non-empty list, searched."""
@@ -394,23 +665,32 @@ class Tlsf:
         if not flmap:
             return 0
         fl = flmap.bit_length() - 1
+        if fl >= FL_COUNT:
+            raise CorruptIndex(f"first-level bitmap {flmap:#x} names list {fl}")
         sl = w[W_SL + fl].bit_length() - 1
-        g = w[W_HEADS + fl * SL_COUNT + sl]
-        best = 0
-        while g != NIL:
-            best = max(best, w[self._tags + g] & TAG_SIZE_MASK)
-            g = w[self._heap + g * self._stride] & _LOW32
-        return int(best)
+        if not 0 <= sl < SL_COUNT:
+            raise CorruptIndex(f"second-level bitmap {fl} ({w[W_SL + fl]:#x}) names no list")
+        return max((m for _, m in self._walk(fl, sl)), default=0)
+
+    def used_count(self) -> int:
+        """Granules in used blocks, as the header counts them (checked against the heap)."""
+        used = int(self.words[W_USED])
+        if used > self.n_granules:
+            raise CorruptIndex(f"used count {used} exceeds the heap's {self.n_granules} "
+                               "granules")
+        return used
 
     def rebuild(self) -> None:
         """Recompute the derived state from the start tags (Rule 2); merges adjacent free runs
         and zeroes every word inside a block (Rule 3). Itself safe to interrupt: it changes a
-        start tag only to commit a merge, and zeroes a word only once it is inside a block.
+        start tag only to commit a merge, and zeroes a word only once it is inside a block. A
+        used block's start tag is never written (its owner may change TAG_CACHED on it).
 
-        Raises CorruptArena when the start tags themselves are broken.
+        Raises CorruptArena, nothing written, when the start tags themselves are broken.
         """
         blocks = list(self.blocks())
         self._clear_index()
+        w, t = self.words, self._tags
         used = 0
         run_start, run_size = -1, 0
         for b in blocks:
@@ -418,9 +698,10 @@ class Tlsf:
                 if run_size:
                     self._set_tags(run_start, run_size, run_size)
                     self._zero_tags(run_start + 1, run_start + run_size - 1)
-                    self._insert(run_start, run_size)
+                    self._push(run_start, _list_index(run_size))
                     run_size = 0
-                self._set_tags(b.start, b.size, self.tag(b.start))
+                if b.size > 1:
+                    w[t + b.start + b.size - 1] = (w[t + b.start] & ~TAG_CACHED) | TAG_END
                 self._zero_tags(b.start + 1, b.start + b.size - 1)
                 used += b.size
             elif run_size:
@@ -430,10 +711,10 @@ class Tlsf:
         if run_size:
             self._set_tags(run_start, run_size, run_size)
             self._zero_tags(run_start + 1, run_start + run_size - 1)
-            self._insert(run_start, run_size)
-        self.words[W_USED] = used
-        self.words[W_RECOVERIES] += 1
-        self.words[W_OP] = 0
+            self._push(run_start, _list_index(run_size))
+        w[W_USED] = used
+        w[W_RECOVERIES] = add64(w[W_RECOVERIES], 1)
+        w[W_OP] = 0
 
     def problems(self) -> list[str]:
         """Every disagreement between the derived state and the start tags (empty when sound).
@@ -452,7 +733,7 @@ class Tlsf:
         for b in blocks:
             start_tag = w[t + b.start]
             end_tag = w[t + b.start + b.size - 1]
-            if b.size > 1 and end_tag != start_tag | TAG_END:
+            if b.size > 1 and end_tag != (start_tag & ~TAG_CACHED) | TAG_END:
                 out.append(f"block at granule {b.start}: end tag {end_tag:#x} does not match "
                            f"start tag {start_tag:#x}")
             if b.size > 2:
@@ -463,14 +744,22 @@ class Tlsf:
                 used += b.size
                 prev_free = False
             else:
+                if start_tag != b.size:
+                    out.append(f"free block at granule {b.start}: flags in its tag "
+                               f"{start_tag:#x}")
                 if prev_free:
                     out.append(f"free block at granule {b.start} follows a free block")
                 prev_free = True
                 free_starts[b.start] = b.size
         if w[W_USED] != used:
             out.append(f"used count {w[W_USED]} != {used} granules in used blocks")
+        if w[W_FL] >> FL_COUNT:
+            out.append(f"first-level bitmap {w[W_FL]:#x} names lists that do not exist")
         listed: dict[int, int] = {}
         for fl in range(FL_COUNT):
+            if w[W_SL + fl] >> SL_COUNT:
+                out.append(f"second-level bitmap {fl} ({w[W_SL + fl]:#x}) names lists that "
+                           "do not exist")
             for sl in range(SL_COUNT):
                 g = w[W_HEADS + fl * SL_COUNT + sl]
                 bit = bool(w[W_SL + fl] >> sl & 1)
@@ -479,8 +768,9 @@ class Tlsf:
                 prev, steps = NIL, 0
                 while g != NIL and steps <= len(blocks):
                     size = free_starts.get(int(g))
-                    if size is None:
-                        out.append(f"list ({fl}, {sl}) holds granule {g}, not a free block")
+                    if size is None or int(g) in listed:
+                        out.append(f"list ({fl}, {sl}) holds granule {g}, not a free block "
+                                   "(or one already listed)")
                         break
                     if mapping_insert(size) != (fl, sl):
                         out.append(f"free block {g} of {size} is on list ({fl}, {sl})")
@@ -490,8 +780,14 @@ class Tlsf:
                     listed[int(g)] = size
                     prev, g = g, link & _LOW32
                     steps += 1
-            if bool(w[W_FL] >> fl & 1) != bool(w[W_SL + fl]):
+            if bool(w[W_FL] >> fl & 1) != bool(w[W_SL + fl] & ((1 << SL_COUNT) - 1)):
                 out.append(f"first-level bit {fl} disagrees with its second-level map")
         if listed.keys() != free_starts.keys():
             out.append(f"{len(free_starts)} free blocks but {len(listed)} listed")
         return out
+
+
+def _list_index(n: int) -> int:
+    """``fl * SL_COUNT + sl`` of the list a free block of ``n`` granules is kept on."""
+    fl, sl = mapping_insert(n)
+    return fl * SL_COUNT + sl
