@@ -675,7 +675,9 @@ class DomainLike(Protocol):
     def arena(self) -> _HasStats: ...
 
 
-_KEY = operator.attrgetter("name", "labels", "kind")
+_NAME = operator.attrgetter("name")
+_LABELS = operator.attrgetter("labels")
+_KIND = operator.attrgetter("kind")
 _VALUE = operator.attrgetter("value")
 _COUNT = operator.attrgetter("count")
 _NUMBER_TYPES = frozenset((int, float))
@@ -701,7 +703,11 @@ class _Layout:
     some line shows a count -- each snapshot value's and health sample's ``count``.
     """
 
-    keys: list[tuple[str, Labels, str]]  # (name, labels, kind) of the snapshot values
+    # The snapshot's keys, as three lists: lists of the objects the snapshot already holds,
+    # where a list of (name, labels, kind) tuples would allocate one per series per scrape.
+    names: list[str]
+    labels: list[Labels]
+    kinds: list[str]
     health_keys: list[tuple[str, Labels, str, str]]  # (name, labels, kind, help) of health
     problems: tuple[str, ...]  # the series left out whatever their values, logged each scrape
     prometheus: tuple[str, ...]  # per line, the text before its value, in each format
@@ -749,7 +755,7 @@ class _Layout:
 def _layout(
     values: Sequence[MetricValueLike],
     health: Sequence[MetricSample],
-    keys: list[tuple[str, Labels, str]],
+    keys: tuple[list[str], list[Labels], list[str]],
     health_keys: list[tuple[str, Labels, str, str]],
 ) -> _Layout:
     plan = _plan(values, health, neutral=True)
@@ -781,7 +787,7 @@ def _layout(
             counter_like.append(count_base + source)
             counts.append(count_base + source)
     return _Layout(
-        keys, health_keys, tuple(plan.problems), tuple(prometheus), tuple(openmetrics),
+        *keys, health_keys, tuple(plan.problems), tuple(prometheus), tuple(openmetrics),
         _picker(pick), _picker(counter_like), _picker(gauges),
         _picker(counts) if counts else None, len(plan.problems))
 
@@ -852,15 +858,18 @@ class DomainExposition:
         d = self.domain
         values = d.snapshot()
         health = health_samples(d.stats(), d.arena.stats()) if self.health else []
-        keys = list(map(_KEY, values))
+        names, labels, kinds = (list(map(_NAME, values)), list(map(_LABELS, values)),
+                                list(map(_KIND, values)))
         health_keys: list[tuple[str, Labels, str, str]] = [
             (h.name, h.labels, h.kind, h.help) for h in health]
         cache = self._cache
         layout = cache.layout
         # Equal keys, equal layout (list and tuple equality test identity first: the same
         # name and labels objects come back from one registry generation to the next).
-        if layout is None or layout.keys != keys or layout.health_keys != health_keys:
-            layout = cache.layout = _layout(values, health, keys, health_keys)
+        if (layout is None or layout.names != names or layout.labels != labels
+                or layout.kinds != kinds or layout.health_keys != health_keys):
+            layout = cache.layout = _layout(values, health, (names, labels, kinds),
+                                            health_keys)
             cache.builds += 1
         nums = layout.numbers(values, health)
         if not layout.vouches_for(nums):
