@@ -398,17 +398,14 @@ def cmd_top(args: argparse.Namespace, out: IO[str]) -> int:
 
 
 def cmd_serve(args: argparse.Namespace, out: IO[str]) -> int:
-    from ._exposition import collect_domain, make_server
+    from ._exposition import DomainExposition, make_server
 
     with open_domain(args.path) as d:
-        scrape_lock = threading.Lock()  # one scrape at a time reads the domain
-
-        def collect() -> list[Any]:
-            with scrape_lock:
-                return collect_domain(d, health=not args.no_health)
-
+        # One scrape at a time reads the domain (DomainExposition serialises them), each from
+        # the layout the previous one left (remade only when the series change).
+        source = DomainExposition(d, health=not args.no_health)
         try:
-            server = make_server(collect, args.host, args.port)
+            server = make_server(source, args.host, args.port)
         except OSError as exc:
             raise CliError(f"cannot listen on {args.host} port {args.port}: "
                            f"{exc.strerror or exc}") from None
@@ -578,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = command("serve", "serve the metrics over HTTP for Prometheus",
                 "GET /metrics answers in the Prometheus text format 0.0.4, or OpenMetrics 1.0\n"
-                "when the scraper's Accept header asks for it. Listens on the loopback\n"
+                "when the scraper's Accept header asks for it; gzipped when its\n"
+                "Accept-Encoding header accepts gzip. Listens on the loopback\n"
                 "interface unless --host says otherwise (there is no authentication: exposing\n"
                 "it further is your explicit choice). SIGTERM or Ctrl-C stops it.")
     c.add_argument("--host", default="127.0.0.1",

@@ -24,7 +24,16 @@ Guarantees:
   metric: a series the formats cannot carry (a negative counter, a summary with a negative
   sum) or one that would clash with another (a counter ``a_total`` beside a counter ``a``, a
   gauge ``a_count`` beside a summary ``a``) is dropped, logged, and counted in the gauge
-  ``percpu_exposition_dropped_series``. :func:`exposition` renders a domain for one request.
+  ``percpu_exposition_dropped_series``. That family is the runtime's own: a user metric that
+  claims it (any kind, any labels) is itself dropped and counted, never a failed scrape.
+  Health figures, optional, give way to a user metric of the same name.
+* :class:`DomainExposition` (and :func:`exposition`, which keeps one layout per domain in a
+  weak table) renders exactly the bytes of the plain path above, from a layout made once per
+  change of the domain's series (the text before each value, the order, what was left out):
+  a scrape then costs one pass per line. Numbers the layout's bulk checks cannot vouch for
+  send that scrape down the plain path, so the two never differ.
+* :func:`encode` gzips a body exactly when the request's ``Accept-Encoding`` accepts gzip
+  (:func:`accepts_gzip`); the HTTP endpoint does it for every scrape.
 * :func:`make_server` binds to the loopback interface unless told otherwise, serves only
   ``GET``/``HEAD`` on ``/metrics`` and ``/``, and writes nothing to stderr: access lines,
   failures of ``collect`` and connection errors go to the ``percpu._exposition`` logger
@@ -36,15 +45,19 @@ Standard library only.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import math
+import operator
 import socket
 import socketserver
+import threading
 import urllib.parse
-from collections.abc import Callable, Iterable
+import weakref
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkable
 
 from ._errors import InvalidArgument, InvalidType, PercpuError
 from ._names import Labels, canonical_labels, validate_metric_name
@@ -55,10 +68,17 @@ if TYPE_CHECKING:
 __all__ = [
     "CONTENT_TYPE_OPENMETRICS",
     "CONTENT_TYPE_PROMETHEUS",
+    "DomainExposition",
+    "DomainLike",
+    "GZIP_LEVEL",
     "MetricKind",
     "MetricSample",
+    "Scrape",
+    "Scraper",
+    "accepts_gzip",
     "collect_domain",
     "domain_samples",
+    "encode",
     "exposition",
     "health_samples",
     "make_server",
@@ -272,35 +292,53 @@ def _format_number(value: int | float) -> str:
     return float.__repr__(value)
 
 
-def _series(name: str, labels: Labels, value: int | float) -> str:
+def _series_prefix(name: str, labels: Labels) -> str:
+    """A sample line up to its value: ``name{labels} ``."""
     if labels:
         inner = ",".join(f'{key}="{_escape_label_value(val)}"' for key, val in labels)
-        return f"{name}{{{inner}}} {_format_number(value)}\n"
-    return f"{name} {_format_number(value)}\n"
+        return f"{name}{{{inner}}} "
+    return f"{name} "
+
+
+# A line of a family: the text before its value (the family's headers folded into its first
+# line), the sample that gives the value, and which of its fields: "value", "count" or "sum".
+_Line = tuple[str, MetricSample, str]
+
+
+def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
+    """Every line of ``family``, in order. The one place that decides what a family writes:
+    both the plain renderers and the cached layout of a domain use it, so they agree."""
+    if family.kind == "counter" and not openmetrics:
+        # Text 0.0.4 convention: the family is named like its sample, `<name>_total`.
+        meta_name = family.name + "_total"
+    else:
+        meta_name = family.name
+    head = ""
+    if family.help:
+        text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
+        if openmetrics:
+            text = text.replace('"', '\\"')
+        head = f"# HELP {meta_name} {text}\n"
+    head += f"# TYPE {meta_name} {family.kind}\n"
+    lines: list[_Line] = []
+    for labels in sorted(family.series):
+        sample = family.series[labels]
+        if family.kind == "counter":
+            lines.append((_series_prefix(family.name + "_total", labels), sample, "value"))
+        elif family.kind == "gauge":
+            lines.append((_series_prefix(family.name, labels), sample, "value"))
+        else:
+            lines.append((_series_prefix(family.name + "_count", labels), sample, "count"))
+            lines.append((_series_prefix(family.name + "_sum", labels), sample, "sum"))
+    prefix, sample, field = lines[0]  # a family exists only once it has a series
+    lines[0] = (head + prefix, sample, field)
+    return lines
 
 
 def _render(families: list[_Family], out: list[str], *, openmetrics: bool) -> None:
     for family in families:
-        if family.kind == "counter" and not openmetrics:
-            # Text 0.0.4 convention: the family is named like its sample, `<name>_total`.
-            meta_name = family.name + "_total"
-        else:
-            meta_name = family.name
-        if family.help:
-            text = family.help.replace("\\", "\\\\").replace("\n", "\\n")
-            if openmetrics:
-                text = text.replace('"', '\\"')
-            out.append(f"# HELP {meta_name} {text}\n")
-        out.append(f"# TYPE {meta_name} {family.kind}\n")
-        for labels in sorted(family.series):
-            sample = family.series[labels]
-            if family.kind == "counter":
-                out.append(_series(family.name + "_total", labels, sample.value))
-            elif family.kind == "gauge":
-                out.append(_series(family.name, labels, sample.value))
-            else:
-                out.append(_series(family.name + "_count", labels, sample.count))
-                out.append(_series(family.name + "_sum", labels, sample.sum))
+        for prefix, sample, field in _family_lines(family, openmetrics=openmetrics):
+            out.append(f"{prefix}{_format_number(getattr(sample, field))}\n")
 
 
 def render_prometheus(samples: Iterable[MetricSample]) -> bytes:
@@ -514,43 +552,360 @@ def health_samples(stats: object, arena_stats: object | None = None) -> list[Met
     return out
 
 
+_DROPPED_HELP = (
+    "Series of the last scrape left out because the formats cannot carry them or their names "
+    "clash (see the percpu._exposition log)."
+)
+
+
+def _dropped_sample(count: int) -> MetricSample:
+    return MetricSample(DROPPED_SERIES, "gauge", (), count, help=_DROPPED_HELP)
+
+
+def _value_sample(v: MetricValueLike, *, neutral: bool) -> MetricSample:
+    """The sample of one snapshot value. With ``neutral``, zeros stand for its numbers, so
+    that only what does not change between scrapes (name, kind, labels) is checked."""
+    if v.kind == "summary":
+        if neutral:
+            return MetricSample(v.name, "summary", v.labels, 0)
+        return MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value)
+    return MetricSample(v.name, v.kind, v.labels, 0 if neutral else v.value)  # type: ignore[arg-type]
+
+
+@dataclass
+class _Plan:
+    """What a scrape writes: the families (sorted; the dropped-series gauge among them with a
+    placeholder value), why each left-out series was left out, and where each candidate came
+    from (``id(sample)`` -> index in values + health; valid while ``candidates`` and
+    ``reserved``, the samples left out for claiming the runtime's family, live)."""
+
+    families: list[_Family]
+    problems: list[str]
+    candidates: list[MetricSample]
+    reserved: list[MetricSample]
+    sources: dict[int, int]
+
+
+def _plan(
+    values: Sequence[MetricValueLike], health: Sequence[MetricSample], *, neutral: bool
+) -> _Plan:
+    problems: list[str] = []
+    # The runtime's own gauge goes first, so that it keeps its name whatever else claims it:
+    # it is the series that says something was left out, it cannot be the one left out.
+    placeholder = _dropped_sample(0)
+    candidates = [placeholder]
+    reserved: list[MetricSample] = []
+    sources = {id(placeholder): len(values) + len(health)}
+    for i, v in enumerate(values):
+        try:
+            sample = _value_sample(v, neutral=neutral)
+        except PercpuError as exc:
+            problems.append(f"metric {v.name}{v.labels!r} left out of the exposition: {exc}")
+            continue
+        if sample.family == DROPPED_SERIES:  # same family, other labels: still the runtime's
+            problems.append(
+                f"series {sample.name}{dict(sample.labels)!r} left out of the exposition: "
+                f"the family {DROPPED_SERIES!r} is the runtime's own; accepted: any other name")
+            reserved.append(sample)
+        else:
+            candidates.append(sample)
+        sources[id(sample)] = i
+    for j, h in enumerate(health):
+        sources[id(h)] = len(values) + j
+        candidates.append(h)
+    conflicts: list[tuple[MetricSample, str]] = []
+    families = _group(candidates, conflicts)
+    problems.extend(
+        f"series {sample.name}{dict(sample.labels)!r} left out of the exposition: {problem}"
+        for sample, problem in conflicts)
+    return _Plan(families, problems, candidates, reserved, sources)
+
+
 def domain_samples(
     values: Iterable[MetricValueLike], health: Iterable[MetricSample] = ()
 ) -> list[MetricSample]:
     """Samples for a domain's ``snapshot()`` values, then ``health``, ready to render.
 
-    Never raises for one metric: a value the formats cannot carry, or a series that clashes
-    with one met before it (the domain's metrics in snapshot order come before ``health``), is
-    dropped, logged at WARNING on the ``percpu._exposition`` logger, and counted in the gauge
-    ``percpu_exposition_dropped_series`` that ends the list.
+    Never raises for one metric: a value the formats cannot carry, a series that clashes with
+    one met before it (the domain's metrics in snapshot order come before ``health``), or one
+    that claims the family ``percpu_exposition_dropped_series`` (the runtime's own, whatever
+    its kind or labels) is dropped, logged at WARNING on the ``percpu._exposition`` logger, and
+    counted in that gauge, which ends the list.
     """
-    candidates: list[MetricSample] = []
-    dropped = 0
-    for v in values:
-        try:
-            if v.kind == "summary":
-                sample = MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value)
-            else:
-                sample = MetricSample(
-                    v.name, v.kind, v.labels, v.value  # type: ignore[arg-type]
-                )
-        except PercpuError as exc:
-            _log.warning("metric %s%r left out of the exposition: %s", v.name, v.labels, exc)
-            dropped += 1
-            continue
-        candidates.append(sample)
-    candidates.extend(health)
-    conflicts: list[tuple[MetricSample, str]] = []
-    families = _group(candidates, conflicts)
-    for sample, problem in conflicts:
-        _log.warning("series %s%r left out of the exposition: %s", sample.name,
-                     dict(sample.labels), problem)
-    out = [s for family in families for s in family.series.values()]
-    out.append(MetricSample(
-        DROPPED_SERIES, "gauge", (), dropped + len(conflicts),
-        help="Series of the last scrape left out because the formats cannot carry them or "
-             "their names clash (see the percpu._exposition log)."))
+    plan = _plan(list(values), list(health), neutral=False)
+    for problem in plan.problems:
+        _log.warning("%s", problem)
+    out = [s for family in plan.families if family.name != DROPPED_SERIES
+           for s in family.series.values()]
+    out.append(_dropped_sample(len(plan.problems)))
     return out
+
+
+def collect_domain(domain: DomainLike, *, health: bool = True) -> list[MetricSample]:
+    """``domain_samples`` of a live domain: its snapshot, and its health when asked."""
+    values = domain.snapshot()
+    extra = health_samples(domain.stats(), domain.arena.stats()) if health else []
+    return domain_samples(values, extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering a domain scrape after scrape, from a cached layout
+#
+# Between two scrapes the values change and the series almost never do. So the text before
+# each value (headers folded into a family's first line, then `name{labels} `), the order of the
+# lines and what was left out are worked out once, by the same code as the plain path (`_plan`
+# with neutral values, `_family_lines`), and kept while the snapshot's (name, labels, kind)
+# keys and the health keys stay equal. A scrape then gathers the numbers, checks them in bulk
+# (C-level passes: types, min, max, sum) and joins prefix + number for each line. Whatever the
+# bulk checks cannot vouch for (a negative counter, a NaN where it is not allowed, an int beyond
+# 64 bits, an unexpected type) sends the scrape down the plain path, which drops and logs per
+# series: so both paths always give the same bytes.
+
+
+class _HasStats(Protocol):
+    def stats(self) -> object: ...
+
+
+class DomainLike(Protocol):
+    """What the exposition reads from a domain (``percpu.Domain`` is one)."""
+
+    def snapshot(self) -> Sequence[MetricValueLike]: ...
+    def stats(self) -> object: ...
+    @property
+    def arena(self) -> _HasStats: ...
+
+
+_NAME = operator.attrgetter("name")
+_LABELS = operator.attrgetter("labels")
+_KIND = operator.attrgetter("kind")
+_VALUE = operator.attrgetter("value")
+_COUNT = operator.attrgetter("count")
+_NUMBER_TYPES = frozenset((int, float))
+_INT_TYPE = frozenset((int,))
+Numbers = list[int | float]
+_Pick = Callable[[Numbers], tuple[int | float, ...]]
+
+
+def _picker(indices: list[int]) -> _Pick:
+    """``nums -> tuple(nums[i] for i in indices)``, in C (itemgetter) when there are two or
+    more (itemgetter of one index returns the item itself, not a tuple)."""
+    if len(indices) >= 2:
+        return cast(_Pick, operator.itemgetter(*indices))
+    return lambda nums: tuple(nums[i] for i in indices)
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """The fixed part of a domain's scrapes, for one set of keys.
+
+    The numbers of a scrape (``_Layout.numbers``): each snapshot value's ``value`` (a
+    summary's sum), each health sample's value (or sum), the dropped count, then -- only when
+    some line shows a count -- each snapshot value's and health sample's ``count``.
+    """
+
+    # The snapshot's keys, as three lists: lists of the objects the snapshot already holds,
+    # where a list of (name, labels, kind) tuples would allocate one per series per scrape.
+    names: list[str]
+    labels: list[Labels]
+    kinds: list[str]
+    health_keys: list[tuple[str, Labels, str, str]]  # (name, labels, kind, help) of health
+    problems: tuple[str, ...]  # the series left out whatever their values, logged each scrape
+    prometheus: tuple[str, ...]  # per line, the text before its value, in each format
+    openmetrics: tuple[str, ...]
+    pick: _Pick  # the number of each line, in line order
+    counter_like: _Pick  # the numbers that must be >= 0 and not NaN (of every candidate)
+    gauges: _Pick  # the numbers that must be within int range if ints
+    counts: _Pick | None  # the summary counts (must be ints); None when there are none
+    dropped: int
+
+    def numbers(self, values: Sequence[MetricValueLike], health: Sequence[MetricSample]) -> Numbers:
+        nums: Numbers = list(map(_VALUE, values))
+        nums.extend(h.sum if h.kind == "summary" else h.value for h in health)
+        nums.append(self.dropped)
+        if self.counts is not None:
+            nums.extend(map(_COUNT, values))
+            nums.extend(h.count for h in health)
+        return nums
+
+    def vouches_for(self, nums: Numbers) -> bool:
+        """Whether the plain path would keep every number (False may be wrong, True never)."""
+        if not set(map(type, nums)) <= _NUMBER_TYPES:  # bool, subclasses: plain path
+            return False
+        # min() and max() skip a NaN unless it comes first, and then compare False: so a True
+        # below holds for every number that is not NaN, and sum() is NaN when one is.
+        cl = self.counter_like(nums)
+        if cl and not (min(cl) >= 0 and max(cl) <= _INT_MAX and not math.isnan(sum(cl))):
+            return False
+        g = self.gauges(nums)
+        if g and not (min(g) >= _INT_MIN and max(g) <= _INT_MAX):
+            return False
+        return self.counts is None or set(map(type, self.counts(nums))) <= _INT_TYPE
+
+    def render(self, nums: Numbers, *, openmetrics: bool) -> bytes:
+        line_values = self.pick(nums)
+        # str() writes ints and finite floats exactly as _format_number does; the sum is
+        # finite only when no value is NaN or infinite (an overflow just takes the slow way).
+        fmt: Callable[[int | float], str] = (
+            str if math.isfinite(sum(line_values)) else _format_number)
+        prefixes = self.openmetrics if openmetrics else self.prometheus
+        text = "\n".join(map(operator.add, prefixes, map(fmt, line_values)))
+        return (text + ("\n# EOF\n" if openmetrics else "\n")).encode("utf-8")
+
+
+def _layout(
+    values: Sequence[MetricValueLike],
+    health: Sequence[MetricSample],
+    keys: tuple[list[str], list[Labels], list[str]],
+    health_keys: list[tuple[str, Labels, str, str]],
+) -> _Layout:
+    plan = _plan(values, health, neutral=True)
+    n, m = len(values), len(health)
+    count_base = n + m + 1  # where the counts start in a scrape's numbers
+    prometheus: list[str] = []
+    openmetrics: list[str] = []
+    pick: list[int] = []
+    counter_like: list[int] = []
+    gauges: list[int] = []
+    counts: list[int] = []
+    for family in plan.families:
+        text_lines = _family_lines(family, openmetrics=False)
+        om_lines = _family_lines(family, openmetrics=True)
+        for (text, sample, field), (om, _, _) in zip(text_lines, om_lines, strict=True):
+            source = plan.sources[id(sample)]
+            prometheus.append(text)
+            openmetrics.append(om)
+            pick.append(count_base + source if field == "count" else source)
+    # The checks cover every sample, the ones a clash or the reserved family leaves out too:
+    # the plain path drops a bad number first, and says so in its own words.
+    for sample in plan.candidates + plan.reserved:
+        source = plan.sources[id(sample)]
+        if sample.kind == "gauge":
+            gauges.append(source)
+        else:
+            counter_like.append(source)
+        if sample.kind == "summary":
+            counter_like.append(count_base + source)
+            counts.append(count_base + source)
+    return _Layout(
+        *keys, health_keys, tuple(plan.problems), tuple(prometheus), tuple(openmetrics),
+        _picker(pick), _picker(counter_like), _picker(gauges),
+        _picker(counts) if counts else None, len(plan.problems))
+
+
+class _LayoutCache:
+    """The layout of one domain's scrapes (with or without health), shared by its scrapers.
+    It holds no reference to the domain, so a weak-keyed table can keep it per domain."""
+
+    __slots__ = ("builds", "layout", "lock", "plain")
+
+    def __init__(self) -> None:
+        self.layout: _Layout | None = None
+        self.builds = 0  # layouts made: once per change of keys, not once per scrape
+        self.plain = 0  # scrapes the bulk checks sent down the plain path
+        self.lock = threading.Lock()  # one scrape at a time reads the domain
+
+
+@dataclass(frozen=True, slots=True)
+class Scrape:
+    """One scrape's answer: the body, its Content-Type, and ``"gzip"`` when it is compressed
+    (send it as Content-Encoding) or None."""
+
+    body: bytes
+    content_type: str
+    content_encoding: str | None = None
+
+
+@runtime_checkable
+class Scraper(Protocol):
+    """What :func:`make_server` serves besides a ``collect`` callable:
+    :class:`DomainExposition` is one."""
+
+    def scrape(self, accept: str | None = None, accept_encoding: str | None = None) -> Scrape: ...
+
+
+class DomainExposition:
+    """Every metric of ``domain`` (and its health figures, unless ``health=False``), rendered
+    for one scrape at a time from a layout kept between scrapes.
+
+    The bytes are those of ``render_prometheus(collect_domain(domain))`` (or OpenMetrics):
+    the layout is remade when the snapshot's series change, and a scrape whose numbers the bulk
+    checks cannot vouch for is rendered the plain way. Scrapes are serialised (one at a time
+    reads the domain); the object may be shared by threads.
+    """
+
+    def __init__(self, domain: DomainLike, *, health: bool = True,
+                 _cache: _LayoutCache | None = None) -> None:
+        self.domain = domain
+        self.health = health
+        self._cache = _LayoutCache() if _cache is None else _cache
+
+    @property
+    def layout_builds(self) -> int:
+        """How many times the layout was made (once per change of the domain's series)."""
+        return self._cache.builds
+
+    @property
+    def plain_scrapes(self) -> int:
+        """How many scrapes were rendered the plain way (a number the bulk checks could not
+        vouch for: a negative counter, a NaN counter, an int beyond 64 bits...)."""
+        return self._cache.plain
+
+    def samples(self) -> list[MetricSample]:
+        """The samples of one scrape, the plain way (``collect_domain``)."""
+        return collect_domain(self.domain, health=self.health)
+
+    def _body(self, openmetrics: bool) -> bytes:
+        d = self.domain
+        values = d.snapshot()
+        health = health_samples(d.stats(), d.arena.stats()) if self.health else []
+        names, labels, kinds = (list(map(_NAME, values)), list(map(_LABELS, values)),
+                                list(map(_KIND, values)))
+        health_keys: list[tuple[str, Labels, str, str]] = [
+            (h.name, h.labels, h.kind, h.help) for h in health]
+        cache = self._cache
+        layout = cache.layout
+        # Equal keys, equal layout (list and tuple equality test identity first: the same
+        # name and labels objects come back from one registry generation to the next).
+        if (layout is None or layout.names != names or layout.labels != labels
+                or layout.kinds != kinds or layout.health_keys != health_keys):
+            layout = cache.layout = _layout(values, health, (names, labels, kinds),
+                                            health_keys)
+            cache.builds += 1
+        nums = layout.numbers(values, health)
+        if not layout.vouches_for(nums):
+            cache.plain += 1
+            render = render_openmetrics if openmetrics else render_prometheus
+            return render(domain_samples(values, health))
+        for problem in layout.problems:
+            _log.warning("%s", problem)
+        return layout.render(nums, openmetrics=openmetrics)
+
+    def render(self, accept: str | None = None) -> tuple[bytes, str]:
+        """``(body, content_type)`` in the format :func:`negotiate` picks for ``accept``."""
+        render, content_type = negotiate(accept)
+        with self._cache.lock:
+            return self._body(render is render_openmetrics), content_type
+
+    def scrape(self, accept: str | None = None, accept_encoding: str | None = None) -> Scrape:
+        """:meth:`render`, gzipped when ``accept_encoding`` (the request's Accept-Encoding
+        header) accepts gzip."""
+        body, content_type = self.render(accept)
+        return encode(body, content_type, accept_encoding)
+
+
+# Domain -> its layout caches (with health, without): what `exposition` keeps between calls.
+_CACHES: weakref.WeakKeyDictionary[object, dict[bool, _LayoutCache]] = (
+    weakref.WeakKeyDictionary())
+_CACHES_LOCK = threading.Lock()
+
+
+def _cache_for(domain: DomainLike, health: bool) -> _LayoutCache:
+    with _CACHES_LOCK:
+        caches = _CACHES.setdefault(domain, {})
+        cache = caches.get(health)
+        if cache is None:
+            cache = caches[health] = _LayoutCache()
+        return cache
 
 
 def exposition(
@@ -560,16 +915,51 @@ def exposition(
 
     Returns ``(body, content_type)`` in the format :func:`negotiate` picks for ``accept``
     (a request's ``Accept`` header): for a WSGI or ASGI ``/metrics`` route, or any server.
+    The layout of the exposition is kept with the domain (weakly) between calls, as
+    :class:`DomainExposition` keeps it.
     """
-    render, content_type = negotiate(accept)
-    return render(collect_domain(domain, health=health)), content_type
+    return DomainExposition(domain, health=health, _cache=_cache_for(domain, health)).render(
+        accept)
 
 
-def collect_domain(domain: Domain, *, health: bool = True) -> list[MetricSample]:
-    """``domain_samples`` of a live domain: its snapshot, and its health when asked."""
-    values = domain.snapshot()
-    extra = health_samples(domain.stats(), domain.arena.stats()) if health else []
-    return domain_samples(values, extra)
+# --------------------------------------------------------------------------------------------
+# Compression
+
+GZIP_LEVEL = 1
+"""zlib level of gzipped scrapes: expositions are repetitive text, so the fastest level
+already shrinks them several times, for a fraction of the time of the default (9)."""
+
+
+def accepts_gzip(accept_encoding: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header accepts gzip: ``gzip`` (or ``x-gzip``) with
+    q > 0, or ``*`` with q > 0 where gzip is not named. No header, or a malformed one: no."""
+    named: float | None = None
+    star: float | None = None
+    for item in (accept_encoding or "").split(","):
+        coding, *params = item.split(";")
+        coding = coding.strip().lower()
+        q: float | None = 1.0
+        for param in params:
+            key, _, val = param.partition("=")
+            if key.strip().lower() == "q":
+                q = _parse_q(val.strip())
+        if q is None:
+            continue
+        if coding in ("gzip", "x-gzip"):
+            named = q if named is None else max(named, q)
+        elif coding == "*":
+            star = q if star is None else max(star, q)
+    if named is not None:
+        return named > 0
+    return star is not None and star > 0
+
+
+def encode(body: bytes, content_type: str, accept_encoding: str | None) -> Scrape:
+    """``body`` as a :class:`Scrape`, gzipped when ``accept_encoding`` accepts it."""
+    if accepts_gzip(accept_encoding):
+        return Scrape(gzip.compress(body, compresslevel=GZIP_LEVEL, mtime=0), content_type,
+                      "gzip")
+    return Scrape(body, content_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,7 +990,22 @@ class _MetricsServer6(_MetricsServer):
     address_family = socket.AF_INET6
 
 
-def _handler_for(collect: Callable[[], Iterable[MetricSample]]) -> type[BaseHTTPRequestHandler]:
+ScrapeFunction = Callable[[str | None, str | None], Scrape]
+
+
+def _scrape_function(source: Callable[[], Iterable[MetricSample]] | Scraper) -> ScrapeFunction:
+    if isinstance(source, Scraper):
+        return source.scrape
+    collect = source
+
+    def scrape(accept: str | None, accept_encoding: str | None) -> Scrape:
+        render, content_type = negotiate(accept)
+        return encode(render(collect()), content_type, accept_encoding)
+
+    return scrape
+
+
+def _handler_for(scrape: ScrapeFunction) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "percpu-metrics"
         sys_version = ""
@@ -621,18 +1026,23 @@ def _handler_for(collect: Callable[[], Iterable[MetricSample]]) -> type[BaseHTTP
             if self.command != "HEAD":
                 self.wfile.write(body)
 
+        def _joined(self, header: str) -> str:
+            return ", ".join(self.headers.get_all(header) or [])
+
         def do_GET(self) -> None:
             if urllib.parse.urlsplit(self.path).path not in _PATHS:
                 self._reply(404, b"not found; metrics are at /metrics\n", _TEXT, {})
                 return
-            render, content_type = negotiate(", ".join(self.headers.get_all("Accept") or []))
             try:
-                body = render(collect())
+                result = scrape(self._joined("Accept"), self._joined("Accept-Encoding"))
             except Exception:
                 _log.exception("collecting or rendering metrics failed")
                 self._reply(500, b"error collecting metrics\n", _TEXT, {})
                 return
-            self._reply(200, body, content_type, {"Vary": "Accept"})
+            headers = {"Vary": "Accept, Accept-Encoding"}
+            if result.content_encoding is not None:
+                headers["Content-Encoding"] = result.content_encoding
+            self._reply(200, result.body, result.content_type, headers)
 
         def do_HEAD(self) -> None:
             self.do_GET()
@@ -646,18 +1056,20 @@ def _handler_for(collect: Callable[[], Iterable[MetricSample]]) -> type[BaseHTTP
 
 
 def make_server(
-    collect: Callable[[], Iterable[MetricSample]],
+    collect: Callable[[], Iterable[MetricSample]] | Scraper,
     host: str = "127.0.0.1",
     port: int = 0,
 ) -> ThreadingHTTPServer:
     """Bind (but do not start) an HTTP server that exposes ``collect()``'s samples.
 
     ``GET /metrics`` (or ``/``) calls ``collect`` once per request and answers 200 with the
-    format :func:`negotiate` picks from the ``Accept`` header; ``HEAD`` is answered likewise
-    without a body. Other paths get 404, the methods POST, PUT, DELETE, PATCH, OPTIONS and
-    TRACE get 405 (other unknown methods 501), and an exception from ``collect`` or from
-    rendering gets 500 with a short text body (the traceback goes to the
-    ``percpu._exposition`` logger, never to the client or to stderr).
+    format :func:`negotiate` picks from the ``Accept`` header, gzipped when the
+    ``Accept-Encoding`` header accepts it (:func:`accepts_gzip`). ``collect`` may also be a
+    :class:`Scraper` (a :class:`DomainExposition`): its ``scrape`` answers each request.
+    ``HEAD`` is answered likewise without a body. Other paths get 404, the methods POST,
+    PUT, DELETE, PATCH, OPTIONS and TRACE get 405 (other unknown methods 501), and an
+    exception from ``collect`` or from rendering gets 500 with a short text body (the
+    traceback goes to the ``percpu._exposition`` logger, never to the client or to stderr).
 
     The server listens on ``host``, by default the IPv4 loopback address, so only this machine
     can scrape it. Binding any other address (``"0.0.0.0"``, ``"::"``, a public interface)
@@ -670,4 +1082,4 @@ def make_server(
     may be called from several threads at once.
     """
     server_class = _MetricsServer6 if ":" in host else _MetricsServer
-    return server_class((host, port), _handler_for(collect))
+    return server_class((host, port), _handler_for(_scrape_function(collect)))
