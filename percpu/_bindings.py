@@ -19,6 +19,7 @@ Invariants
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
@@ -28,7 +29,9 @@ from ._handles import (
     UNBOUND_VARIANT,
     Counter,
     Gauge,
+    Histogram,
     PerCpu,
+    StampedGauge,
     Summary,
     _Handle,
     _Unbound,
@@ -37,14 +40,24 @@ from ._handles import (
     bind_view,
     detach,
 )
-from ._layout import KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY, split_ref
+from ._layout import KIND_COUNTER, KIND_HISTOGRAM, KIND_SUMMARY, split_ref
 from ._names import encode_key
 
 H = TypeVar("H", bound=_Handle)
-_CLASS_KIND: dict[type, int] = {Counter: KIND_COUNTER, Gauge: KIND_GAUGE, Summary: KIND_SUMMARY}
+_CLASS_KIND: dict[type, int] = {Counter: KIND_COUNTER, Summary: KIND_SUMMARY,
+                                Histogram: KIND_HISTOGRAM}
+
+
+def kind_of(h: _Handle) -> int | None:
+    """The registry kind of a named handle (None: a raw object)."""
+    base = base_of(type(h))
+    if base is Gauge or base is StampedGauge:
+        return int(h._kind)  # type: ignore[attr-defined]
+    return _CLASS_KIND.get(base)
 REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
 UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in REMOVED_CLASSES)
-SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, Summary))
+SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, StampedGauge, Summary,
+                                                        Histogram))
 
 
 class Host(Protocol):
@@ -134,15 +147,43 @@ class Bindings:
                 if n:
                     dom._q[i] += n
 
+    def slow_store(self, h: _Handle, op: Callable[[Any, Any, int], None]) -> None:
+        """``op(int words, float words, h's word)`` where ``h`` is bound once the process lock
+        is held, binding it first if it is unbound (invariant 2); under the overflow lock for
+        the overflow id. For the updates that are not one ``+=`` (``set``, a histogram's
+        bucket, a stamped gauge's time)."""
+        dom = self._dom
+        with dom._plock:
+            while True:
+                dom._check_open()
+                cls = type(h)
+                if cls in REMOVED_CLASSES:
+                    h._gone()  # type: ignore[attr-defined]  # raises
+                if cls not in UNBOUND_CLASSES:
+                    break
+                self.bind(h)
+            if cls in SHARED_CLASSES:
+                with dom._overflow_op():
+                    op(dom._q, dom._d, h._index)
+            else:
+                op(dom._q, dom._d, h._index)
+
     def make(self, owner: Any, cls_: type[H], ref: int, name: str,
-             labels: tuple[tuple[str, str], ...]) -> H:
-        """A new handle of class ``cls_`` on slot ``ref``, bound and in ``by_ref``."""
+             labels: tuple[tuple[str, str], ...], kind: int = 0,
+             buckets: tuple[float, ...] = ()) -> H:
+        """A new handle of class ``cls_`` on slot ``ref``, bound and in ``by_ref`` (``kind``:
+        a gauge's; ``buckets``: a histogram's bounds)."""
         h = object.__new__(cls_)
         h._domain = owner
         h._ref = ref
         h._index = 0
         h.name = name
         h.labels = labels
+        if isinstance(h, Gauge):
+            h._kind = kind
+        elif isinstance(h, Histogram):
+            h._bounds = buckets
+            h._nb = len(buckets)
         if isinstance(h, PerCpu):
             h._cells = self._dom._q  # never updated through _cells: its copy is ``local``
         else:
@@ -154,9 +195,8 @@ class Bindings:
     def retire(self, h: _Handle) -> None:
         """Make every later use of ``h`` raise, even a call already dispatched or a bound
         method the caller cached (invariant 3). Process lock held."""
-        base = base_of(type(h))
+        kind = kind_of(h)
         detach(h, REMOVED_VARIANT)
-        kind = _CLASS_KIND.get(base)
         if kind is not None:
             k = (kind, encode_key(h.name, h.labels))
             if self.local.get(k) is h:  # not a newer registration of the same name
@@ -173,7 +213,7 @@ class Bindings:
 
     def still_registered(self, h: _Handle) -> bool:
         """True when ``h``'s name and labels still map to ``h``'s slot and kind."""
-        kind = _CLASS_KIND.get(base_of(type(h)))
+        kind = kind_of(h)
         if kind is None:
             return True  # a raw object: not in the registry
         dom = self._dom

@@ -374,8 +374,9 @@ class Floats(Protocol):
     def __setitem__(self, index: int, value: float, /) -> None: ...
 
 
-#: One move of one id: (word of its old copy, word of its new copy, is a summary), or None
-#: when the id has nothing to move there (no page of the old pageset, or a zero old copy).
+#: One move of one id: (word of its old copy, word of its new copy, has a float word: every
+#: movable kind has one, after its int word), or None when the id has nothing to move
+#: there (no page of the old pageset, or a zero old copy).
 Pair = tuple[int, int, bool] | None
 
 

@@ -72,14 +72,15 @@ from __future__ import annotations
 
 import atexit
 import functools
+import operator
 import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from arena import Arena, ArenaError, ArenaExists, LockPolicy, error_line
 
@@ -94,18 +95,20 @@ from ._errors import (
     InvalidType,
     damaged,
 )
+from ._family import check_buckets, family, gauge_kind
 from ._grace import Grace
-from ._handles import Counter, Gauge, PerCpu, Summary, _Handle
-from ._health import audit, figures
+from ._handles import Counter, Gauge, Histogram, PerCpu, StampedGauge, Summary, _Handle
+from ._health import audit, check_report, figures, reclaim_slots
 from ._holder import HolderLocks
 from ._layout import (
     D_REG_GEN,
     D_SERIES_LIMIT,
     KIND_COUNTER,
-    KIND_GAUGE,
+    KIND_HISTOGRAM,
     KIND_SUMMARY,
     MOVE_CAP,
     PAGE,
+    STAMPED_KINDS,
     root_words,
 )
 from ._lease import Lease
@@ -113,6 +116,7 @@ from ._lease_records import LeasePath
 from ._metrics import Metrics
 from ._moves import Moves
 from ._raw import RawObjects
+from ._reads import Reads
 from ._results import DomainCheck, DomainStats, MetricValue
 from ._root import RootBlock
 from ._snapshot import SnapshotReader, with_fix
@@ -226,9 +230,11 @@ class Domain:
         self._by_ref = self._bindings.by_ref  # ref -> this process's handles on it
         self._metrics = Metrics(self)  # registering and removing named metrics
         self._raw = RawObjects(self)  # Domain.alloc's objects
+        self._reads = Reads(self)  # reads of more than one word per id
         self._moves = Moves(self)  # compaction's process-local state
         self._grace = Grace(self)  # grace periods and the quiescer thread
-        self._snapshots = SnapshotReader(self._pagesets, self._moves)
+        self._snapshots = SnapshotReader(self._pagesets, self._moves,
+                                         self._metrics.families_of, self._reads.live_ids)
         _domains.add(self)
 
     def _draining(self) -> frozenset[int]:
@@ -310,6 +316,20 @@ class Domain:
         """An update off the lock-free statement (``Bindings.slow_update``)."""
         self._bindings.slow_update(h, n, x)
 
+    def _slow_store(self, h: _Handle, op: Callable[[Any, Any, int], None]) -> None:
+        """An update that is not one ``+=``, off the bound state (``Bindings.slow_store``)."""
+        self._bindings.slow_store(h, op)
+
+    @_closed_guard
+    def _read_gauge(self, ref: int, kind: int) -> int | float:
+        self._check_open()
+        return self._reads.gauge(ref, kind)
+
+    @_closed_guard
+    def _read_histogram(self, ref: int, buckets: int) -> tuple[list[int], float]:
+        self._check_open()
+        return self._reads.histogram(ref, buckets)
+
     def _retire(self, h: _Handle) -> None:
         """Make every later use of ``h`` raise (``Bindings.retire``). ``_plock`` held."""
         self._bindings.retire(h)
@@ -317,22 +337,44 @@ class Domain:
     # -- named metrics -------------------------------------------------------------------
 
     @_closed_guard
-    def counter(self, name: str, labels: dict[str, str] | None = None) -> Counter:
+    def counter(self, name: str, labels: dict[str, str] | None = None, *,
+                documentation: str = "", unit: str = "") -> Counter:
         """The monotonic counter ``name{labels}``: the same one in every process of the domain.
 
         Registering takes the domain lock once per process and name; using never does.
+        ``documentation`` is the ``# HELP`` text and ``unit`` the OpenMetrics unit (the name
+        must end with ``_<unit>``); the first registration of a name sets them.
         """
-        return self._metrics.handle(KIND_COUNTER, Counter, name, labels)
+        return self._metrics.handle(Counter, name, labels,
+                                    family(name, KIND_COUNTER, documentation, unit))
 
     @_closed_guard
-    def gauge(self, name: str, labels: dict[str, str] | None = None) -> Gauge:
-        """The signed gauge ``name{labels}`` (add/sub; its value is the sum over ids)."""
-        return self._metrics.handle(KIND_GAUGE, Gauge, name, labels)
+    def gauge(self, name: str, labels: dict[str, str] | None = None, *, mode: str = "sum",
+              documentation: str = "", unit: str = "") -> Gauge:
+        """The gauge ``name{labels}``. ``mode`` (prometheus_client's multiprocess modes): how
+        the holders' values combine: ``sum`` (of every id's), ``livesum`` (of the ids whose
+        holder is alive: a dead worker's part drops out, and the next holder of its id starts
+        from zero), ``max``, ``min``, ``mostrecent`` (of the values the holders set last) and
+        ``livemax``, ``livemin``, ``livemostrecent`` (the same over live holders)."""
+        meta = family(name, gauge_kind(mode), documentation, unit)
+        cls_ = StampedGauge if meta.kind in STAMPED_KINDS else Gauge
+        return self._metrics.handle(cls_, name, labels, meta)
 
     @_closed_guard
-    def summary(self, name: str, labels: dict[str, str] | None = None) -> Summary:
+    def summary(self, name: str, labels: dict[str, str] | None = None, *,
+                documentation: str = "", unit: str = "") -> Summary:
         """The summary ``name{labels}``: count and sum of observations."""
-        return self._metrics.handle(KIND_SUMMARY, Summary, name, labels)
+        return self._metrics.handle(Summary, name, labels,
+                                    family(name, KIND_SUMMARY, documentation, unit))
+
+    @_closed_guard
+    def histogram(self, name: str, labels: dict[str, str] | None = None, *,
+                  buckets: Sequence[float] | None = None, documentation: str = "",
+                  unit: str = "") -> Histogram:
+        """The histogram ``name{labels}``: observations counted in buckets (finite, increasing
+        ``buckets``, at most 62; default prometheus_client's, 0.005 to 10), with their sum."""
+        return self._metrics.handle(Histogram, name, labels, family(
+            name, KIND_HISTOGRAM, documentation, unit, check_buckets(buckets)))
 
     @_closed_guard
     def remove(self, name: str, labels: dict[str, str] | None = None) -> bool:
@@ -438,7 +480,7 @@ class Domain:
 
     # -- reads ---------------------------------------------------------------------------
 
-    def _read_sum(self, ref: int, size: int) -> int:
+    def _read_sum(self, ref: int, size: int) -> int | float:
         """A Counter's or Gauge's value: the sum of its slot over every id (of its old and new
         slots while a compaction moves it: ``Moves.read``). ``_closed_guard`` written out: this
         is ``Counter.value``, and the wrapper's call would cost a fifth of it."""
@@ -446,7 +488,8 @@ class Domain:
         try:
             if self._closing or self._closed:
                 raise DomainClosed("the domain is closed")
-            return self._moves.read(ref, self._pagesets.slot_sum, int.__add__)
+            value: int | float = self._moves.read(ref, self._pagesets.slot_sum, operator.add)
+            return value
         except IndexError:  # a page word read unchecked (``_pagesets``) is out of the arena
             raise damaged(f"a page of ref {ref:#x} lies outside the arena") from None
         except (ValueError, OSError, BufferError, ArenaError):
@@ -528,24 +571,9 @@ class Domain:
                 (ref for _kind, _cls, ref, _key in self._metrics.entries()),
                 self._caches.all_lists(), (ref for ref, _epoch in self._pending.entries()),
                 {h._ref for h in self._raw.live()}, self._moves.moving_refs(), self._pagesets)
-            reclaimed = 0
-            if reclaim and unreferenced and not self._others_alive():
-                for ref in unreferenced:
-                    self._pagesets.zero(ref)
-                self._pagesets.give_back(unreferenced)
-                reclaimed = len(unreferenced)
-        arena_report = self.arena.check(reclaim=reclaim)
-        return DomainCheck(ok=not problems and arena_report.ok and
-                           len(unreferenced) == reclaimed, problems=tuple(problems),
-                           unreferenced_slots=len(unreferenced), reclaimed_slots=reclaimed,
-                           arena=arena_report)
-
-    def _others_alive(self) -> bool:
-        """True when a holder other than this one is alive: on an id, or sharing the overflow
-        id. Domain lock held."""
-        if self._live_holders() not in ([], [self._lease.vcpu]):
-            return True
-        return self._holder.other_overflow_holders(self._grace.epoch())
+            alone = reclaim and bool(unreferenced) and not self._reads.others_alive()
+            reclaimed = reclaim_slots(self._pagesets, unreferenced) if alone else 0
+        return check_report(problems, unreferenced, reclaimed, self.arena.check(reclaim=reclaim))
 
     # -- life cycle ------------------------------------------------------------------------
 

@@ -57,15 +57,22 @@ returned for every handle, no update in flight can still land on the id, and the
 
 from __future__ import annotations
 
+import bisect
+import functools
+import itertools
 import math
 import operator
 import sys
-from typing import Any, NoReturn, Protocol
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
-from ._layout import split_ref
+from ._layout import KIND_GAUGE, MODE_OF, split_ref
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 
 class Owner(Protocol):
@@ -75,7 +82,7 @@ class Owner(Protocol):
     _closed: bool
     _closing: bool
 
-    def _read_sum(self, ref: int, size: int, /) -> int: ...
+    def _read_sum(self, ref: int, size: int, /) -> int | float: ...
 
     def _read_summary(self, ref: int, /) -> tuple[int, float]: ...
 
@@ -88,6 +95,12 @@ class Owner(Protocol):
     def _bind(self, h: _Handle, /) -> None: ...
 
     def _slow_update(self, h: _Handle, n: int, x: float | None, /) -> None: ...
+
+    def _slow_store(self, h: _Handle, op: Callable[[Any, Any, int], None], /) -> None: ...
+
+    def _read_gauge(self, ref: int, kind: int, /) -> int | float: ...
+
+    def _read_histogram(self, ref: int, buckets: int, /) -> tuple[list[int], float]: ...
 
 
 class Cells(Protocol):
@@ -120,27 +133,101 @@ def _count(n: Any, what: str, signed: bool) -> int:
     return n
 
 
-def _observation(x: object) -> float:
-    """The slow path of ``Summary.observe``: ``x`` as a finite float, or a clear error."""
+def _observation(x: object, what: str = "Summary.observe") -> float:
+    """The slow path of ``observe`` (and of float amounts): ``x`` as a finite float, or a
+    clear error."""
     if isinstance(x, bool) or not hasattr(type(x), "__float__"):
-        raise InvalidType(f"Summary.observe takes an int or a float, got {type(x).__name__} "
+        raise InvalidType(f"{what} takes an int or a float, got {type(x).__name__} "
                           f"{x!r:.60}")
     try:
         f = float(x)  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError) as exc:
-        raise InvalidArgument(f"Summary.observe({x!r:.60}): not a finite float ({exc})") from None
+        raise InvalidArgument(f"{what}({x!r:.60}): not a finite float ({exc})") from None
     if not math.isfinite(f):
-        raise InvalidArgument(f"Summary.observe({x!r:.60}): NaN and infinities would poison the "
+        raise InvalidArgument(f"{what}({x!r:.60}): NaN and infinities would poison the "
                               "sum for good; they are refused")
     return f
+
+
+def _amount(n: Any, what: str, signed: bool) -> tuple[int, float]:
+    """An amount as (int part, float part): ints (and ``__index__`` objects) exact, floats
+    finite (a Counter's also >= 0). Raises before anything is written."""
+    if n.__class__ is float or (not isinstance(n, int) and not hasattr(type(n), "__index__")
+                                and hasattr(type(n), "__float__")):
+        x = _observation(n, what)
+        if not signed and x < 0:
+            raise InvalidArgument(f"a Counter only goes up: {what}({n}) is negative; use a Gauge")
+        return 0, x
+    return _count(n, what, signed), 0.0
+
+
+class _Timer:
+    """``time()`` and friends: a context manager and a decorator that call ``done(seconds)``
+    (or ``enter()`` and ``done``) around the block or the call."""
+
+    __slots__ = ("_done", "_enter", "_start")
+
+    def __init__(self, done: Callable[[float], None],
+                 enter: Callable[[], None] | None = None) -> None:
+        self._done = done
+        self._enter = enter
+        self._start = 0.0
+
+    def __enter__(self) -> _Timer:
+        if self._enter is not None:
+            self._enter()
+        self._start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done(time.perf_counter() - self._start)
+
+    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        done, enter = self._done, self._enter
+
+        @functools.wraps(fn)
+        def timed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with _Timer(done, enter):
+                return fn(*args, **kwargs)
+        return timed
+
+
+class _ExceptionCounter:
+    """``Counter.count_exceptions``: adds one when the block or the call raises ``exc``."""
+
+    __slots__ = ("_counter", "_exc")
+
+    def __init__(self, counter: Counter, exc: type[BaseException] | tuple[type[BaseException], ...]
+                 ) -> None:
+        self._counter = counter
+        self._exc = exc
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ: type[BaseException] | None, value: BaseException | None,
+                 tb: object) -> None:
+        if typ is not None and issubclass(typ, self._exc):
+            self._counter.inc()
+
+    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
+        counter, exc = self._counter, self._exc
+
+        @functools.wraps(fn)
+        def counted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with _ExceptionCounter(counter, exc):
+                return fn(*args, **kwargs)
+        return counted
 
 
 class _Handle:
     """Common state of every handle: the domain, the slot (ref) and this holder's word."""
 
-    __slots__ = ("__weakref__", "_cells", "_domain", "_index", "_ref", "labels", "name")
+    __slots__ = ("__weakref__", "_cells", "_domain", "_floats", "_index", "_ref", "labels",
+                 "name")
 
     _cells: Cells
+    _floats: Cells  #: the same words as float64 (a slot's float part), or a SlowCells
     _index: int
     _domain: Owner
     _ref: int
@@ -148,7 +235,8 @@ class _Handle:
     labels: tuple[tuple[str, str], ...]
 
     def __init__(self) -> None:
-        raise InvalidType("handles are made by a Domain (counter(), gauge(), summary(), alloc())")
+        raise InvalidType("handles are made by a Domain (counter(), gauge(), summary(), "
+                          "histogram(), alloc())")
 
     def __repr__(self) -> str:
         labels = ",".join(f'{k}="{v}"' for k, v in self.labels)
@@ -168,7 +256,9 @@ class _Handle:
 
 
 class Counter(_Handle):
-    """A monotonic int64 counter whose value is the sum of one slot per vcpu id."""
+    """A monotonic counter whose value is the sum of one slot per vcpu id: an int64 part
+    (``inc``, ``add`` of an int: exact) and a float64 part (``add`` of a float, such as
+    seconds or bytes with a fraction)."""
 
     __slots__ = ()
 
@@ -179,25 +269,40 @@ class Counter(_Handle):
         except ValueError:
             self._store_failed("Counter.inc", 1)
 
-    def add(self, n: int) -> None:
-        """Add ``n >= 0``, an int (not a bool). Anything else raises and changes nothing."""
+    def add(self, n: int | float) -> None:
+        """Add ``n >= 0``: an int (not a bool), or a finite float. Anything else raises and
+        changes nothing."""
         if n.__class__ is not int or n < 0:
-            n = _count(n, "Counter.add", signed=False)
+            n, x = _amount(n, "Counter.add", signed=False)
+            if x:
+                self._floats[self._index + 1] += x
+                return
         try:
             self._cells[self._index] += n
         except ValueError:
             self._store_failed("Counter.add", n)
 
+    def count_exceptions(self, exception: type[BaseException] | tuple[type[BaseException], ...]
+                         = Exception) -> _ExceptionCounter:
+        """A context manager and decorator that adds one when its block (or the decorated
+        call) raises ``exception``; the exception goes on."""
+        return _ExceptionCounter(self, exception)
+
     @property
-    def value(self) -> int:
-        """The sum over every id's slot (never decreases between two reads)."""
-        return int(self._domain._read_sum(self._ref, 8))
+    def value(self) -> int | float:
+        """The sum over every id's slot (never decreases between two reads): an int while
+        every amount was an int."""
+        return self._domain._read_sum(self._ref, 16)
 
 
 class Gauge(_Handle):
-    """A signed int64 whose value is the sum of one slot per vcpu id (add/sub, never set)."""
+    """A gauge whose value is the sum of one slot per vcpu id (mode ``sum``; mode ``livesum``
+    counts only the ids whose holder is alive). Each id's part is an int64 (int amounts,
+    exact) plus a float64 (float amounts); ``set`` sets this holder's part."""
 
-    __slots__ = ()
+    __slots__ = ("_kind",)
+
+    _kind: int  #: the gauge kind (``KIND_GAUGE`` for mode sum), set by the domain
 
     def inc(self) -> None:
         """Add one."""
@@ -213,28 +318,128 @@ class Gauge(_Handle):
         except ValueError:
             self._store_failed("Gauge.dec", -1)
 
-    def add(self, n: int) -> None:
-        """Add ``n`` (an int of any sign, not a bool). Anything else raises, changing nothing."""
+    def add(self, n: int | float) -> None:
+        """Add ``n``: an int of any sign (not a bool) or a finite float."""
         if n.__class__ is not int:
-            n = _count(n, "Gauge.add", signed=True)
+            n, x = _amount(n, "Gauge.add", signed=True)
+            if x:
+                self._floats[self._index + 1] += x
+                return
         try:
             self._cells[self._index] += n
         except ValueError:
             self._store_failed("Gauge.add", n)
 
-    def sub(self, n: int) -> None:
-        """Subtract ``n`` (an int of any sign, not a bool)."""
+    def sub(self, n: int | float) -> None:
+        """Subtract ``n``: an int of any sign (not a bool) or a finite float."""
         if n.__class__ is not int:
-            n = _count(n, "Gauge.sub", signed=True)
+            n, x = _amount(n, "Gauge.sub", signed=True)
+            if x:
+                self._floats[self._index + 1] -= x
+                return
         try:
             self._cells[self._index] -= n
         except ValueError:
             self._store_failed("Gauge.sub", n)
 
+    def set(self, v: int | float) -> None:
+        """Set this holder's part to ``v`` (an int, exact, or a finite float); the value is
+        still the sum of every holder's part."""
+        n, x = _amount(v, "Gauge.set", signed=True)
+        c = self._cells
+        if c.__class__ is SlowCells:
+            self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, n, x))
+            return
+        i = self._index
+        self._floats[i + 1] = x
+        c[i] = n
+
+    def set_to_current_time(self) -> None:
+        """``set(time.time())``."""
+        self.set(time.time())
+
+    def track_inprogress(self) -> _Timer:
+        """A context manager and decorator: ``inc()`` on entry, ``dec()`` on exit (with mode
+        ``livesum``, a holder that dies inside drops out of the value)."""
+        return _Timer(lambda _s: self.dec(), self.inc)
+
+    def time(self) -> _Timer:
+        """A context manager and decorator that sets the gauge to the block's duration (s)."""
+        return _Timer(self.set)
+
     @property
-    def value(self) -> int:
-        """The sum over every id's slot."""
-        return int(self._domain._read_sum(self._ref, 8))
+    def mode(self) -> str:
+        """The gauge mode (``sum``, ``livesum``, ``max``, ... see ``Domain.gauge``)."""
+        return MODE_OF[self._kind]
+
+    @property
+    def value(self) -> int | float:
+        """The sum over every id's part (``livesum``: over the ids with a live holder)."""
+        kind = self._kind
+        if kind != KIND_GAUGE:
+            return self._domain._read_gauge(self._ref, kind)
+        return self._domain._read_sum(self._ref, 16)
+
+
+def _store_pair(q: Any, d: Any, i: int, n: int, x: float) -> None:
+    d[i + 1] = x
+    q[i] = n
+
+
+class StampedGauge(Gauge):
+    """A gauge of mode ``max``, ``min``, ``mostrecent`` (or their ``live`` variants): each
+    id holds the value its holder set last (float64) and when (int64 ns since the epoch), and
+    the value is the largest, smallest or latest of them. ``inc``/``add`` change this
+    holder's value (and its time)."""
+
+    __slots__ = ()
+
+    def set(self, v: int | float) -> None:
+        """Set this holder's value to ``v`` (a finite int or float), stamped now."""
+        x = _observation(v, "Gauge.set")
+        stamp = time.time_ns()
+        c = self._cells
+        if c.__class__ is SlowCells:
+            self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, stamp, x))
+            return
+        i = self._index
+        self._floats[i + 1] = x
+        c[i] = stamp
+
+    def add(self, n: int | float) -> None:
+        """Add ``n`` to this holder's value, stamped now."""
+        x = _observation(n, "Gauge.add")
+        stamp = time.time_ns()
+        c = self._cells
+        if c.__class__ is SlowCells:
+            self._domain._slow_store(self, lambda q, d, i: _add_stamped(q, d, i, stamp, x))
+            return
+        i = self._index
+        self._floats[i + 1] += x
+        c[i] = stamp
+
+    def sub(self, n: int | float) -> None:
+        """Subtract ``n`` from this holder's value, stamped now."""
+        self.add(-_observation(n, "Gauge.sub"))
+
+    def inc(self) -> None:
+        """Add one to this holder's value."""
+        self.add(1)
+
+    def dec(self) -> None:
+        """Subtract one from this holder's value."""
+        self.add(-1)
+
+    @property
+    def value(self) -> int | float:
+        """The largest, smallest or latest holder's value (see the mode); 0.0 when no holder
+        counted has set one."""
+        return self._domain._read_gauge(self._ref, self._kind)
+
+
+def _add_stamped(q: Any, d: Any, i: int, stamp: int, x: float) -> None:
+    d[i + 1] += x
+    q[i] = stamp
 
 
 class Summary(_Handle):
@@ -244,9 +449,7 @@ class Summary(_Handle):
     see the sum of an observation before its count, never a count without its sum.
     """
 
-    __slots__ = ("_floats",)
-
-    _floats: Cells
+    __slots__ = ()
 
     def observe(self, x: float) -> None:
         """Record one observation ``x``: a finite float or an int (not a bool, NaN or inf)."""
@@ -255,6 +458,10 @@ class Summary(_Handle):
             x = _observation(x)
         self._floats[self._index + 1] += x
         self._cells[self._index] += 1
+
+    def time(self) -> _Timer:
+        """A context manager and decorator that observes the block's duration in seconds."""
+        return _Timer(self.observe)
 
     @property
     def value(self) -> tuple[int, float]:
@@ -270,6 +477,66 @@ class Summary(_Handle):
     def sum(self) -> float:
         """Sum of the observations."""
         return self.value[1]
+
+
+class Histogram(_Handle):
+    """Observations counted in buckets (``le`` bounds: ``buckets``, then +Inf), with their sum.
+
+    Each id's slot holds one int64 count per bucket (not cumulative) and the float64 sum; a
+    reader sums them over ids and accumulates. The count is the sum of the bucket counts *of
+    the same read*, so it is never below a bucket and the +Inf bucket always equals it; the sum
+    may lag or lead the counts by the observations in flight (as in client_golang).
+    """
+
+    __slots__ = ("_bounds", "_nb")
+
+    _bounds: tuple[float, ...]  #: the finite bucket bounds, increasing
+    _nb: int  #: their number (the +Inf bucket is word ``_nb``, the sum word ``_nb + 1``)
+
+    def observe(self, x: float) -> None:
+        """Record one observation ``x``: a finite float or an int (not a bool, NaN or inf)."""
+        if x.__class__ is not float or x - x:
+            x = _observation(x, "Histogram.observe")
+        b = bisect.bisect_left(self._bounds, x)  # bucket ``le = bounds[b]`` (or +Inf)
+        c = self._cells
+        if c.__class__ is SlowCells:
+            self._domain._slow_store(self, lambda q, d, i: _observe(q, d, i, b, self._nb, x))
+            return
+        i = self._index
+        c[i + b] += 1
+        self._floats[i + self._nb + 1] += x
+
+    def time(self) -> _Timer:
+        """A context manager and decorator that observes the block's duration in seconds."""
+        return _Timer(self.observe)
+
+    @property
+    def buckets(self) -> tuple[float, ...]:
+        """The finite bucket bounds (the +Inf bucket is implicit)."""
+        return self._bounds
+
+    @property
+    def value(self) -> tuple[list[tuple[float, int]], int, float]:
+        """(cumulative ``(le, count)`` per bucket, +Inf last; count; sum) over every id."""
+        counts, total = self._domain._read_histogram(self._ref, self._nb)
+        cumulative = list(itertools.accumulate(counts))
+        return (list(zip((*self._bounds, math.inf), cumulative, strict=True)),
+                cumulative[-1], total)
+
+    @property
+    def count(self) -> int:
+        """Observations recorded."""
+        return self.value[1]
+
+    @property
+    def sum(self) -> float:
+        """Sum of the observations."""
+        return self.value[2]
+
+
+def _observe(q: Any, d: Any, i: int, b: int, nb: int, x: float) -> None:
+    q[i + b] += 1
+    d[i + nb + 1] += x
 
 
 class PerCpu(_Handle):
@@ -320,7 +587,8 @@ class _Removed:
                                 "it, before a fork or a release); allocate a new one")
         raise MetricRemoved(f"{self!r} was removed from its domain; register it again to count")
 
-    inc = dec = add = sub = observe = free = _gone
+    inc = dec = add = sub = observe = free = set = set_to_current_time = _gone
+    track_inprogress = time = count_exceptions = _gone
     value = local = count = sum = property(_gone)
 
     def copies(self) -> Any:
@@ -339,8 +607,20 @@ class RemovedGauge(_Removed, Gauge):
     __slots__ = ()
 
 
+class RemovedStampedGauge(_Removed, StampedGauge):
+    """A max/min/mostrecent Gauge after ``Domain.remove``."""
+
+    __slots__ = ()
+
+
 class RemovedSummary(_Removed, Summary):
     """A Summary after ``Domain.remove``."""
+
+    __slots__ = ()
+
+
+class RemovedHistogram(_Removed, Histogram):
+    """A Histogram after ``Domain.remove``."""
 
     __slots__ = ()
 
@@ -352,7 +632,8 @@ class RemovedPerCpu(_Removed, PerCpu):
 
 
 REMOVED_VARIANT: dict[type, type] = {
-    Counter: RemovedCounter, Gauge: RemovedGauge, Summary: RemovedSummary, PerCpu: RemovedPerCpu,
+    Counter: RemovedCounter, Gauge: RemovedGauge, StampedGauge: RemovedStampedGauge,
+    Summary: RemovedSummary, Histogram: RemovedHistogram, PerCpu: RemovedPerCpu,
 }
 
 
@@ -365,12 +646,13 @@ class SharedCounter(Counter):
         """Add one under the overflow lock (the counted slow path)."""
         self.add(1)
 
-    def add(self, n: int) -> None:
+    def add(self, n: int | float) -> None:
         """Add ``n >= 0`` under the overflow lock."""
+        x = 0.0
         if n.__class__ is not int or n < 0:
-            n = _count(n, "Counter.add", signed=False)
+            n, x = _amount(n, "Counter.add", signed=False)
         try:
-            self._domain._slow_update(self, n, None)
+            self._domain._slow_update(self, n, x or None)
         except ValueError:
             self._store_failed("Counter.add", n)
 
@@ -388,23 +670,32 @@ class SharedGauge(Gauge):
         """Subtract one under the overflow lock."""
         self.add(-1)
 
-    def add(self, n: int) -> None:
+    def add(self, n: int | float) -> None:
         """Add ``n`` under the overflow lock."""
+        x = 0.0
         if n.__class__ is not int:
-            n = _count(n, "Gauge.add", signed=True)
+            n, x = _amount(n, "Gauge.add", signed=True)
         try:
-            self._domain._slow_update(self, n, None)
+            self._domain._slow_update(self, n, x or None)
         except ValueError:
             self._store_failed("Gauge.add", n)
 
-    def sub(self, n: int) -> None:
+    def sub(self, n: int | float) -> None:
         """Subtract ``n`` under the overflow lock."""
+        x = 0.0
         if n.__class__ is not int:
-            n = _count(n, "Gauge.sub", signed=True)
+            n, x = _amount(n, "Gauge.sub", signed=True)
         try:
-            self._domain._slow_update(self, -n, None)
+            self._domain._slow_update(self, -n, -x or None)
         except ValueError:
             self._store_failed("Gauge.sub", n)
+
+
+class SharedStampedGauge(StampedGauge):
+    """A max/min/mostrecent Gauge of a holder without an id of its own (its methods find
+    ``SlowCells`` and take the locked path)."""
+
+    __slots__ = ()
 
 
 class SharedSummary(Summary):
@@ -417,6 +708,12 @@ class SharedSummary(Summary):
         if x.__class__ is not float or x - x:
             x = _observation(x)
         self._domain._slow_update(self, 1, x)
+
+
+class SharedHistogram(Histogram):
+    """A Histogram of a holder without an id of its own (``observe`` takes the locked path)."""
+
+    __slots__ = ()
 
 
 class _Unbound:
@@ -434,11 +731,11 @@ class _Unbound:
         self._domain._bind(self)  # type: ignore[attr-defined]
         self.dec()
 
-    def add(self, n: int) -> None:
+    def add(self, n: int | float) -> None:
         self._domain._bind(self)  # type: ignore[attr-defined]
         self.add(n)
 
-    def sub(self, n: int) -> None:
+    def sub(self, n: int | float) -> None:
         self._domain._bind(self)  # type: ignore[attr-defined]
         self.sub(n)
 
@@ -459,18 +756,32 @@ class UnboundGauge(_Unbound, Gauge):
     __slots__ = ()
 
 
+class UnboundStampedGauge(_Unbound, StampedGauge):
+    """A max/min/mostrecent Gauge waiting for its holder's next lease."""
+
+    __slots__ = ()
+
+
 class UnboundSummary(_Unbound, Summary):
     """A Summary waiting for its holder's next lease."""
 
     __slots__ = ()
 
 
-BASE_KINDS = (Counter, Gauge, Summary, PerCpu)
+class UnboundHistogram(_Unbound, Histogram):
+    """A Histogram waiting for its holder's next lease."""
+
+    __slots__ = ()
+
+
+BASE_KINDS = (Counter, StampedGauge, Gauge, Summary, Histogram, PerCpu)  # subclasses first
 SHARED_VARIANT: dict[type, type] = {
-    Counter: SharedCounter, Gauge: SharedGauge, Summary: SharedSummary, PerCpu: PerCpu,
+    Counter: SharedCounter, Gauge: SharedGauge, StampedGauge: SharedStampedGauge,
+    Summary: SharedSummary, Histogram: SharedHistogram, PerCpu: PerCpu,
 }
 UNBOUND_VARIANT: dict[type, type] = {
-    Counter: UnboundCounter, Gauge: UnboundGauge, Summary: UnboundSummary,
+    Counter: UnboundCounter, Gauge: UnboundGauge, StampedGauge: UnboundStampedGauge,
+    Summary: UnboundSummary, Histogram: UnboundHistogram,
     PerCpu: RemovedPerCpu,  # a raw object belongs to the binding it was made under
 }
 
@@ -545,8 +856,8 @@ def bind_view(h: _Handle, index: int, q: memoryview[int], d: memoryview[float]) 
     (float64). ``_cells`` is stored last: until then an update takes the slow path."""
     base = base_of(type(h))
     h._index = index
-    if base is Summary:
-        h._floats = d  # type: ignore[attr-defined]
+    if base is not PerCpu:
+        h._floats = d
     h._cells = q
     h.__class__ = base
 
@@ -555,10 +866,10 @@ def _point_slow(h: _Handle, base: type) -> None:
     """Store ``SlowCells`` in ``h``'s ``_cells`` (and a Summary's ``_floats``): both made
     first, then stored with no call between, so no thread runs between the two stores."""
     cells = SlowCells(h, False)
-    floats = SlowCells(h, True) if base is Summary else None
+    floats = SlowCells(h, True) if base is not PerCpu else None
     h._cells = cells
     if floats is not None:
-        h._floats = floats  # type: ignore[attr-defined]
+        h._floats = floats
 
 
 def bind_shared(h: _Handle, index: int) -> None:

@@ -35,7 +35,7 @@ from ._layout import (
 )
 from ._lease_records import ids_ever_used
 from ._pagesets import Pagesets
-from ._results import DomainStats
+from ._results import DomainCheck, DomainStats
 
 
 def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
@@ -61,6 +61,22 @@ def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
         bytes_per_metric=pages * PAGE / metrics if metrics else 0.0,
         minor_faults=arena.minor_faults, major_faults=arena.major_faults,
         pending_frees=pending, **counts, **moves)
+
+
+def reclaim_slots(pagesets: Pagesets, refs: list[int]) -> int:
+    """Zero and give back ``refs`` (unreferenced slots, nobody else alive); how many."""
+    for ref in refs:
+        pagesets.zero(ref)
+    pagesets.give_back(refs)
+    return len(refs)
+
+
+def check_report(problems: list[str], unreferenced: list[int], reclaimed: int,
+                 arena_report: Any) -> DomainCheck:
+    """``Domain.check``'s result from the audit, the reclamation and the arena's check."""
+    return DomainCheck(ok=not problems and arena_report.ok and len(unreferenced) == reclaimed,
+                       problems=tuple(problems), unreferenced_slots=len(unreferenced),
+                       reclaimed_slots=reclaimed, arena=arena_report)
 
 
 def audit(registry_refs: Iterable[int], caches: Iterable[tuple[int, int, int, list[int]]],

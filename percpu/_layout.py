@@ -23,10 +23,14 @@ from typing import Any
 
 PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
 MAGIC = int.from_bytes(b"PCDOMAN1", "little")
-VERSION = 4  # 2: the move region (compaction); 3: the pending spill; 4: registry segments
+VERSION = 5  # 2: move region; 3: pending spill; 4: registry segments; 5: metric model
 
-SIZE_CLASSES = (4, 8, 16, 32, 64)  # bytes; seed 002's FreeBSD-style per-cpu zones
-MAX_OBJECT_SIZE = SIZE_CLASSES[-1]
+# Bytes; seed 002's FreeBSD-style per-cpu zones. Raw objects (``Domain.alloc``) take up to 64
+# bytes; the larger classes hold histograms (their bucket counts, sum: one slot, one ref, so
+# the registry, the grace periods and the audit treat them like any metric).
+SIZE_CLASSES = (4, 8, 16, 32, 64, 128, 256, 512)
+MAX_OBJECT_SIZE = 64  # the largest raw object
+MAX_BUCKETS = SIZE_CLASSES[-1] // 8 - 2  # finite histogram buckets (one slot of 512 bytes)
 REF_SHIFT = 16  # slot index bits in a ref (a 4-byte class has 1024 slots a page)
 SLOT_MASK = (1 << REF_SHIFT) - 1
 
@@ -130,9 +134,33 @@ E_REF = 3  # the slot (ref) of the metric
 ENTRY_WORDS = 4
 HASH_EMPTY, HASH_TOMBSTONE = 0, 1
 
-KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY = 1, 2, 3
-KIND_NAMES = {KIND_COUNTER: "counter", KIND_GAUGE: "gauge", KIND_SUMMARY: "summary"}
-KIND_SIZES = {KIND_COUNTER: 8, KIND_GAUGE: 8, KIND_SUMMARY: 16}
+# Kinds of series, and what each id's copy of its slot holds:
+# * counter, gauge (mode sum), livesum gauge: an int64 part, then a float64 part (the value is
+#   their sum; ints stay exact, fractional amounts go to the float word);
+# * summary: the int64 count, then the float64 sum;
+# * max/min/mostrecent gauges (and their live variants): the int64 time of the last set (ns
+#   since the epoch; 0 = never set by this id), then the float64 value;
+# * histogram: one int64 count per bucket (the finite buckets, then +Inf), then the float64
+#   sum: ``8 * (buckets + 2)`` bytes.
+KIND_COUNTER, KIND_GAUGE, KIND_SUMMARY, KIND_HISTOGRAM = 1, 2, 3, 4
+KIND_GAUGE_LIVESUM, KIND_GAUGE_MAX, KIND_GAUGE_MIN, KIND_GAUGE_MOSTRECENT = 5, 6, 7, 8
+KIND_GAUGE_LIVEMAX, KIND_GAUGE_LIVEMIN, KIND_GAUGE_LIVEMOSTRECENT = 9, 10, 11
+GAUGE_MODES = {"sum": KIND_GAUGE, "livesum": KIND_GAUGE_LIVESUM, "max": KIND_GAUGE_MAX,
+               "min": KIND_GAUGE_MIN, "mostrecent": KIND_GAUGE_MOSTRECENT,
+               "livemax": KIND_GAUGE_LIVEMAX, "livemin": KIND_GAUGE_LIVEMIN,
+               "livemostrecent": KIND_GAUGE_LIVEMOSTRECENT}
+MODE_OF = {kind: mode for mode, kind in GAUGE_MODES.items()}
+LIVE_KINDS = frozenset((KIND_GAUGE_LIVESUM, KIND_GAUGE_LIVEMAX, KIND_GAUGE_LIVEMIN,
+                        KIND_GAUGE_LIVEMOSTRECENT))  # only ids with a live holder count
+STAMPED_KINDS = frozenset((KIND_GAUGE_MAX, KIND_GAUGE_MIN, KIND_GAUGE_MOSTRECENT,
+                           KIND_GAUGE_LIVEMAX, KIND_GAUGE_LIVEMIN, KIND_GAUGE_LIVEMOSTRECENT))
+SUM_KINDS = frozenset((KIND_COUNTER, KIND_GAUGE, KIND_GAUGE_LIVESUM))  # int + float parts
+KIND_NAMES = {KIND_COUNTER: "counter", KIND_SUMMARY: "summary", KIND_HISTOGRAM: "histogram",
+              **{kind: "gauge" for kind in GAUGE_MODES.values()}}
+KIND_SIZES = {**{kind: 16 for kind in KIND_NAMES}}  # a histogram's: histogram_size()
+# Compaction moves the (int, float) pair of these kinds; it leaves histograms and stamped
+# gauges where they are (their pagesets are kept, like raw objects').
+MOVABLE_KINDS = frozenset((KIND_COUNTER, KIND_GAUGE, KIND_GAUGE_LIVESUM, KIND_SUMMARY))
 # A family entry: one per metric name (its key is ``_names.family_key``); no slot: its ref
 # word counts the name's live series (for the series limit), its class byte is 0.
 KIND_FAMILY = 16
@@ -142,8 +170,13 @@ OVERFLOW_LOCK = LEASE_LOCK_BASE - 1  # serialises operations on the overflow id
 OVERFLOW_ACK_BASE = 1 << 40  # overflow holder that acknowledged epoch e: read lock on +e
 
 
+def histogram_size(buckets: int) -> int:
+    """Bytes of a histogram's slot with ``buckets`` finite buckets (``1..MAX_BUCKETS``)."""
+    return 8 * (buckets + 2)
+
+
 def class_index(size: int) -> int:
-    """Index of the smallest size class holding ``size`` bytes (1 <= size <= 64)."""
+    """Index of the smallest size class holding ``size`` bytes (1 <= size <= 512)."""
     for i, c in enumerate(SIZE_CLASSES):
         if size <= c:
             return i

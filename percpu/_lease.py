@@ -18,6 +18,10 @@ Invariants
 4. Every operation on the overflow id holds the overflow lock (:meth:`Lease.overflow_op`); it
    never acknowledges an epoch itself (the quiescer does, under ``_plock``), so no
    retirement of the handle in use can fall inside one.
+6. A holder that takes an id over (its previous holder released it or died) starts every
+   live-mode gauge (``livesum``, ``livemax``...) of that id from zero, before it binds a
+   handle: the previous holder's part dropped out of the value when it left, and must not
+   come back on top of the new holder's.
 5. A forked child holds none of its parent's locks (the arena reopened its file): it starts
    with no id and every handle unbound; a private domain's copy is the child's alone.
 """
@@ -33,7 +37,7 @@ from typing import Any, Protocol
 
 from ._caches import Caches
 from ._holder import HolderLocks
-from ._layout import D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, bump, lease_base
+from ._layout import D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, LIVE_KINDS, bump, lease_base
 from ._lease_records import LeasePath, record_lease, record_release
 
 # No GIL: the hot path is not atomic, so every operation takes the overflow lock (issue: a
@@ -56,6 +60,8 @@ class Host(Protocol):
     _grace: Any
     _bindings: Any
     _raw: Any
+    _registry: Any
+    _pagesets: Any
     _closed: bool
 
     def _check_open(self) -> None: ...
@@ -91,6 +97,8 @@ class Lease:
                             bump(r, D_RECOVERED_SLOTS, dom._caches.count(vcpu))
                         r[lease_base(bound, vcpu) + L_ACK] = epoch
                         dom._moves.adopt(vcpu)  # the id's moves, before any bind
+                        if path is not LeasePath.FRESH:
+                            self._zero_live(vcpu)
                     dom._grace.acknowledge()
             except BaseException:
                 if vcpu is not None:
@@ -101,6 +109,16 @@ class Lease:
             if dom.arena.fd is not None:  # overflow holders acknowledge epochs like the rest
                 dom._grace.start()
             return vcpu
+
+    def _zero_live(self, vcpu: int) -> None:
+        """Zero id ``vcpu``'s copy of every live-mode gauge (invariant 6). Domain lock held,
+        the id ours, nothing bound to it yet."""
+        dom = self._dom
+        pairs = dom._moves.pairs_in_flight()
+        for kind, _cls, ref, _key in dom._registry.entries_at()[1]:
+            if kind in LIVE_KINDS:
+                for r in {ref, *pairs.get(ref, ())}:
+                    dom._pagesets.zero_copy(r, vcpu)
 
     def release(self) -> threading.Thread | None:
         """Give our id back (invariant 3); raw objects are freed first, while the id is still

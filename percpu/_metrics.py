@@ -12,6 +12,10 @@ Invariants
 2. A new metric's slot is taken from our id's cache under the domain lock and committed by
    the registry insert; a slot not committed (the name was found, refused, or the domain is
    full) goes back to the cache, so no ``check`` ever sees it in transit.
+5. A name's family entry, made by its first registration, holds its kind (gauge mode
+   included), help text, unit and bucket bounds (``_family``) for every process: a later
+   registration of the name as another kind or with other buckets is refused
+   (``KindMismatch``); its help text and unit are the first registration's.
 4. A name's family entry counts its live series; a new series that would pass the series
    limit (``D_SERIES_LIMIT``, 0: none) is refused (``TooManySeries``) with nothing changed
    but the refusal count. The count is raised after the series' commit and lowered after its
@@ -26,7 +30,10 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar
 
-from ._errors import KindMismatch, TooManySeries
+from ._errors import InvalidArgument, KindMismatch, TooManySeries
+from ._family import FamilyMeta
+from ._family import decode as decode_family
+from ._family import encode as encode_family
 from ._handles import _Handle, _Removed, _Unbound
 from ._layout import (
     D_EPOCH,
@@ -35,13 +42,23 @@ from ._layout import (
     KIND_FAMILY,
     KIND_NAMES,
     KIND_SIZES,
+    MODE_OF,
     bump,
     class_index,
+    histogram_size,
 )
 from ._names import decode_key, encode_key, family_key, validate_labels, validate_metric_name
 from ._registry import Entry, Registry
 
 H = TypeVar("H", bound=_Handle)
+
+
+def _describe(meta: FamilyMeta) -> str:
+    if meta.kind in MODE_OF:
+        return f"a gauge of mode {MODE_OF[meta.kind]!r}"
+    if meta.buckets:
+        return f"a histogram with the buckets {meta.buckets}"
+    return f"a {KIND_NAMES[meta.kind]}"
 
 
 class Host(Protocol):
@@ -68,15 +85,21 @@ class Metrics:
 
     def __init__(self, dom: Host) -> None:
         self._dom = dom
+        self._families: dict[bytes, FamilyMeta] = {}  # family key -> its metadata (immutable)
 
-    def handle(self, kind: int, cls_: type[H], name: str, labels: dict[str, str] | None) -> H:
-        """This process's handle of the metric ``name{labels}`` of ``kind`` (invariant 1)."""
+    def handle(self, cls_: type[H], name: str, labels: dict[str, str] | None,
+               meta: FamilyMeta) -> H:
+        """This process's handle of the metric ``name{labels}`` of ``meta.kind`` (invariants
+        1 and 5; ``name`` already validated)."""
         dom = self._dom
-        name = validate_metric_name(name)
+        kind = meta.kind
         lab = validate_labels(labels)
         key = encode_key(name, lab)
         local = dom._bindings.local
         found = local.get((kind, key))
+        if found is not None and meta.buckets and found._bounds != meta.buckets:
+            raise InvalidArgument(f"histogram {name} has the buckets {found._bounds}, "
+                                  f"not {meta.buckets}")
         if (found is not None and not isinstance(found, _Unbound)
                 and dom._root[D_EPOCH] == dom._grace.ack):
             return found  # type: ignore[no-any-return]
@@ -89,22 +112,46 @@ class Metrics:
                 dom._bindings.bind(found)  # checks the registry: it may have been removed
             if found is not None and not isinstance(found, _Removed):
                 return found  # type: ignore[no-any-return]
-            ref = self.register(kind, key, name)
-            h: H = dom._bindings.make(dom, cls_, ref, name, lab)
+            ref = self.register(key, name, meta)
+            h: H = dom._bindings.make(dom, cls_, ref, name, lab, kind, meta.buckets)
             local[(kind, key)] = h
             return h
 
-    def register(self, kind: int, key: bytes, name: str) -> int:
-        """The ref of the metric ``key`` (of the name ``name``) of ``kind``, creating it if
-        needed (invariants 2 and 4)."""
+    def family(self, name: str) -> FamilyMeta | None:
+        """The metadata the registry holds for the name ``name`` (None: not registered).
+        Domain lock held."""
+        fkey = family_key(name)
+        meta = self._families.get(fkey)
+        if meta is None:
+            idx, _ = self._dom._registry.lookup(fkey)
+            if idx < 0:
+                return None
+            meta = self._families[fkey] = decode_family(self._dom._registry.extra_at(idx))
+        return meta
+
+    def families_of(self, names: list[str]) -> dict[str, FamilyMeta]:
+        """The metadata of each of ``names`` that has a family (for snapshots)."""
+        with self._dom._lock:
+            found = {name: self.family(name) for name in names}
+        return {name: meta for name, meta in found.items() if meta is not None}
+
+    def register(self, key: bytes, name: str, meta: FamilyMeta) -> int:
+        """The ref of the metric ``key`` (of the name ``name``, described by ``meta``),
+        creating it if needed (invariants 2, 4 and 5)."""
         dom = self._dom
-        cls = class_index(KIND_SIZES[kind])
+        kind = meta.kind
+        cls = class_index(histogram_size(len(meta.buckets)) if meta.buckets
+                          else KIND_SIZES[kind])
         reg = dom._registry
         r = dom._root
         with dom._lock:
             spare = dom._lease.cache_pop(cls)
             committed = False
             try:
+                known = self.family(name)
+                if known is not None and (known.kind != kind or known.buckets != meta.buckets):
+                    raise KindMismatch(f"{name} is registered as {_describe(known)}, "
+                                       f"not as {_describe(meta)}")
                 idx, _ = reg.lookup(key)
                 if idx >= 0:
                     found, ref = reg.kind_ref(idx)
@@ -115,7 +162,7 @@ class Metrics:
                 fkey = family_key(name)
                 family, _ = reg.lookup(fkey)
                 if family < 0:
-                    family = reg.insert(fkey, KIND_FAMILY, 0, 0)
+                    family = reg.insert(fkey, KIND_FAMILY, 0, 0, encode_family(meta))
                 _kind, series = reg.kind_ref(family)
                 limit = int(r[D_SERIES_LIMIT])
                 if limit and series >= limit:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol, TypeVar
 
@@ -48,6 +48,7 @@ from ._compact import (
     should_compact,
 )
 from ._errors import InvalidArgument, InvalidType, PercpuError
+from ._gauges import gauge_value
 from ._handles import SHARED_VARIANT, Counter, Gauge, Summary, _Handle
 from ._holder import HolderLocks
 from ._layout import (
@@ -65,6 +66,7 @@ from ._layout import (
     D_PAGES,
     D_RECLAIMED_PAGESETS,
     D_REG_GEN,
+    KIND_GAUGE_LIVESUM,
     KIND_SUMMARY,
     L_ACK,
     L_SEQ,
@@ -72,6 +74,7 @@ from ._layout import (
     M_KIND,
     M_NEW,
     M_OLD,
+    MOVABLE_KINDS,
     MOVE_CAP,
     MOVE_WORDS,
     MS_DONE,
@@ -129,6 +132,7 @@ class Host(Protocol):
     _plock: Any  # a threading.RLock, replaced in a forked child
     _lease: Any
     _grace: Any
+    _reads: Any
     _pagesets: Pagesets
     _holder: HolderLocks
     _caches: Caches
@@ -346,12 +350,13 @@ class Moves:
             for s in range(slots_per_page(cls)):
                 if bits[s >> 6] >> (s & 63) & 1:
                     ref = make_ref(ps, s)
-                    if ref in live:
+                    if ref in live and live[ref][1] in MOVABLE_KINDS:
                         lv.append(s)
                     elif ref in cached:
                         ca.append(s)
                     else:
-                        pinned += 1  # a raw object, a slot waiting for a grace period, a leak
+                        pinned += 1  # a raw object, a histogram or stamped gauge (never
+                        # moved), a slot waiting for a grace period, a leak
                 else:
                     free.append(s)
             infos.append(PagesetInfo(ps, cls, tuple(lv), tuple(ca), pinned, tuple(free),
@@ -508,11 +513,11 @@ class Moves:
         """Per move: (word of id ``k``'s old copy, word of its new copy, summary?) or None
         when ``k`` has nothing there. Allocates a missing target page only for a non-zero
         copy (publishing allocated those it could foresee). Locks held."""
-        q, d = self._q, self._d
+        q = self._q
         step = int(q[self._root_q + st + MS_STEP])
         entries: dict[int, memoryview] = {}
         pairs: list[Pair] = []
-        for j, (old, new, kind) in enumerate(batch.moves):
+        for j, (old, new, _kind) in enumerate(batch.moves):
             ops, oslot = split_ref(old)
             e = entries.get(ops)
             if e is None:
@@ -523,12 +528,11 @@ class Moves:
                 continue
             size = self._pagesets.slot_size(e)
             ow = (page - 1 + oslot * size) // 8
-            summary = kind == KIND_SUMMARY
-            if not (q[ow] or (summary and d[ow + 1]) or step == j + 1):
+            if not (q[ow] or q[ow + 1] or step == j + 1):  # q[ow + 1]: the float part's bits
                 pairs.append(None)  # nothing to move, and nobody writes it any more
                 continue
             nps, nslot = split_ref(new)
-            pairs.append((ow, (self._pagesets.page(nps, k) + nslot * size) // 8, summary))
+            pairs.append((ow, (self._pagesets.page(nps, k) + nslot * size) // 8, True))
         return pairs
 
     def need_ids(self, batch: MoveBatch) -> frozenset[int]:
@@ -600,10 +604,10 @@ class Moves:
             words.append((page - 1 + slot * self._pagesets.slot_size(e)) // 8)
         o, n = words
         dq = int(q[st + MS_OLD]) + int(q[st + MS_NEW]) - int(q[o]) - int(q[n])
+        dd = d[st + MS_OLD_F] + d[st + MS_NEW_F] - d[o + 1] - d[n + 1]
         if kind == KIND_SUMMARY:
-            dd = d[st + MS_OLD_F] + d[st + MS_NEW_F] - d[o + 1] - d[n + 1]
             return {old: (dq, dd), new: (dq, dd)}
-        return {old: dq, new: dq}
+        return {old: dq + dd if dd else dq, new: dq + dd if dd else dq}
 
     # Grace period and completion (protocol step 5).
 
@@ -701,6 +705,11 @@ class Moves:
         new = self.fwd.get(ref)  # not ``or``: 0 is a ref (slot 0 of pageset 0)
         return self.fwd_prev.get(ref, ref) if new is None else new
 
+    def pairs_in_flight(self) -> Mapping[int, tuple[int, int]]:
+        """Either ref -> (old, new) of every move of the batch in flight (empty: none)."""
+        gen = int(self._root[D_MV_GEN])
+        return self.batch(gen).pairs if gen & 1 else {}
+
     def read(self, ref: int, read: Callable[[int], _T], add: Callable[[_T, _T], _T]) -> _T:
         """``read(ref)`` (a sum over ids), made exact and monotonic while slots move."""
         r = self._root
@@ -773,13 +782,18 @@ class Moves:
                 continue
             other = pair[0] if ref == pair[1] else pair[1]
             ps, slot = split_ref(other)
-            if ps not in sums or (kind == KIND_SUMMARY and not sums[ps][1]):
+            if ps not in sums:
                 sums[ps] = self._pagesets.sums(ps, kind == KIND_SUMMARY)
             q, d = sums[ps]
             word = slot * SIZE_CLASSES[cls] // 8
             v = res[i]
             if kind == KIND_SUMMARY:
                 res[i] = replace(v, value=v.value + d[word + 1], count=v.count + q[word])
+            elif kind == KIND_GAUGE_LIVESUM:  # only the live ids' parts of the other slot
+                part = gauge_value(kind, self._pagesets.slot_copies(other),
+                                   self._dom._reads.live_ids())
+                res[i] = replace(v, value=v.value + part)
             else:
-                res[i] = replace(v, value=v.value + q[word])
+                f = d[word + 1]
+                res[i] = replace(v, value=v.value + q[word] + f if f else v.value + q[word])
         return res

@@ -27,6 +27,7 @@ of the read paths read through unchecked page words at worst a wrong value or an
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 
 from arena.locks import SharedLock
@@ -51,6 +52,7 @@ from ._layout import (
 )
 
 MAX_PAGESETS = MAX_CHUNKS * PS_PER_CHUNK
+_ZEROS = [0.0] * (PAGE // 8)  # the float sums of a page with no float part (never written)
 
 
 class Pagesets:
@@ -168,6 +170,14 @@ class Pagesets:
             raise damaged(f"a page word {p:#x} outside the arena or not page-aligned")
         return p - 1
 
+    def zero_copy(self, ref: int, vcpu: int) -> None:
+        """Clear id ``vcpu``'s copy of slot ``ref``, if it has a page there."""
+        e, slot, size = self.check_ref(ref)
+        page = int(e[P_PAGES + vcpu])
+        if page:
+            off = self._checked_page(page) + slot * size
+            self._heap[off : off + size] = bytes(size)
+
     def drop_pages(self, ps: int) -> int:
         """Give every page of the (empty) pageset ``ps`` back and free its entry; the pages
         given back. Lock held."""
@@ -183,18 +193,57 @@ class Pagesets:
 
     # -- sums over the ids (the reads) ----------------------------------------------------
 
-    def slot_sum(self, ref: int) -> int:
-        """The int64 word of slot ``ref`` summed over every id (``Counter.value``)."""
+    def slot_sum(self, ref: int) -> int | float:
+        """Slot ``ref``'s int64 part plus its float64 part, summed over every id
+        (``Counter.value``): an int while every float part is zero."""
         ps, slot = split_ref(ref)
         e = self.entry(ps)
-        q = self._q
+        q, d = self._q, self._d
         word = slot * SIZE_CLASSES[int(e[P_CLASS]) - 1] // 8
         total = 0
+        fraction = 0.0
         for vcpu in range(self._ids):  # page_offsets inlined: this is Counter.value
             page = e[P_PAGES + vcpu]
             if page:
-                total += q[(page - 1) // 8 + word]
-        return total
+                w = (page - 1) // 8 + word
+                total += q[w]
+                if q[w + 1]:  # the float part's bits: 0 is 0.0
+                    fraction += d[w + 1]
+        return total + fraction if fraction else total
+
+    def slot_copies(self, ref: int) -> list[tuple[int, int, float]]:
+        """(id, int64 word, float64 word) of slot ``ref`` in every id's page of it."""
+        e, slot, size = self.check_ref(ref)
+        q, d = self._q, self._d
+        out = []
+        for k, page in self.id_pages(e):
+            w = (page + slot * size) // 8
+            out.append((k, int(q[w]), float(d[w + 1])))
+        return out
+
+    def slot_words(self, ref: int, ints: int) -> tuple[list[int], float]:
+        """Slot ``ref``'s first ``ints`` int64 words and the float64 word after them, each
+        summed over every id (a histogram's bucket counts and sum)."""
+        e, slot, size = self.check_ref(ref)
+        if ints + 1 > size // 8:
+            raise damaged(f"ref {ref:#x}: {ints + 1} words do not fit its {size}-byte slot")
+        counts = [0] * ints
+        total = 0.0
+        for _k, page in self.id_pages(e):
+            w = (page + slot * size) // 8
+            counts = list(map(operator.add, counts, self._q[w : w + ints].tolist()))
+            total += self._d[w + ints]
+        return counts, total
+
+    def page_rows(self, ps: int) -> list[tuple[int, list[int], list[float]]]:
+        """(id, its page as int64 words, the same as float64 words) of every id with a page
+        of pageset ``ps`` (the reads that need each id's copy: live and stamped gauges)."""
+        n = PAGE // 8
+        out: list[tuple[int, list[int], list[float]]] = []
+        for k, page in self.id_pages(self.entry(ps)):
+            out.append((k, self._q[page // 8 : page // 8 + n].tolist(),
+                        self._d[page // 8 : page // 8 + n].tolist()))  # type: ignore[arg-type]
+        return out
 
     def slot_summary(self, ref: int) -> tuple[int, float]:
         """A Summary slot's (count, sum) over every id."""
@@ -211,20 +260,21 @@ class Pagesets:
         return count, total
 
     def sums(self, ps: int, floats: bool) -> tuple[list[int], list[float]]:
-        """Per-word sums over ids of pageset ``ps`` as int64, and as float64 when ``floats``
-        (a pageset of summaries; empty otherwise). One page copy per id with a page of it."""
+        """Per-word sums over ids of pageset ``ps`` as int64 and as float64. ``floats``: every
+        float word matters (summaries, histograms); else (counters, gauges: a float part in
+        each odd word) the float sums are read only when some odd word is not zero, and are
+        zeros otherwise. One page copy per id with a page of it."""
         e = self.entry(ps)
         n = PAGE // 8
-        rows_q, rows_d = [], []
-        for page in self.page_offsets(e):
-            w = page // 8
-            rows_q.append(self._q[w : w + n].tolist())
-            if floats:
-                rows_d.append(self._d[w : w + n].tolist())
+        pages = self.page_offsets(e)
+        rows_q = [self._q[page // 8 : page // 8 + n].tolist() for page in pages]
         if not rows_q:
-            return [0] * n, [0.0] * n if floats else []
-        return (list(map(sum, zip(*rows_q, strict=True))),
-                list(map(sum, zip(*rows_d, strict=True))) if floats else [])
+            return [0] * n, _ZEROS
+        q_sums = list(map(sum, zip(*rows_q, strict=True)))
+        if not floats and not any(q_sums[1::2]) and not any(any(r[1::2]) for r in rows_q):
+            return q_sums, _ZEROS
+        rows_d = [self._d[page // 8 : page // 8 + n].tolist() for page in pages]
+        return q_sums, list(map(sum, zip(*rows_d, strict=True)))
 
     # -- slots ---------------------------------------------------------------------------
 

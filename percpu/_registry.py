@@ -50,7 +50,9 @@ from ._layout import (
     HASH_EMPTY,
     HASH_TOMBSTONE,
     KIND_FAMILY,
+    KIND_HISTOGRAM,
     KIND_SIZES,
+    MAX_BUCKETS,
     REG_SEGMENTS,
     RS_TABLE,
     RS_USED,
@@ -60,6 +62,7 @@ from ._layout import (
     TABLE_ALIGN,
     bump,
     class_index,
+    histogram_size,
     pack_table,
     seal,
     unpack_table,
@@ -67,6 +70,8 @@ from ._layout import (
 )
 
 Entry = tuple[int, int, int, bytes]  # (kind, size class, ref, key) of a live metric
+_HISTOGRAM_CLASSES = (class_index(histogram_size(1)), class_index(histogram_size(MAX_BUCKETS)))
+_EXTRA = 4  # bytes of the length of a family's metadata, after its key
 _SEG_SHIFT = 56  # a hash's top byte picks its segment
 _POS_MASK = (1 << 32) - 1
 
@@ -88,6 +93,8 @@ def _kind_class(meta: int, idx: int) -> tuple[int, int]:
     """The kind and size class of an entry's meta word, checked against each other."""
     kind, cls = meta & 0xFF, meta >> 8 & 0xFF
     if kind == KIND_FAMILY and cls == 0:
+        return kind, cls
+    if kind == KIND_HISTOGRAM and _HISTOGRAM_CLASSES[0] <= cls <= _HISTOGRAM_CLASSES[1]:
         return kind, cls
     if kind not in KIND_SIZES or cls != class_index(KIND_SIZES[kind]):
         raise damaged(f"registry entry {idx:#x}: kind {kind}, class {cls}")
@@ -157,6 +164,17 @@ class Registry:
             raise damaged(f"registry entry {i} points outside the arena")
         return bytes(self._heap[off : off + n])
 
+    def extra_at(self, idx: int) -> bytes:
+        """The bytes kept after entry ``idx``'s key (bounds-checked against the arena)."""
+        t, e = self._word(idx, 0)
+        off = int(t[e + E_KEY]) + (int(t[e + E_META]) >> 16)
+        if off + _EXTRA > len(self._heap):
+            raise damaged(f"registry entry {idx:#x}'s metadata lies outside the arena")
+        n = int.from_bytes(self._heap[off : off + _EXTRA], "little")
+        if off + _EXTRA + n > len(self._heap):
+            raise damaged(f"registry entry {idx:#x}'s metadata lies outside the arena")
+        return bytes(self._heap[off + _EXTRA : off + _EXTRA + n])
+
     def lookup(self, key: bytes, h: int | None = None) -> tuple[int, int]:
         """(entry index or -1, first free index on the probe path or -1)."""
         h = key_hash(key) if h is None else h
@@ -193,10 +211,11 @@ class Registry:
 
     # -- changes -------------------------------------------------------------------------
 
-    def insert(self, key: bytes, kind: int, cls: int, ref: int) -> int:
+    def insert(self, key: bytes, kind: int, cls: int, ref: int, extra: bytes = b"") -> int:
         """Add ``key`` (not present) as an entry of ``kind`` with ref word ``ref`` (a series'
         slot of class ``cls``, or a family's count), growing its segment first if it is half
-        full; the new entry's index."""
+        full; the new entry's index. ``extra`` (a family's metadata) is kept after the key,
+        in the same block (:meth:`extra_at`)."""
         h = key_hash(key)
         seg = h >> _SEG_SHIFT
         _off, cap, used = self._segment(seg)
@@ -208,8 +227,9 @@ class Registry:
             _, free = self.lookup(key, h)
             if free < 0:
                 raise damaged(f"registry segment {seg} is full below its growth threshold")
-        key_off = self._alloc(max(len(key), 1), "a metric name", None)
-        self._heap[key_off : key_off + len(key)] = key
+        body = key + (len(extra).to_bytes(_EXTRA, "little") + extra if extra else b"")
+        key_off = self._alloc(max(len(body), 1), "a metric name", None)
+        self._heap[key_off : key_off + len(body)] = body
         t, e = self._word(free, 0)
         was_empty = t[e + E_HASH] == HASH_EMPTY
         t[e + E_KEY] = key_off
@@ -316,6 +336,16 @@ class Registry:
                                     self.key_at(t, i)))
         self._cache = (gen, out)
         return gen, out
+
+    def families(self) -> dict[bytes, int]:
+        """Family key -> entry index of every family (for their metadata)."""
+        out = {}
+        for seg, t in self._tables():
+            for i, (h, meta) in enumerate(zip(t[E_HASH::ENTRY_WORDS].tolist(),
+                                              t[E_META::ENTRY_WORDS].tolist(), strict=True)):
+                if h > HASH_TOMBSTONE and meta & 0xFF == KIND_FAMILY:
+                    out[self.key_at(t, i)] = seg << 32 | i
+        return out
 
     def live_refs(self) -> dict[int, tuple[int, int]]:
         """Recorded ref -> (entry index, kind) of every live series."""

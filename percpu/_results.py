@@ -60,9 +60,13 @@ class MetricValue:      # dataclass's __init__ costs about three times as much
 
     name: str
     labels: tuple[tuple[str, str], ...]
-    kind: str  #: "counter", "gauge" or "summary"
-    value: int | float  #: counter/gauge value; a summary's sum
-    count: int = 0  #: a summary's count
+    kind: str  #: "counter", "gauge", "summary" or "histogram"
+    value: int | float  #: counter/gauge value; a summary's or histogram's sum
+    count: int = 0  #: a summary's or histogram's count
+    #: a histogram's cumulative ``(le, count)`` per bucket, ``(inf, count)`` last
+    buckets: tuple[tuple[float, int], ...] = ()
+    documentation: str = ""  #: the family's help text
+    unit: str = ""  #: the family's unit
 
 
 @dataclass(frozen=True)

@@ -111,7 +111,7 @@ def test_stats_text(domain_file: tuple[str, percpu.Domain]) -> None:
     assert f"pid {os.getpid():>7}" in holder
     assert "faults since start: minor" in holder
     assert "metrics: 4;" in out
-    assert "8-byte slots: 1 pagesets" in out and "16-byte slots: 1 pagesets" in out
+    assert "16-byte slots: 1 pagesets" in out  # counters, gauges and summaries alike
     assert "failed allocations 0" in out
 
 

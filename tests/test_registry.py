@@ -58,7 +58,7 @@ class RegistryMachine(RuleBasedStateMachine):
         if key in self.model:
             return
         gen = self.root[D_REG_GEN]
-        cls = 1 if kind < 3 else 2  # the class of the kind's slot size
+        cls = 2  # every kind but the histogram has 16-byte slots
         idx = self.reg.insert(key, kind, cls, self.next_ref)
         assert self.reg.lookup(key)[0] == idx
         self.model[key] = (kind, self.next_ref)
