@@ -56,6 +56,7 @@ import errno
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, TypeAlias
@@ -115,12 +116,17 @@ _LOCK_POLICIES = ("auto", "require", True, False)
 # or _FREED. One slot for both keeps the hot paths at one store each.
 _FREED: memoryview = memoryview(b"")
 _FREED.release()
-# A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES
-# (and QUICK_MAX_BYTES) on a per-size list and hands them out again without the allocator (as
-# glibc's tcache does); a table indexed by the size in bytes finds the list in one step.
-QUICK_MAX_GRANULES = 16
+# A private arena keeps freed blocks of every size up to QUICK_MAX_BYTES (and ``cache_max``) on
+# a per-size list and hands them out again without the allocator (as glibc's tcache does); a
+# table indexed by the size in bytes finds the list in one step, and the bound is a length
+# fixed per list (no byte count on the fast path): QUICK_DEPTH blocks a size up to
+# QUICK_DEEP_BYTES, above that at most QUICK_SIZE_BYTES and 1/QUICK_HEAP_SHARE of the heap a
+# size (at least one block), so that blocks held back cannot scatter a small heap.
 QUICK_MAX_BYTES = 4096
 QUICK_DEPTH = 64
+QUICK_DEEP_BYTES = 1024
+QUICK_SIZE_BYTES = 64 << 10
+QUICK_HEAP_SHARE = 256
 # Above them, up to ``cache_max`` bytes (default CACHE_MAX_BYTES), every arena keeps freed
 # blocks on per-size lists bounded in bytes (``cache_bytes``; defaults below), private and
 # shared alike (see "Caches" in the module docstring).
@@ -131,6 +137,16 @@ CACHE_PRIVATE_CAP = 64 << 20  # ... at most 64 MiB
 # memory to the others (their stats, their allocations) until it gives it back.
 
 _make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
+
+
+class _Stack(list[int]):
+    """The offsets of the freed blocks of one size, last in first out; ``cap`` bounds its
+    length (the quick lists: a list subclass, so the fast paths call list's own methods)."""
+
+    __slots__ = ("cap",)
+    cap: int
+
+
 _warned_unlocked = False  # "auto" warns once per process, then stays quiet
 _arenas: weakref.WeakSet[Arena] = weakref.WeakSet()  # every open arena, for fork
 
@@ -356,32 +372,39 @@ class Arena:
         self._pid = os.getpid()
         self._closed = False
         self._lock = SharedLock(fd, ARENA_LOCK_BYTE, self._repair_if_interrupted)
+        self._set_lock_path()
         self._words = memoryview(mm).cast("Q")
         self._heap = memoryview(mm)[layout.heap_offset : layout.heap_offset + layout.heap_size]
         self._gshift = layout.granule.bit_length() - 1
         self._gmask = layout.granule - 1
+        self._gfloor = ~self._gmask  # (size + _gmask) & _gfloor: size rounded up to granules
         self._core = Tlsf(self._words, layout.tags_offset // 8, layout.heap_offset // 8,
                           layout.granule, layout.n_granules)
         self._live: dict[int, Block] = {}  # offset -> the one valid handle (invariant 3)
         self._set_owner_tags()
-        # Quick lists (private arenas): offsets of freed small blocks, kept allocated for reuse,
-        # one list per granule count; _quick_by_size maps a size in bytes to its list, so the
-        # hot path indexes once instead of rounding.
-        self._quick: dict[int, list[int]] = {}
-        self._quick_by_size: list[list[int]] = []
-        if not self.shared:
-            n_max = min(QUICK_MAX_GRANULES, max(1, QUICK_MAX_BYTES >> self._gshift))
-            self._quick = {n: [] for n in range(1, n_max + 1)}
+        # Quick lists (private arenas): offsets of freed blocks up to QUICK_MAX_BYTES, kept
+        # allocated for reuse, one list per granule count; _quick_by_size maps a size in bytes
+        # to its list, so the hot path indexes once instead of rounding.
+        cache_bytes, cache_max = caching
+        self._quick: dict[int, _Stack] = {}
+        self._quick_by_size: list[_Stack] = []
+        quick_max = min(QUICK_MAX_BYTES, cache_max, layout.heap_size)
+        if not self.shared and quick_max > 0:
+            for n in range(1, ((quick_max + self._gmask) >> self._gshift) + 1):
+                quick = self._quick[n] = _Stack()
+                nbytes = n << self._gshift
+                quick.cap = QUICK_DEPTH if nbytes <= QUICK_DEEP_BYTES else max(1, min(
+                    QUICK_DEPTH, min(QUICK_SIZE_BYTES, layout.heap_size // QUICK_HEAP_SHARE)
+                    // nbytes))
             self._quick_by_size = [self._quick[1]] + [  # index 0 is never used: size > 0
                 self._quick[(size + self._gmask) >> self._gshift]
-                for size in range(1, min(n_max << self._gshift, QUICK_MAX_BYTES) + 1)]
+                for size in range(1, quick_max + 1)]
         self._quick_max_size = len(self._quick_by_size) - 1  # -1: none
-        # The byte-bounded cache: granule count -> offsets, for sizes above the quick lists up
+        # The byte-bounded cache: block bytes -> offsets, for sizes above the quick lists up
         # to _cache_max bytes. _cached_bytes is what it holds; racing threads may lose an update
         # of it (load, add, store), which moves the bound by a block until the next drain sets
         # it to 0 again. Blocks themselves are never lost or doubled (list append/pop are
         # atomic under the GIL; a free-threaded build needs a lock here).
-        cache_bytes, cache_max = caching
         if cache_bytes is None:
             cache_bytes = 0 if self.shared else min(layout.heap_size // CACHE_PRIVATE_SHARE,
                                                     CACHE_PRIVATE_CAP)
@@ -537,78 +560,86 @@ class Arena:
                     self._live[offset] = block
                     return block
             elif size <= self._cache_max:
-                n = (size + self._gmask) >> self._gshift
-                cache = self._cache.get(n)
-                if cache:
-                    try:
-                        offset = cache.pop()
-                    except IndexError:  # another thread took the last one
-                        pass
-                    else:
-                        self._cached_bytes -= n << self._gshift
-                        block = _make_block(Block)
-                        block.arena = self
-                        block.offset = offset
-                        block.size = size
-                        block._view = None
-                        block._owner = self._cached_tag
-                        self._live[offset] = block
-                        return block
+                nbytes = (size + self._gmask) & self._gfloor
+                try:  # KeyError: no list of this size yet; IndexError: it is empty
+                    offset = self._cache[nbytes].pop()
+                except (KeyError, IndexError):
+                    pass
+                else:
+                    self._cached_bytes -= nbytes
+                    block = _make_block(Block)
+                    block.arena = self
+                    block.offset = offset
+                    block.size = size
+                    block._view = None
+                    block._owner = self._cached_tag
+                    self._live[offset] = block
+                    return block
         return self._alloc_slow(size, align)
 
     def _alloc_slow(self, size: int, align: int | None) -> Block:
         """Everything but a cache hit: an aligned request (a cached block that happens to be
-        aligned serves it), then the allocator under the lock."""
+        aligned serves it), then the allocator under the lock, written out in this one call.
+        An alignment up to the block size goes to the allocator as before: served from the
+        caches it scattered a mixed aligned workload (tests/test_arena_os.py, a million
+        operations) until an 8 KiB request found no run with 60% of the heap free."""
         if self._closed:
             raise ArenaClosed("the arena is closed")
-        ag = 1 if align is None else self._align_granules(align)
         gshift = self._gshift
         n = (size + self._gmask) >> gshift
-        if ag > 1 and size <= self._cache_max:
-            cached = (self._quick_by_size[size] if size <= self._quick_max_size
-                      else self._cache.get(n))
-            if cached:
-                try:
-                    offset = cached.pop()
-                except IndexError:
-                    pass
-                else:
-                    if not (offset >> gshift) % ag:
-                        if size > self._quick_max_size:
-                            self._cached_bytes -= n << gshift
-                        return self._new_handle(offset, size, self._cached_tag)
-                    cached.append(offset)
-        g = self._alloc_locked(n, ag)
-        if g < 0:
-            exc = self._exhausted(size, align)  # BadArenaFile instead if stats meets damage
-            with self._lock:
-                self._words[W_FAILED] = add64(self._words[W_FAILED], 1)
-            raise exc
-        return self._new_handle(g << gshift, size, self._used_tag)
-
-    def _alloc_locked(self, n: int, ag: int) -> int:
-        """Granule of a new block (counted), or -1 when nothing fits even after the caches
-        were given back (cached blocks may coalesce into a fit); the caller counts a failure
-        once it has the figures for its message."""
-        w, lock, core = self._words, self._lock, self._core
-        lock.acquire()
+        ag = 1
+        if align is not None:
+            ag = self._align_granules(align)
+            if ag > 1 and size <= self._cache_max:
+                cached = (self._quick_by_size[size] if size <= self._quick_max_size
+                          else self._cache.get(n << gshift))
+                if cached:
+                    try:
+                        offset = cached.pop()
+                    except IndexError:
+                        pass
+                    else:
+                        if not (offset >> gshift) % ag:
+                            if size > self._quick_max_size:
+                                self._cached_bytes -= n << gshift
+                            return self._new_handle(offset, size, self._cached_tag)
+                        cached.append(offset)
+        w, core, pid = self._words, self._core, self._pid
+        self._acquire()
         try:
-            w[W_OP] = self._pid
+            if w[W_OP]:  # a holder died or raised inside an operation: repair first
+                self._rebuild()
+            w[W_OP] = pid
             try:
                 g = core.alloc_tagged(n, ag, self._used_tag)
                 w[W_OP] = 0
                 if g < 0 and self._cached_count():
+                    # Cached blocks may coalesce into a fit: give them back, try again.
                     self._drain_caches()
-                    w[W_OP] = self._pid
+                    w[W_OP] = pid
                     g = core.alloc_tagged(n, ag, self._used_tag)
                     w[W_OP] = 0
             except CorruptArena as exc:
                 raise self._damaged(exc) from None
             if g >= 0:
                 w[W_ALLOCS] = add64(w[W_ALLOCS], 1)
+                # _new_handle inlined, under the lock (no thread sees the offset before).
+                block = _make_block(Block)
+                block.arena = self
+                block.offset = offset = g << gshift
+                block.size = size
+                block._view = None
+                block._owner = self._used_tag
+                self._live[offset] = block
+                return block
         finally:
-            lock.release()
-        return g
+            self._release()
+        # Nothing fits even with the caches given back; the failure is counted once the
+        # message has its figures.
+        exc2 = self._exhausted(size, align)  # BadArenaFile instead if stats meets damage
+        with self._lock:
+            w[W_FAILED] = add64(w[W_FAILED], 1)
+        raise exc2
 
     def _new_handle(self, offset: int, size: int, owner: int) -> Block:
         block = _make_block(Block)
@@ -628,6 +659,18 @@ class Arena:
         self._used_tag = TAG_USED | pid << TAG_OWNER_SHIFT
         # Blocks in (or handed out from) this process's cache; a private arena needs no mark.
         self._cached_tag = self._used_tag | TAG_CACHED if self.shared else self._used_tag
+
+    def _set_lock_path(self) -> None:
+        """How alloc and free take the lock (again after fork: a new thread lock). A private
+        arena takes its thread lock directly, and runs the repair check of ``on_acquire``
+        itself (``if w[W_OP]``); a shared one goes through the wrapper (thread lock + OFD
+        lock), whose ``on_acquire`` has run that check already."""
+        if self._fd is None:
+            mutex = self._lock.thread_lock
+            self._acquire: Callable[[], object] = mutex.acquire
+            self._release: Callable[[], object] = mutex.release
+        else:
+            self._acquire, self._release = self._lock.acquire, self._lock.release
 
     def _cached_count(self) -> int:
         return sum(map(len, self._quick.values())) + sum(map(len, self._cache.values()))
@@ -703,19 +746,20 @@ class Arena:
         size = block.size
         if size <= self._quick_max_size:
             quick = self._quick_by_size[size]
-            if len(quick) < QUICK_DEPTH:
+            if len(quick) < quick.cap:
                 quick.append(offset)
                 self._pushes += 1
                 return
         elif size <= self._cache_max:
-            nbytes = (size + self._gmask) & ~self._gmask
-            if self._cached_bytes + nbytes <= self._cache_limit:
+            nbytes = (size + self._gmask) & self._gfloor
+            cached = self._cached_bytes + nbytes
+            if cached <= self._cache_limit:
                 if not self.shared or block._owner == self._cached_tag:
-                    cache = self._cache.get(nbytes >> self._gshift)
-                    if cache is None:
-                        cache = self._cache.setdefault(nbytes >> self._gshift, [])
-                    cache.append(offset)
-                    self._cached_bytes += nbytes
+                    try:
+                        self._cache[nbytes].append(offset)
+                    except KeyError:  # the first block of this size
+                        self._cache.setdefault(nbytes, []).append(offset)
+                    self._cached_bytes = cached
                     self._pushes += 1
                     return
                 if block._owner == self._used_tag:  # ours, not marked yet: mark it
@@ -736,14 +780,16 @@ class Arena:
                 # from a parent that cached the block (and hands it out still).
                 owner = bits >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
                 raise StaleBlock(f"{block!r} is in process {owner}'s cache")
-        self._lock.acquire()
+        self._acquire()
         try:
+            if w[W_OP]:  # a holder died or raised inside an operation: repair first
+                self._rebuild()
             if to_cache:
                 if core.used_size(g) != n or core.tag(g) & ~TAG_SIZE_MASK != bits:
                     raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
                 core.set_tag(g, core.tag(g) | TAG_CACHED)  # one store; the end tag stays
                 block._owner = self._cached_tag
-                cache = self._cache.setdefault(n, [])
+                cache = self._cache.setdefault(n << self._gshift, [])
                 cache.append(g << self._gshift)
                 self._cached_bytes += n << self._gshift
                 self._pushes += 1
@@ -762,7 +808,7 @@ class Arena:
                 raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
             w[W_FREES] = add64(w[W_FREES], 1)
         finally:
-            self._lock.release()
+            self._release()
 
     @staticmethod
     def _not_mine(method: str, block: object) -> Exception:
@@ -983,6 +1029,7 @@ class Arena:
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
         self._lock.set_fd(None)  # a fresh thread lock; no OFD lock until the fd is our own
+        self._set_lock_path()
         if self._closed:
             return
         self._set_owner_tags()
@@ -1006,6 +1053,7 @@ class Arena:
                 return
             os.close(old)
             self._lock.set_fd(self._fd)
+            self._set_lock_path()
         if self.locked and _osmem.mlock(self._mm) != 0:
             self.locked = False  # not inherited, and the child's limit refused it
             warnings.warn(f"{self!r}: could not lock the arena again in the child after fork; "
