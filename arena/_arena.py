@@ -12,6 +12,10 @@ Invariants
    byte 0 of the file (released by the kernel if the holder dies). ``W_OP`` marks an operation
    in progress; whoever next takes the lock (an arena method or a layer above through
    :meth:`Arena.locked_section`) and finds it set repairs the index first (see ``_tlsf``).
+   A private arena's alloc and free take the thread lock directly, not through the wrapper,
+   and check ``W_OP`` themselves once they hold it; so does every allocator path of a shared
+   arena (a cheap second look after the wrapper's). Whatever they call that takes the wrapper
+   again (the drain of the caches) runs with ``W_OP`` clear.
 3. A :class:`Block` is valid while this process's ``_live`` table maps its offset to that very
    object. ``free`` checks identity, so a double free, a copied/forged handle or a stale one is
    refused before anything is changed. Offsets that come from outside (``block_at``) and frees
@@ -27,19 +31,20 @@ Invariants
 Caches
 ------
 A freed block of up to ``cache_max`` bytes is kept, still allocated in the TLSF, on a per-size
-list of this process and handed out again without the allocator or its lock: up to 1 KiB (16
-granules) on the quick lists of a private arena (at most QUICK_DEPTH a size), above that (and
-at every size in a shared arena that asked for it) on lists bounded in bytes by
-``cache_bytes``. ``stats()``,
-``check()``, ``close()``, exhaustion and (shared arenas) the exit of the process give every
-cached block back to the allocator first, so the figures stay exact and nothing is refused
-while cached memory could serve it. A shared arena's cache is safe across processes: a block
-enters it, under the lock, by setting TAG_CACHED in its start tag with this process as owner,
-and keeps the mark while this process hands it out and takes it back (so the warm pair makes no
-fcntl call and no store to a tag). A marked block is this process's alone: another process's
-``block_at`` and ``free`` refuse it (StaleBlock), ``keep`` clears the mark, and once its owner
-is dead ``check()`` lists it as leaked (``reclaim=True`` frees it). A child after fork drops the
-shared caches it inherited (their blocks are its parent's).
+list of this process and handed out again without the allocator or its lock: up to 4 KiB on the
+quick lists of a private arena (found by the size in bytes; each list bounded by a length,
+``_Stack.cap``, so the fast path counts no bytes), above that (and at every size in a shared
+arena that asked for it) on lists bounded in bytes by ``cache_bytes``; ``cache_max`` bounds
+both. ``stats()``, ``check()``, ``close()`` and (shared arenas) the exit of the process give
+every cached block back to the allocator first, so the figures stay exact; an allocation that
+finds no run gives back the smallest cached block that holds it, else every cached block, so
+nothing is refused while cached memory could serve it. A shared arena's cache is safe across
+processes: a block enters it, under the lock, by setting TAG_CACHED in its start tag with this
+process as owner, and keeps the mark while this process hands it out and takes it back (so the
+warm pair makes no fcntl call and no store to a tag). A marked block is this process's alone:
+another process's ``block_at`` and ``free`` refuse it (StaleBlock), ``keep`` clears the mark,
+and once its owner is dead ``check()`` lists it as leaked (``reclaim=True`` frees it). A child
+after fork drops the shared caches it inherited (their blocks are its parent's).
 
 Threads and fork: every public method is thread-safe. A child after ``fork`` reopens the file
 of a shared arena (a fresh open file description, so its locks are its own), resets the thread
@@ -136,6 +141,7 @@ CACHE_PRIVATE_CAP = 64 << 20  # ... at most 64 MiB
 # A shared arena caches only when asked (cache_bytes > 0): what one process caches is used
 # memory to the others (their stats, their allocations) until it gives it back.
 
+_MASK64 = (1 << 64) - 1  # a statistics counter wraps in its word (add64)
 _make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
 
 
@@ -613,8 +619,10 @@ class Arena:
             try:
                 g = core.alloc_tagged(n, ag, self._used_tag)
                 w[W_OP] = 0
+                if g < 0 and ag == 1 and self._cached_count():
+                    g = self._refit(n)  # one cached block that holds n granules, given back
                 if g < 0 and self._cached_count():
-                    # Cached blocks may coalesce into a fit: give them back, try again.
+                    # Cached blocks may coalesce into a fit: give them all back, try again.
                     self._drain_caches()
                     w[W_OP] = pid
                     g = core.alloc_tagged(n, ag, self._used_tag)
@@ -622,7 +630,7 @@ class Arena:
             except CorruptArena as exc:
                 raise self._damaged(exc) from None
             if g >= 0:
-                w[W_ALLOCS] = add64(w[W_ALLOCS], 1)
+                w[W_ALLOCS] = (w[W_ALLOCS] + 1) & _MASK64  # add64, inlined
                 # _new_handle inlined, under the lock (no thread sees the offset before).
                 block = _make_block(Block)
                 block.arena = self
@@ -703,6 +711,41 @@ class Arena:
                 w[W_FREES] = add64(w[W_FREES], frees - self._folded_frees)
                 w[W_ALLOCS] = add64(w[W_ALLOCS], allocs - self._folded_allocs)
                 self._folded_frees, self._folded_allocs = frees, allocs
+
+    def _refit(self, n: int) -> int:
+        """After the allocator found no run of ``n`` granules: give back the smallest cached
+        block that holds ``n`` (lock held, ``W_OP`` clear) and allocate again; -1 when no
+        cached block is that large. One free and one alloc, where a drain of every cache
+        would cost one free per cached block (a nearly full arena comes here often)."""
+        gshift, w, core = self._gshift, self._words, self._core
+        best: list[int] | None = None
+        best_bytes = 0
+        for k, quick in self._quick.items():  # ascending sizes
+            if k >= n and quick:
+                best = quick
+                break
+        if best is None:
+            for nbytes, cache in self._cache.items():
+                if cache and nbytes >= n << gshift and (best is None or nbytes < best_bytes):
+                    best, best_bytes = cache, nbytes
+        if best is None:
+            return -1
+        try:
+            offset = best.pop()
+        except IndexError:  # another thread took it
+            return -1
+        self._cached_bytes -= best_bytes
+        w[W_OP] = self._pid
+        try:
+            core.free(offset >> gshift)
+        except CorruptArena:
+            best.append(offset)  # still allocated: it stays cached
+            self._cached_bytes += best_bytes
+            raise
+        self._drained += 1
+        g = core.alloc_tagged(n, 1, self._used_tag)
+        w[W_OP] = 0
+        return g
 
     def _align_granules(self, align: object) -> int:
         if align.__class__ is not int:
@@ -806,7 +849,7 @@ class Arena:
                 # retired from _live: it is stale for good. Only a block re-kept since
                 # escapes this check.
                 raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
-            w[W_FREES] = add64(w[W_FREES], 1)
+            w[W_FREES] = (w[W_FREES] + 1) & _MASK64  # add64, inlined
         finally:
             self._release()
 
