@@ -12,6 +12,10 @@ Invariants
    byte 0 of the file (released by the kernel if the holder dies). ``W_OP`` marks an operation
    in progress; whoever next takes the lock (an arena method or a layer above through
    :meth:`Arena.locked_section`) and finds it set repairs the index first (see ``_tlsf``).
+   A private arena's alloc and free take the thread lock directly, not through the wrapper,
+   and check ``W_OP`` themselves once they hold it; so does every allocator path of a shared
+   arena (a cheap second look after the wrapper's). Whatever they call that takes the wrapper
+   again (the drain of the caches) runs with ``W_OP`` clear.
 3. A :class:`Block` is valid while this process's ``_live`` table maps its offset to that very
    object. ``free`` checks identity, so a double free, a copied/forged handle or a stale one is
    refused before anything is changed. Offsets that come from outside (``block_at``) and frees
@@ -27,19 +31,20 @@ Invariants
 Caches
 ------
 A freed block of up to ``cache_max`` bytes is kept, still allocated in the TLSF, on a per-size
-list of this process and handed out again without the allocator or its lock: up to 1 KiB (16
-granules) on the quick lists of a private arena (at most QUICK_DEPTH a size), above that (and
-at every size in a shared arena that asked for it) on lists bounded in bytes by
-``cache_bytes``. ``stats()``,
-``check()``, ``close()``, exhaustion and (shared arenas) the exit of the process give every
-cached block back to the allocator first, so the figures stay exact and nothing is refused
-while cached memory could serve it. A shared arena's cache is safe across processes: a block
-enters it, under the lock, by setting TAG_CACHED in its start tag with this process as owner,
-and keeps the mark while this process hands it out and takes it back (so the warm pair makes no
-fcntl call and no store to a tag). A marked block is this process's alone: another process's
-``block_at`` and ``free`` refuse it (StaleBlock), ``keep`` clears the mark, and once its owner
-is dead ``check()`` lists it as leaked (``reclaim=True`` frees it). A child after fork drops the
-shared caches it inherited (their blocks are its parent's).
+list of this process and handed out again without the allocator or its lock: up to 4 KiB on the
+quick lists of a private arena (found by the size in bytes; each list bounded by a length,
+``_Stack.cap``, so the fast path counts no bytes), above that (and at every size in a shared
+arena that asked for it) on lists bounded in bytes by ``cache_bytes``; ``cache_max`` bounds
+both. ``stats()``, ``check()``, ``close()`` and (shared arenas) the exit of the process give
+every cached block back to the allocator first, so the figures stay exact; an allocation that
+finds no run gives back the smallest cached block that holds it, else every cached block, so
+nothing is refused while cached memory could serve it. A shared arena's cache is safe across
+processes: a block enters it, under the lock, by setting TAG_CACHED in its start tag with this
+process as owner, and keeps the mark while this process hands it out and takes it back (so the
+warm pair makes no fcntl call and no store to a tag). A marked block is this process's alone:
+another process's ``block_at`` and ``free`` refuse it (StaleBlock), ``keep`` clears the mark,
+and once its owner is dead ``check()`` lists it as leaked (``reclaim=True`` frees it). A child
+after fork drops the shared caches it inherited (their blocks are its parent's).
 
 Threads and fork: every public method is thread-safe. A child after ``fork`` reopens the file
 of a shared arena (a fresh open file description, so its locks are its own), resets the thread
@@ -56,6 +61,7 @@ import errno
 import os
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, TypeAlias
@@ -115,12 +121,17 @@ _LOCK_POLICIES = ("auto", "require", True, False)
 # or _FREED. One slot for both keeps the hot paths at one store each.
 _FREED: memoryview = memoryview(b"")
 _FREED.release()
-# A private arena keeps up to QUICK_DEPTH freed blocks of each size up to QUICK_MAX_GRANULES
-# (and QUICK_MAX_BYTES) on a per-size list and hands them out again without the allocator (as
-# glibc's tcache does); a table indexed by the size in bytes finds the list in one step.
-QUICK_MAX_GRANULES = 16
+# A private arena keeps freed blocks of every size up to QUICK_MAX_BYTES (and ``cache_max``) on
+# a per-size list and hands them out again without the allocator (as glibc's tcache does); a
+# table indexed by the size in bytes finds the list in one step, and the bound is a length
+# fixed per list (no byte count on the fast path): QUICK_DEPTH blocks a size up to
+# QUICK_DEEP_BYTES, above that at most QUICK_SIZE_BYTES and 1/QUICK_HEAP_SHARE of the heap a
+# size (at least one block), so that blocks held back cannot scatter a small heap.
 QUICK_MAX_BYTES = 4096
 QUICK_DEPTH = 64
+QUICK_DEEP_BYTES = 1024
+QUICK_SIZE_BYTES = 64 << 10
+QUICK_HEAP_SHARE = 256
 # Above them, up to ``cache_max`` bytes (default CACHE_MAX_BYTES), every arena keeps freed
 # blocks on per-size lists bounded in bytes (``cache_bytes``; defaults below), private and
 # shared alike (see "Caches" in the module docstring).
@@ -130,7 +141,18 @@ CACHE_PRIVATE_CAP = 64 << 20  # ... at most 64 MiB
 # A shared arena caches only when asked (cache_bytes > 0): what one process caches is used
 # memory to the others (their stats, their allocations) until it gives it back.
 
+_MASK64 = (1 << 64) - 1  # a statistics counter wraps in its word (add64)
 _make_block = object.__new__  # Block's constructor refuses callers; the arena makes handles
+
+
+class _Stack(list[int]):
+    """The offsets of the freed blocks of one size, last in first out; ``cap`` bounds its
+    length (the quick lists: a list subclass, so the fast paths call list's own methods)."""
+
+    __slots__ = ("cap",)
+    cap: int
+
+
 _warned_unlocked = False  # "auto" warns once per process, then stays quiet
 _arenas: weakref.WeakSet[Arena] = weakref.WeakSet()  # every open arena, for fork
 
@@ -356,32 +378,39 @@ class Arena:
         self._pid = os.getpid()
         self._closed = False
         self._lock = SharedLock(fd, ARENA_LOCK_BYTE, self._repair_if_interrupted)
+        self._set_lock_path()
         self._words = memoryview(mm).cast("Q")
         self._heap = memoryview(mm)[layout.heap_offset : layout.heap_offset + layout.heap_size]
         self._gshift = layout.granule.bit_length() - 1
         self._gmask = layout.granule - 1
+        self._gfloor = ~self._gmask  # (size + _gmask) & _gfloor: size rounded up to granules
         self._core = Tlsf(self._words, layout.tags_offset // 8, layout.heap_offset // 8,
                           layout.granule, layout.n_granules)
         self._live: dict[int, Block] = {}  # offset -> the one valid handle (invariant 3)
         self._set_owner_tags()
-        # Quick lists (private arenas): offsets of freed small blocks, kept allocated for reuse,
-        # one list per granule count; _quick_by_size maps a size in bytes to its list, so the
-        # hot path indexes once instead of rounding.
-        self._quick: dict[int, list[int]] = {}
-        self._quick_by_size: list[list[int]] = []
-        if not self.shared:
-            n_max = min(QUICK_MAX_GRANULES, max(1, QUICK_MAX_BYTES >> self._gshift))
-            self._quick = {n: [] for n in range(1, n_max + 1)}
+        # Quick lists (private arenas): offsets of freed blocks up to QUICK_MAX_BYTES, kept
+        # allocated for reuse, one list per granule count; _quick_by_size maps a size in bytes
+        # to its list, so the hot path indexes once instead of rounding.
+        cache_bytes, cache_max = caching
+        self._quick: dict[int, _Stack] = {}
+        self._quick_by_size: list[_Stack] = []
+        quick_max = min(QUICK_MAX_BYTES, cache_max, layout.heap_size)
+        if not self.shared and quick_max > 0:
+            for n in range(1, ((quick_max + self._gmask) >> self._gshift) + 1):
+                quick = self._quick[n] = _Stack()
+                nbytes = n << self._gshift
+                quick.cap = QUICK_DEPTH if nbytes <= QUICK_DEEP_BYTES else max(1, min(
+                    QUICK_DEPTH, min(QUICK_SIZE_BYTES, layout.heap_size // QUICK_HEAP_SHARE)
+                    // nbytes))
             self._quick_by_size = [self._quick[1]] + [  # index 0 is never used: size > 0
                 self._quick[(size + self._gmask) >> self._gshift]
-                for size in range(1, min(n_max << self._gshift, QUICK_MAX_BYTES) + 1)]
+                for size in range(1, quick_max + 1)]
         self._quick_max_size = len(self._quick_by_size) - 1  # -1: none
-        # The byte-bounded cache: granule count -> offsets, for sizes above the quick lists up
+        # The byte-bounded cache: block bytes -> offsets, for sizes above the quick lists up
         # to _cache_max bytes. _cached_bytes is what it holds; racing threads may lose an update
         # of it (load, add, store), which moves the bound by a block until the next drain sets
         # it to 0 again. Blocks themselves are never lost or doubled (list append/pop are
         # atomic under the GIL; a free-threaded build needs a lock here).
-        cache_bytes, cache_max = caching
         if cache_bytes is None:
             cache_bytes = 0 if self.shared else min(layout.heap_size // CACHE_PRIVATE_SHARE,
                                                     CACHE_PRIVATE_CAP)
@@ -537,78 +566,88 @@ class Arena:
                     self._live[offset] = block
                     return block
             elif size <= self._cache_max:
-                n = (size + self._gmask) >> self._gshift
-                cache = self._cache.get(n)
-                if cache:
-                    try:
-                        offset = cache.pop()
-                    except IndexError:  # another thread took the last one
-                        pass
-                    else:
-                        self._cached_bytes -= n << self._gshift
-                        block = _make_block(Block)
-                        block.arena = self
-                        block.offset = offset
-                        block.size = size
-                        block._view = None
-                        block._owner = self._cached_tag
-                        self._live[offset] = block
-                        return block
+                nbytes = (size + self._gmask) & self._gfloor
+                try:  # KeyError: no list of this size yet; IndexError: it is empty
+                    offset = self._cache[nbytes].pop()
+                except (KeyError, IndexError):
+                    pass
+                else:
+                    self._cached_bytes -= nbytes
+                    block = _make_block(Block)
+                    block.arena = self
+                    block.offset = offset
+                    block.size = size
+                    block._view = None
+                    block._owner = self._cached_tag
+                    self._live[offset] = block
+                    return block
         return self._alloc_slow(size, align)
 
     def _alloc_slow(self, size: int, align: int | None) -> Block:
         """Everything but a cache hit: an aligned request (a cached block that happens to be
-        aligned serves it), then the allocator under the lock."""
+        aligned serves it), then the allocator under the lock, written out in this one call.
+        An alignment up to the block size goes to the allocator as before: served from the
+        caches it scattered a mixed aligned workload (tests/test_arena_os.py, a million
+        operations) until an 8 KiB request found no run with 60% of the heap free."""
         if self._closed:
             raise ArenaClosed("the arena is closed")
-        ag = 1 if align is None else self._align_granules(align)
         gshift = self._gshift
         n = (size + self._gmask) >> gshift
-        if ag > 1 and size <= self._cache_max:
-            cached = (self._quick_by_size[size] if size <= self._quick_max_size
-                      else self._cache.get(n))
-            if cached:
-                try:
-                    offset = cached.pop()
-                except IndexError:
-                    pass
-                else:
-                    if not (offset >> gshift) % ag:
-                        if size > self._quick_max_size:
-                            self._cached_bytes -= n << gshift
-                        return self._new_handle(offset, size, self._cached_tag)
-                    cached.append(offset)
-        g = self._alloc_locked(n, ag)
-        if g < 0:
-            exc = self._exhausted(size, align)  # BadArenaFile instead if stats meets damage
-            with self._lock:
-                self._words[W_FAILED] = add64(self._words[W_FAILED], 1)
-            raise exc
-        return self._new_handle(g << gshift, size, self._used_tag)
-
-    def _alloc_locked(self, n: int, ag: int) -> int:
-        """Granule of a new block (counted), or -1 when nothing fits even after the caches
-        were given back (cached blocks may coalesce into a fit); the caller counts a failure
-        once it has the figures for its message."""
-        w, lock, core = self._words, self._lock, self._core
-        lock.acquire()
+        ag = 1
+        if align is not None:
+            ag = self._align_granules(align)
+            if ag > 1 and size <= self._cache_max:
+                cached = (self._quick_by_size[size] if size <= self._quick_max_size
+                          else self._cache.get(n << gshift))
+                if cached:
+                    try:
+                        offset = cached.pop()
+                    except IndexError:
+                        pass
+                    else:
+                        if not (offset >> gshift) % ag:
+                            if size > self._quick_max_size:
+                                self._cached_bytes -= n << gshift
+                            return self._new_handle(offset, size, self._cached_tag)
+                        cached.append(offset)
+        w, core, pid = self._words, self._core, self._pid
+        self._acquire()
         try:
-            w[W_OP] = self._pid
+            if w[W_OP]:  # a holder died or raised inside an operation: repair first
+                self._rebuild()
+            w[W_OP] = pid
             try:
                 g = core.alloc_tagged(n, ag, self._used_tag)
                 w[W_OP] = 0
+                if g < 0 and ag == 1 and self._cached_count():
+                    g = self._refit(n)  # one cached block that holds n granules, given back
                 if g < 0 and self._cached_count():
+                    # Cached blocks may coalesce into a fit: give them all back, try again.
                     self._drain_caches()
-                    w[W_OP] = self._pid
+                    w[W_OP] = pid
                     g = core.alloc_tagged(n, ag, self._used_tag)
                     w[W_OP] = 0
             except CorruptArena as exc:
                 raise self._damaged(exc) from None
             if g >= 0:
-                w[W_ALLOCS] = add64(w[W_ALLOCS], 1)
+                w[W_ALLOCS] = (w[W_ALLOCS] + 1) & _MASK64  # add64, inlined
+                # _new_handle inlined, under the lock (no thread sees the offset before).
+                block = _make_block(Block)
+                block.arena = self
+                block.offset = offset = g << gshift
+                block.size = size
+                block._view = None
+                block._owner = self._used_tag
+                self._live[offset] = block
+                return block
         finally:
-            lock.release()
-        return g
+            self._release()
+        # Nothing fits even with the caches given back; the failure is counted once the
+        # message has its figures.
+        exc2 = self._exhausted(size, align)  # BadArenaFile instead if stats meets damage
+        with self._lock:
+            w[W_FAILED] = add64(w[W_FAILED], 1)
+        raise exc2
 
     def _new_handle(self, offset: int, size: int, owner: int) -> Block:
         block = _make_block(Block)
@@ -628,6 +667,18 @@ class Arena:
         self._used_tag = TAG_USED | pid << TAG_OWNER_SHIFT
         # Blocks in (or handed out from) this process's cache; a private arena needs no mark.
         self._cached_tag = self._used_tag | TAG_CACHED if self.shared else self._used_tag
+
+    def _set_lock_path(self) -> None:
+        """How alloc and free take the lock (again after fork: a new thread lock). A private
+        arena takes its thread lock directly, and runs the repair check of ``on_acquire``
+        itself (``if w[W_OP]``); a shared one goes through the wrapper (thread lock + OFD
+        lock), whose ``on_acquire`` has run that check already."""
+        if self._fd is None:
+            mutex = self._lock.thread_lock
+            self._acquire: Callable[[], object] = mutex.acquire
+            self._release: Callable[[], object] = mutex.release
+        else:
+            self._acquire, self._release = self._lock.acquire, self._lock.release
 
     def _cached_count(self) -> int:
         return sum(map(len, self._quick.values())) + sum(map(len, self._cache.values()))
@@ -660,6 +711,41 @@ class Arena:
                 w[W_FREES] = add64(w[W_FREES], frees - self._folded_frees)
                 w[W_ALLOCS] = add64(w[W_ALLOCS], allocs - self._folded_allocs)
                 self._folded_frees, self._folded_allocs = frees, allocs
+
+    def _refit(self, n: int) -> int:
+        """After the allocator found no run of ``n`` granules: give back the smallest cached
+        block that holds ``n`` (lock held, ``W_OP`` clear) and allocate again; -1 when no
+        cached block is that large. One free and one alloc, where a drain of every cache
+        would cost one free per cached block (a nearly full arena comes here often)."""
+        gshift, w, core = self._gshift, self._words, self._core
+        best: list[int] | None = None
+        best_bytes = 0
+        for k, quick in self._quick.items():  # ascending sizes
+            if k >= n and quick:
+                best = quick
+                break
+        if best is None:
+            for nbytes, cache in self._cache.items():
+                if cache and nbytes >= n << gshift and (best is None or nbytes < best_bytes):
+                    best, best_bytes = cache, nbytes
+        if best is None:
+            return -1
+        try:
+            offset = best.pop()
+        except IndexError:  # another thread took it
+            return -1
+        self._cached_bytes -= best_bytes
+        w[W_OP] = self._pid
+        try:
+            core.free(offset >> gshift)
+        except CorruptArena:
+            best.append(offset)  # still allocated: it stays cached
+            self._cached_bytes += best_bytes
+            raise
+        self._drained += 1
+        g = core.alloc_tagged(n, 1, self._used_tag)
+        w[W_OP] = 0
+        return g
 
     def _align_granules(self, align: object) -> int:
         if align.__class__ is not int:
@@ -703,19 +789,20 @@ class Arena:
         size = block.size
         if size <= self._quick_max_size:
             quick = self._quick_by_size[size]
-            if len(quick) < QUICK_DEPTH:
+            if len(quick) < quick.cap:
                 quick.append(offset)
                 self._pushes += 1
                 return
         elif size <= self._cache_max:
-            nbytes = (size + self._gmask) & ~self._gmask
-            if self._cached_bytes + nbytes <= self._cache_limit:
+            nbytes = (size + self._gmask) & self._gfloor
+            cached = self._cached_bytes + nbytes
+            if cached <= self._cache_limit:
                 if not self.shared or block._owner == self._cached_tag:
-                    cache = self._cache.get(nbytes >> self._gshift)
-                    if cache is None:
-                        cache = self._cache.setdefault(nbytes >> self._gshift, [])
-                    cache.append(offset)
-                    self._cached_bytes += nbytes
+                    try:
+                        self._cache[nbytes].append(offset)
+                    except KeyError:  # the first block of this size
+                        self._cache.setdefault(nbytes, []).append(offset)
+                    self._cached_bytes = cached
                     self._pushes += 1
                     return
                 if block._owner == self._used_tag:  # ours, not marked yet: mark it
@@ -736,14 +823,16 @@ class Arena:
                 # from a parent that cached the block (and hands it out still).
                 owner = bits >> TAG_OWNER_SHIFT & TAG_OWNER_MAX
                 raise StaleBlock(f"{block!r} is in process {owner}'s cache")
-        self._lock.acquire()
+        self._acquire()
         try:
+            if w[W_OP]:  # a holder died or raised inside an operation: repair first
+                self._rebuild()
             if to_cache:
                 if core.used_size(g) != n or core.tag(g) & ~TAG_SIZE_MASK != bits:
                     raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
                 core.set_tag(g, core.tag(g) | TAG_CACHED)  # one store; the end tag stays
                 block._owner = self._cached_tag
-                cache = self._cache.setdefault(n, [])
+                cache = self._cache.setdefault(n << self._gshift, [])
                 cache.append(g << self._gshift)
                 self._cached_bytes += n << self._gshift
                 self._pushes += 1
@@ -760,9 +849,9 @@ class Arena:
                 # retired from _live: it is stale for good. Only a block re-kept since
                 # escapes this check.
                 raise StaleBlock(f"{block!r} is no longer allocated in the shared arena")
-            w[W_FREES] = add64(w[W_FREES], 1)
+            w[W_FREES] = (w[W_FREES] + 1) & _MASK64  # add64, inlined
         finally:
-            self._lock.release()
+            self._release()
 
     @staticmethod
     def _not_mine(method: str, block: object) -> Exception:
@@ -983,6 +1072,7 @@ class Arena:
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
         self._lock.set_fd(None)  # a fresh thread lock; no OFD lock until the fd is our own
+        self._set_lock_path()
         if self._closed:
             return
         self._set_owner_tags()
@@ -1006,6 +1096,7 @@ class Arena:
                 return
             os.close(old)
             self._lock.set_fd(self._fd)
+            self._set_lock_path()
         if self.locked and _osmem.mlock(self._mm) != 0:
             self.locked = False  # not inherited, and the child's limit refused it
             warnings.warn(f"{self!r}: could not lock the arena again in the child after fork; "

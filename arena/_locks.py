@@ -161,6 +161,14 @@ class SharedLock:
         self._mutex.release()
 
     @property
+    def thread_lock(self) -> threading.RLock:
+        """The thread lock in front (replaced by ``set_fd``). Without a descriptor it is the
+        whole lock: an owner may take it directly to skip this wrapper, provided it runs the
+        ``on_acquire`` check itself, and takes nothing else through the wrapper meanwhile
+        that needs ``on_acquire`` to see a consistent state."""
+        return self._mutex
+
+    @property
     def held(self) -> bool:
         """True when the calling thread holds the lock (for assertions)."""
         return self._depth > 0 and self._mutex._is_owned()  # type: ignore[attr-defined]

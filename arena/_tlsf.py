@@ -426,8 +426,14 @@ class Tlsf:
         w[t + g] = n | tag  # commit
         if n > 1:
             w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
-        if rest:
-            self._push(r, hi2 - W_HEADS)
+        if rest:  # _push(r, hi2 - W_HEADS), inlined (its head h2 was checked above)
+            w[heap + r * stride] = h2 | _NIL_PREV
+            if h2 != NIL:
+                li = heap + h2 * stride
+                w[li] = (w[li] & _LOW32) | (r << 32)
+            w[hi2] = r
+            w[W_SL + fl2] |= 1 << sl2
+            w[W_FL] |= 1 << fl2
         w[W_USED] = used0 + n
         return int(g)
 
@@ -584,7 +590,11 @@ class Tlsf:
             self._replace(nxt, g, n_next, n_prev, nli)
             w[W_USED] = used0 - n
             return int(n)
-        self._check_head(tli)
+        th = w[W_HEADS + tli]  # _check_head(tli), inlined
+        if th != NIL and not (th < top and 0 < w[t + th] <= top - th
+                              and w[self._heap + th * self._stride] >> 32 == NIL):
+            raise CorruptIndex(f"list {divmod(tli, SL_COUNT)} has head {th:#x}, not a free "
+                               "block without a predecessor")
         if nn:
             self._unlink(nxt, nli, n_next, n_prev)
         if pn:

@@ -46,7 +46,7 @@ from arena import (
     InvalidType,
     StaleBlock,
 )
-from arena._arena import QUICK_DEPTH, QUICK_MAX_GRANULES
+from arena._arena import QUICK_DEPTH, QUICK_MAX_BYTES
 from arena._layout import W_OP, W_RECOVERIES, W_SL, W_USED
 
 # ------------------------------------------------------------------------------------------
@@ -154,11 +154,13 @@ class ArenaMachine(RuleBasedStateMachine):
         off, size = b.offset, b.size
         n = self.rounded(size)
         quick = self.a._quick.get(n // self.g)
-        cached = quick is not None and len(quick) < QUICK_DEPTH
+        # Private arenas keep every size up to 4 KiB (and the heap) on a quick list.
+        assert (quick is not None) == (not self.a.shared
+                                       and size <= min(QUICK_MAX_BYTES, self.a.size))
+        cached = quick is not None and len(quick) < quick.cap
         self.free(b)
         again = self.a.alloc(size)
         self.allocs += 1
-        assert cached == (not self.a.shared and n // self.g <= QUICK_MAX_GRANULES)
         if cached:
             assert again.offset == off
         again.view[:] = b"\x5a" * size

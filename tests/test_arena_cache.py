@@ -101,6 +101,22 @@ def test_exhaustion_gives_the_cache_back_first() -> None:
         assert a.stats().failed_allocations == 0
 
 
+def test_a_full_arena_gives_back_one_cached_block_that_fits_not_the_whole_cache() -> None:
+    with Arena(1 << 20, lock=False) as a:
+        small = [a.alloc(64) for _ in range(8)]
+        big = a.alloc(8 * KIB)
+        rest = a.alloc(a.stats().largest_free)  # the heap is full now
+        for b in (*small, big):
+            a.free(b)
+        assert a._cached_count() == 9
+        again = a.alloc(4 * KIB)  # no free run: the cached 8 KiB block is given back, split
+        assert again.offset == big.offset and a._cached_count() == 8
+        s = a.stats()
+        assert (s.allocations, s.frees, s.failed_allocations) == (11, 9, 0)
+        assert s.used_bytes == 4 * KIB + rest.size
+        assert a.check().ok
+
+
 def test_an_aligned_request_is_served_by_an_aligned_cached_block() -> None:
     with Arena(1 << 20, lock=False) as a:
         b = a.alloc(8 * KIB, align=8 * KIB)

@@ -87,7 +87,7 @@ def test_a_list_that_links_to_itself_ends_the_walk(a: Arena) -> None:
 @pytest.mark.parametrize("word,value", [(W_USED, (1 << 16) // GRANULE + 1), (W_USED, 2**64 - 1),
                                         (W_FL, 1 << 40), (W_SL, 1 << 20)])
 def test_counts_and_bitmaps_past_their_caps_are_refused(word: int, value: int) -> None:
-    a = Arena(1 << 16, block_size=GRANULE, lock=False, prefault=False, cache_bytes=0)
+    a = Arena(1 << 16, block_size=GRANULE, lock=False, prefault=False, cache_max=0)
     b = a.alloc(3000)  # a used block, freed below through the allocator (no cache)
     if word == W_SL:  # the second-level map of the list the rest is on
         word += mapping_insert(a._layout.n_granules - 47)[0]
