@@ -245,9 +245,9 @@ def test_gauge_goes_both_ways() -> None:
                 g.add(bad)  # type: ignore[arg-type]
             with pytest.raises(InvalidType):
                 g.sub(bad)  # type: ignore[arg-type]
-        for bad in (float("nan"), float("-inf")):
+        for nonfinite in (float("nan"), float("-inf")):
             with pytest.raises(InvalidArgument):
-                g.add(bad)
+                g.add(nonfinite)
         assert g.value == -13
 
 
@@ -736,7 +736,8 @@ class DomainMachine(SharedDomainMachine):
             n = NOARG if op == "inc" else data.draw(st.one_of(
                 st.integers(0, 10**6), st.integers(0, 4000).map(lambda i: i / 4),
                 st.sampled_from([-1, -0.5, math.nan, True, "2", None])))
-            self.use(h, key, op, n, op == "inc" or (type(n) in (int, float) and n >= 0
+            self.use(h, key, op, n, op == "inc" or (isinstance(n, int | float)
+                                                    and type(n) is not bool and n >= 0
                                                     and math.isfinite(n)))
 
     @precondition(lambda self: any(h.handles for h in self.holders))

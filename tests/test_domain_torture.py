@@ -61,7 +61,7 @@ import threading
 import time
 import traceback
 from collections import Counter as Tally
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from _chaos import HANG_GUARD, STOP, Chaos, Proc, fork, stopping
@@ -531,7 +531,7 @@ def _setup(path: str) -> None:
             d.remove("setup", {"j": str(j)})
 
 
-def _write_report(figures: dict[str, object]) -> None:
+def _write_report(figures: Mapping[str, object]) -> None:
     out = os.environ.get("PERCPU_TORTURE_REPORT")
     if out:
         with open(out, "w") as f:
