@@ -22,13 +22,15 @@ from ._errors import (
     TooManySeries,
 )
 from ._exposition import exposition
-from ._handles import Counter, Gauge, PerCpu, Summary
+from ._family import DEFAULT_BUCKETS
+from ._handles import Counter, Gauge, Histogram, PerCpu, StampedGauge, Summary
 from ._results import DomainCheck, DomainStats, MetricValue
 
 __all__ = [
     "BadDomainFile",
     "CompactResult",
     "Counter",
+    "DEFAULT_BUCKETS",
     "Domain",
     "DomainCheck",
     "DomainClosed",
@@ -36,6 +38,7 @@ __all__ = [
     "DomainFull",
     "DomainStats",
     "Gauge",
+    "Histogram",
     "InvalidArgument",
     "InvalidType",
     "KindMismatch",
@@ -43,6 +46,7 @@ __all__ = [
     "MetricValue",
     "PerCpu",
     "PercpuError",
+    "StampedGauge",
     "Summary",
     "TooManySeries",
     "exposition",

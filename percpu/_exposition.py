@@ -49,6 +49,7 @@ import gzip
 import logging
 import math
 import operator
+import re
 import socket
 import socketserver
 import threading
@@ -90,8 +91,9 @@ __all__ = [
 CONTENT_TYPE_PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 CONTENT_TYPE_OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
-MetricKind = Literal["counter", "gauge", "summary"]
-_KINDS: frozenset[str] = frozenset(("counter", "gauge", "summary"))
+MetricKind = Literal["counter", "gauge", "summary", "histogram"]
+_KINDS: frozenset[str] = frozenset(("counter", "gauge", "summary", "histogram"))
+_UNIT_RE = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
 # Integers are written exactly; they must fit in 64 bits (signed or unsigned), which is what
 # the counters hold and what a scraper stores without surprise. Larger values: pass a float.
@@ -103,6 +105,7 @@ _OWNED_SUFFIXES: dict[str, tuple[str, ...]] = {
     "counter": ("", "_total", "_created"),
     "gauge": ("",),
     "summary": ("", "_count", "_sum", "_created"),
+    "histogram": ("", "_bucket", "_count", "_sum", "_created"),
 }
 
 _log = logging.getLogger(__name__)
@@ -164,6 +167,11 @@ class MetricSample:
     * ``help``: the family's help text, written without surrounding whitespace; the first
       sample of a family with a non-blank help gives it. No ``# HELP`` line is written for a
       family without one.
+    * ``buckets``: a histogram's cumulative ``(le, count)`` pairs, ``le`` increasing, the
+      last ``(inf, count)``; counts never decrease. ``count`` must equal the last one; a
+      histogram may not carry an ``le`` label.
+    * ``unit``: the family's unit (OpenMetrics ``# UNIT``; the family name must end with
+      ``_<unit>``); the first sample of a family with a unit gives it.
 
     Ints must fit in 64 bits (signed or unsigned) and are written exactly.
     """
@@ -175,13 +183,15 @@ class MetricSample:
     count: int = 0
     sum: float = 0.0
     help: str = ""
+    buckets: tuple[tuple[float, int], ...] = ()
+    unit: str = ""
 
     def __post_init__(self) -> None:
         validate_metric_name(self.name)
         if not isinstance(self.kind, str) or self.kind not in _KINDS:
             raise InvalidArgument(
                 f"metric kind {_show(self.kind)} is not known; accepted: 'counter', 'gauge', "
-                "'summary'"
+                "'summary', 'histogram'"
             )
         labels = canonical_labels(self.labels)
         if self.kind == "summary" and any(name == "quantile" for name, _ in labels):
@@ -189,6 +199,18 @@ class MetricSample:
                 f"summary {self.name!r} has a 'quantile' label; accepted: any other label "
                 "name ('quantile' is reserved for summary quantiles)"
             )
+        if self.kind == "histogram":
+            if any(name == "le" for name, _ in labels):
+                raise InvalidArgument(f"histogram {self.name!r} has an 'le' label; accepted: "
+                                      "any other label name ('le' is reserved for buckets)")
+            _check_buckets(self.name, self.buckets, self.count)
+        elif self.buckets:
+            raise InvalidArgument(f"{self.kind} {self.name!r} has buckets; only a histogram does")
+        if not isinstance(self.unit, str) or (self.unit and (
+                _UNIT_RE.fullmatch(self.unit) is None
+                or not self.family.endswith("_" + self.unit))):
+            raise InvalidArgument(f"unit {_show(self.unit)} of {self.name!r}: accepted: a unit "
+                                  "the family name ends with, after an underscore")
         object.__setattr__(self, "labels", labels)
         value = _check_number(f"value of {self.name!r}", self.value)
         count = self.count
@@ -204,6 +226,10 @@ class MetricSample:
         elif self.kind == "summary":
             _check_counter_like(f"count of summary {self.name!r}", count)
             _check_counter_like(f"sum of summary {self.name!r}", total)
+        elif self.kind == "histogram":
+            _check_counter_like(f"count of histogram {self.name!r}", count)
+            if math.isnan(total):
+                raise InvalidArgument(f"sum of histogram {self.name!r} is NaN")
 
     @property
     def family(self) -> str:
@@ -217,12 +243,32 @@ class MetricSample:
 # Rendering
 
 
+def _check_buckets(name: str, buckets: object, count: int) -> None:
+    if not isinstance(buckets, tuple) or not buckets:
+        raise InvalidArgument(f"histogram {name!r} needs its buckets: (le, count) pairs")
+    previous_le, previous = -math.inf, 0
+    for pair in buckets:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise InvalidArgument(f"histogram {name!r}: a bucket is not an (le, count) pair")
+        le, n = pair
+        if isinstance(n, bool) or not isinstance(n, int) or not isinstance(le, int | float):
+            raise InvalidType(f"histogram {name!r}: bucket {_show(pair)} is not (number, int)")
+        if not le > previous_le or n < previous:
+            raise InvalidArgument(f"histogram {name!r}: buckets must have increasing le and "
+                                  f"non-decreasing counts, got {_show(buckets)}")
+        previous_le, previous = le, n
+    if previous_le != math.inf or previous != count:
+        raise InvalidArgument(f"histogram {name!r}: the last bucket must be (inf, count), "
+                              f"got {_show(buckets[-1])} with count {count}")
+
+
 @dataclass
 class _Family:
     name: str
     kind: str
     help: str
     series: dict[Labels, MetricSample]
+    unit: str = ""
 
 
 def _group(
@@ -275,6 +321,8 @@ def _group(
             # Whitespace around a help text is dropped: neither format carries it reliably
             # (parsers skip the spaces after the metric name and strip the end of a line).
             family.help = sample.help.strip()
+        if not family.unit:
+            family.unit = sample.unit
     return [families[name] for name in sorted(families)]
 
 
@@ -301,8 +349,16 @@ def _series_prefix(name: str, labels: Labels) -> str:
 
 
 # A line of a family: the text before its value (the family's headers folded into its first
-# line), the sample that gives the value, and which of its fields: "value", "count" or "sum".
+# line), the sample that gives the value, and which of its fields: "value", "count", "sum",
+# or "bucket<i>" (a histogram's i-th cumulative count).
 _Line = tuple[str, MetricSample, str]
+
+
+def _field(sample: MetricSample, field: str) -> int | float:
+    if field.startswith("bucket"):
+        return sample.buckets[int(field[6:])][1]
+    value: int | float = getattr(sample, field)
+    return value
 
 
 def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
@@ -320,6 +376,8 @@ def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
             text = text.replace('"', '\\"')
         head = f"# HELP {meta_name} {text}\n"
     head += f"# TYPE {meta_name} {family.kind}\n"
+    if family.unit and openmetrics:
+        head += f"# UNIT {meta_name} {family.unit}\n"
     lines: list[_Line] = []
     for labels in sorted(family.series):
         sample = family.series[labels]
@@ -327,6 +385,13 @@ def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
             lines.append((_series_prefix(family.name + "_total", labels), sample, "value"))
         elif family.kind == "gauge":
             lines.append((_series_prefix(family.name, labels), sample, "value"))
+        elif family.kind == "histogram":
+            for i, (le, _n) in enumerate(sample.buckets):
+                bound = (*labels, ("le", _format_number(float(le))))
+                lines.append((_series_prefix(family.name + "_bucket", bound), sample,
+                              f"bucket{i}"))
+            lines.append((_series_prefix(family.name + "_count", labels), sample, "count"))
+            lines.append((_series_prefix(family.name + "_sum", labels), sample, "sum"))
         else:
             lines.append((_series_prefix(family.name + "_count", labels), sample, "count"))
             lines.append((_series_prefix(family.name + "_sum", labels), sample, "sum"))
@@ -338,7 +403,7 @@ def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
 def _render(families: list[_Family], out: list[str], *, openmetrics: bool) -> None:
     for family in families:
         for prefix, sample, field in _family_lines(family, openmetrics=openmetrics):
-            out.append(f"{prefix}{_format_number(getattr(sample, field))}\n")
+            out.append(f"{prefix}{_format_number(_field(sample, field))}\n")
 
 
 def render_prometheus(samples: Iterable[MetricSample]) -> bytes:
@@ -357,7 +422,8 @@ def render_openmetrics(samples: Iterable[MetricSample]) -> bytes:
     """Render ``samples`` as OpenMetrics 1.0 text (UTF-8), ending with ``# EOF``.
 
     A counter family ``x`` is written as ``# TYPE x counter`` with samples ``x_total``; a
-    summary as ``x_count`` and ``x_sum``; no ``# UNIT`` lines, no ``_created`` samples.
+    summary as ``x_count`` and ``x_sum``; a histogram as ``x_bucket{le=...}``, ``x_count``
+    and ``x_sum``; ``# UNIT`` for a family with a unit; no ``_created`` samples.
     Raises :class:`InvalidArgument` on ambiguous input (see the module docstring).
     """
     out: list[str] = []
@@ -565,11 +631,18 @@ def _dropped_sample(count: int) -> MetricSample:
 def _value_sample(v: MetricValueLike, *, neutral: bool) -> MetricSample:
     """The sample of one snapshot value. With ``neutral``, zeros stand for its numbers, so
     that only what does not change between scrapes (name, kind, labels) is checked."""
+    text = getattr(v, "documentation", "")
+    unit = getattr(v, "unit", "")
     if v.kind == "summary":
         if neutral:
-            return MetricSample(v.name, "summary", v.labels, 0)
-        return MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value)
-    return MetricSample(v.name, v.kind, v.labels, 0 if neutral else v.value)  # type: ignore[arg-type]
+            return MetricSample(v.name, "summary", v.labels, 0, help=text, unit=unit)
+        return MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value,
+                            help=text, unit=unit)
+    if v.kind == "histogram":  # never on the layout's path (neutral): always the plain one
+        return MetricSample(v.name, "histogram", v.labels, 0, count=v.count, sum=v.value,
+                            help=text, buckets=tuple(getattr(v, "buckets", ())), unit=unit)
+    return MetricSample(v.name, v.kind, v.labels, 0 if neutral else v.value,  # type: ignore[arg-type]
+                        help=text, unit=unit)
 
 
 @dataclass
@@ -863,6 +936,10 @@ class DomainExposition:
         health_keys: list[tuple[str, Labels, str, str]] = [
             (h.name, h.labels, h.kind, h.help) for h in health]
         cache = self._cache
+        if "histogram" in kinds:  # its bucket lines have no place in the layout's numbers
+            cache.plain += 1
+            render = render_openmetrics if openmetrics else render_prometheus
+            return render(domain_samples(values, health))
         layout = cache.layout
         # Equal keys, equal layout (list and tuple equality test identity first: the same
         # name and labels objects come back from one registry generation to the next).

@@ -196,9 +196,9 @@ class Metrics:
             idx, _ = dom._registry.lookup(key)
             if idx < 0:
                 return False
-            kind, ref = dom._registry.kind_ref(idx)
-            # Its slot must be one of its kind's class: the grace period will zero it.
-            dom._pagesets.check_ref(dom._moves.current(ref), class_index(KIND_SIZES[kind]))
+            _kind, ref = dom._registry.kind_ref(idx)
+            # Its slot must be one of its entry's class: the grace period will zero it.
+            dom._pagesets.check_ref(dom._moves.current(ref), dom._registry.class_of(idx))
             dom._grace.reclaim()  # what is due makes room
             dom._pending.reserve()  # may raise DomainFull: nothing is changed yet
             ref = dom._moves.current(dom._registry.tombstone(idx))

@@ -209,6 +209,11 @@ class Registry:
         kind, _cls = _kind_class(int(t[i + E_META]), idx)
         return kind, _ref(int(t[i + E_REF]), int(t[i + E_HASH]), idx)
 
+    def class_of(self, idx: int) -> int:
+        """The size class of entry ``idx``'s slot (checked against its kind)."""
+        t, i = self._word(idx, 0)
+        return _kind_class(int(t[i + E_META]), idx)[1]
+
     # -- changes -------------------------------------------------------------------------
 
     def insert(self, key: bytes, kind: int, cls: int, ref: int, extra: bytes = b"") -> int:

@@ -125,7 +125,8 @@ def test_gauge_and_summary_keep_total() -> None:
     [
         (lambda: gauge("1bad", 1), InvalidArgument, "metric name"),
         (lambda: gauge(b"m", 1), InvalidType, "metric name"),  # type: ignore[arg-type]
-        (lambda: MetricSample("m", "histogram", (), 1), InvalidArgument, "kind"),  # type: ignore[arg-type]
+        (lambda: MetricSample("m", "untyped", (), 1), InvalidArgument, "kind"),  # type: ignore[arg-type]
+        (lambda: MetricSample("m", "histogram", (), 1), InvalidArgument, "buckets"),
         (lambda: MetricSample("m", 3, (), 1), InvalidArgument, "kind"),  # type: ignore[arg-type]
         (lambda: MetricSample("m", "gauge", (("a", "1"), ("a", "2")), 1), InvalidArgument, "twice"),
         (lambda: MetricSample("m", "gauge", (("__a", "1"),), 1), InvalidArgument, "__"),

@@ -59,6 +59,7 @@ class Value:
     kind: str
     value: Any
     count: Any = 0
+    buckets: tuple[tuple[float, int], ...] = ()
 
 
 @dataclasses.dataclass
@@ -175,7 +176,7 @@ def test_health_names_still_yield_to_user_metrics() -> None:
 
 NAMES = ["a", "a_total", "a_count", "a_sum", "b", "s", DROPPED_SERIES, DROPPED_SERIES + "_total",
          "percpu_domain_pages", "percpu_domain_leases", "1bad"]
-KINDS = ["counter", "gauge", "summary", "histogram"]
+KINDS = ["counter", "gauge", "summary", "untyped"]  # "untyped": a kind no format takes
 LABELS = [("x", "1"), ("x", "2"), ("y", 'q"\\\n'), ("path", "fresh"), ("quantile", "0.5"),
           ("__bad", "v")]
 labelsets = st.lists(st.sampled_from(LABELS), max_size=2, unique_by=lambda kv: kv[0]).map(
@@ -241,6 +242,19 @@ def test_layout_takes_the_fast_path_when_the_numbers_allow(
         v.value, v.count = data.draw(fast_numbers(v.kind))
     scrape_both(d, e, caplog)
     assert (e.layout_builds, e.plain_scrapes) == (1, 0)
+
+
+def test_histograms_take_the_plain_path(caplog: pytest.LogCaptureFixture) -> None:
+    """A histogram's bucket lines have no place in the layout: a domain with one is rendered
+    the plain way, every scrape, and says so in ``plain_scrapes``."""
+    buckets = ((1.0, 2), (math.inf, 3))
+    d = FakeDomain([Value("c", (), "counter", 4), Value("h", (), "histogram", 2.5, 3)])
+    d.values[1].buckets = buckets
+    e = DomainExposition(d, health=False)
+    scrape_both(d, e, caplog)
+    assert (e.layout_builds, e.plain_scrapes) == (0, 2)
+    body, _ = e.render()
+    assert b'h_bucket{le="1.0"} 2\nh_bucket{le="+Inf"} 3\nh_count 3\nh_sum 2.5\n' in body
 
 
 def test_numbers_the_bulk_checks_cannot_vouch_for_take_the_plain_path() -> None:
