@@ -114,7 +114,7 @@ from ._metrics import Metrics
 from ._moves import Moves
 from ._raw import RawObjects
 from ._results import DomainCheck, DomainStats, MetricValue
-from ._root import RootBlock
+from ._root import RootBlock, arena_size_for
 from ._snapshot import SnapshotReader, with_fix
 
 H = TypeVar("H", bound=_Handle)
@@ -200,6 +200,21 @@ class Domain:
             arena.close()
             raise
         return self
+
+    @staticmethod
+    def size_for(metrics: int, *, max_vcpus: int | None = None, summaries: int = 0,
+                 names: int | None = None, key_bytes: int = 64) -> int:
+        """The ``size`` a domain needs for ``metrics`` counters and gauges and ``summaries``
+        summaries, with ``max_vcpus`` ids (None: the default ``Domain()`` would take) all
+        counting into every one of them: pure arithmetic over the layout (``_root``).
+        ``names``: distinct metric names (None: one per series, the most); ``key_bytes``: the
+        longest name with its labels, encoded (about the text's length + 3 per label)."""
+        for what, n in (("metrics", metrics), ("summaries", summaries), ("key_bytes", key_bytes),
+                        ("names", 0 if names is None else names)):
+            if n.__class__ is not int or n < 0:
+                raise InvalidArgument(f"{what} must be an int >= 0, got {n!r}")
+        return arena_size_for(metrics, _check_max_vcpus(max_vcpus), summaries, names,
+                              key_bytes)
 
     # -- set-up ------------------------------------------------------------------------
 

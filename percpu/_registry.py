@@ -14,7 +14,9 @@ Invariants
    is gone once that word is a tombstone (:meth:`Registry.tombstone`); its other words are
    written before the commit, so a holder killed mid-insert leaves no half entry (and leaks a
    key block and a slot at most, which ``check`` finds).
-2. A segment's table offset and capacity are one directory word (``_layout.pack_table``):
+2. A segment grows when it is half full, or, when the arena has no free run for the doubled
+   table (fragmentation), once it is 7/8 full (``DomainFull`` only then). Its table offset
+   and capacity are one directory word (``_layout.pack_table``):
    growing fills a new table completely, then commits with one store and frees the old one, so
    a crash leaves the old table in place, never a table read with the wrong size.
 3. ``D_REG_GEN`` changes with every change of what :meth:`Registry.entries_at` returns
@@ -37,7 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 
-from ._errors import damaged
+from ._errors import DomainFull, damaged
 from ._layout import (
     D_REG_FAMILIES,
     D_REG_GEN,
@@ -69,6 +71,11 @@ from ._layout import (
 Entry = tuple[int, int, int, bytes]  # (kind, size class, ref, key) of a live metric
 _SEG_SHIFT = 56  # a hash's top byte picks its segment
 _POS_MASK = (1 << 32) - 1
+# A segment grows when half full; when the arena has no free run for its doubled table, it
+# takes entries up to FULL_NUM / FULL_DEN of its capacity first (linear probing stays short
+# enough for registration), so that a fragmented arena is filled before DomainFull.
+FULL_NUM, FULL_DEN = 7, 8
+RETRY_DIV = 32  # past half full, growing is tried again every cap / RETRY_DIV entries
 
 
 def _ref(word: int, h: int, idx: int) -> int:
@@ -200,8 +207,15 @@ class Registry:
         h = key_hash(key)
         seg = h >> _SEG_SHIFT
         _off, cap, used = self._segment(seg)
-        if (used + 1) * 2 > cap:
-            self._grow(seg)
+        over = used + 1 - cap // 2
+        if over > 0:
+            must = (used + 1) * FULL_DEN > cap * FULL_NUM
+            if must or (over - 1) % max(1, cap // RETRY_DIV) == 0:
+                try:
+                    self._grow(seg)
+                except DomainFull:  # no run for the doubled table (fragmentation): fill
+                    if must:  # this one further, up to 7/8
+                        raise
         _, free = self.lookup(key, h)
         if free < 0:  # the used count said there was room: recount, and try once more
             self._grow(seg)
