@@ -101,6 +101,11 @@ def _kind_class(meta: int, idx: int) -> tuple[int, int]:
     return kind, cls
 
 
+#: meta & 0xFFFF (kind | class << 8) -> (kind, class) of every series kind
+_SERIES_KIND_CLASS = {kind | class_index(size) << 8: (kind, class_index(size))
+                      for kind, size in KIND_SIZES.items()}
+
+
 class Registry:
     """The registry of the domain whose root words are ``root`` (its segment directory at
     word ``base``); ``heap`` is the arena. ``alloc(nbytes, what, align)`` returns the offset
@@ -317,17 +322,26 @@ class Registry:
         cached = self._cache
         if cached[0] == gen:
             return cached
-        out = []
-        for seg, t in self._tables():
-            hashes = t[E_HASH::ENTRY_WORDS].tolist()
-            metas = t[E_META::ENTRY_WORDS].tolist()
-            refs = t[E_REF::ENTRY_WORDS].tolist()
-            for i, h in enumerate(hashes):
-                if h > HASH_TOMBSTONE:
-                    kind, cls = _kind_class(metas[i], seg << 32 | i)
-                    if kind != KIND_FAMILY:
-                        out.append((kind, cls, _ref(refs[i], h, seg << 32 | i),
-                                    self.key_at(t, i)))
+        out: list[Entry] = []
+        append = out.append
+        heap = self._heap
+        size = len(heap)
+        for seg, t in self._tables():  # one pass, in bulk: a new reader's first snapshot
+            for i, (h, meta, word, off) in enumerate(zip(
+                    t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
+                    t[E_REF::ENTRY_WORDS].tolist(), t[E_KEY::ENTRY_WORDS].tolist(),
+                    strict=True)):
+                if h <= HASH_TOMBSTONE:
+                    continue
+                kc = _SERIES_KIND_CLASS.get(meta & 0xFFFF)
+                if kc is None:  # a family entry, or damage: the full check says which
+                    if _kind_class(meta, seg << 32 | i)[0] == KIND_FAMILY:
+                        continue
+                    raise damaged(f"registry entry {seg << 32 | i:#x}: meta {meta:#x}")
+                end = off + (meta >> 16)
+                if end > size:
+                    raise damaged(f"registry entry {i} points outside the arena")
+                append((kc[0], kc[1], _ref(word, h, seg << 32 | i), heap[off:end].tobytes()))
         self._cache = (gen, out)
         return gen, out
 
