@@ -20,7 +20,6 @@ Invariants
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeVar
 
 from ._handles import (
@@ -79,8 +78,6 @@ class Host(Protocol):
 
     def _retire(self, h: _Handle, /) -> None: ...
 
-    def _overflow_op(self) -> AbstractContextManager[None]: ...
-
 
 class Bindings:
     """The handle tables of one process of a domain, and the binding rules."""
@@ -136,7 +133,7 @@ class Bindings:
                 self.bind(h)  # takes a lease if we hold none; may find the metric removed
             i = h._index
             if cls in SHARED_CLASSES:
-                with dom._overflow_op():
+                with dom._lease.overflow_op():
                     if x is not None:
                         dom._d[i + 1] += x
                     if n:
@@ -163,7 +160,7 @@ class Bindings:
                     break
                 self.bind(h)
             if cls in SHARED_CLASSES:
-                with dom._overflow_op():
+                with dom._lease.overflow_op():
                     op(dom._q, dom._d, h._index)
             else:
                 op(dom._q, dom._d, h._index)

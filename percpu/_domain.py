@@ -78,7 +78,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -102,7 +101,6 @@ from ._health import audit, check_report, figures, reclaim_slots
 from ._holder import HolderLocks
 from ._layout import (
     D_REG_GEN,
-    D_SERIES_LIMIT,
     KIND_COUNTER,
     KIND_HISTOGRAM,
     KIND_SUMMARY,
@@ -118,7 +116,7 @@ from ._moves import Moves
 from ._raw import RawObjects
 from ._reads import Reads
 from ._results import DomainCheck, DomainStats, MetricValue
-from ._root import RootBlock
+from ._root import RootBlock, arena_size_for
 from ._snapshot import SnapshotReader, with_fix
 
 H = TypeVar("H", bound=_Handle)
@@ -161,6 +159,8 @@ class Domain:
     ``max_vcpus`` bounds the ids in use; by default it derives from the CPUs this process may
     run on (affinity and cgroup cpuset) with headroom for pre-fork servers (``_cpuset``).
     """
+
+    _moves: Moves  # made late in _attach; the pagesets ask it which pagesets are draining
 
     def __init__(self, size: int = DEFAULT_SIZE, *, max_vcpus: int | None = None,
                  lock: LockPolicy = "auto", prefault: bool = True, shared: bool = False) -> None:
@@ -205,14 +205,28 @@ class Domain:
             raise
         return self
 
+    @staticmethod
+    def size_for(metrics: int, *, max_vcpus: int | None = None, summaries: int = 0,
+                 histograms: int = 0, buckets: int = 14, names: int | None = None,
+                 key_bytes: int = 64) -> int:
+        """The ``size`` a domain needs for ``metrics`` counters and gauges, ``summaries``
+        summaries and ``histograms`` histograms (of ``buckets`` buckets), with ``max_vcpus``
+        ids (None: the default ``Domain()`` would take) all counting into every one of them:
+        pure arithmetic over the layout (``_root``). ``names``: distinct metric names (None:
+        one per series, the most); ``key_bytes``: the longest name with its labels, encoded
+        (about the text's length + 3 per label)."""
+        return arena_size_for(metrics, _check_max_vcpus(max_vcpus), summaries, names,
+                              key_bytes, histograms, buckets)
+
     # -- set-up ------------------------------------------------------------------------
 
     def _attach(self, arena: Arena, fresh_bound: int | None) -> None:
         self.arena = arena
         self._lock = arena.locked_section()  # guards every shared word but the slots
         with self._lock:
-            rb = (RootBlock.attach(arena, self._lock, self._draining) if fresh_bound is None
-                  else RootBlock.create(arena, fresh_bound, self._lock, self._draining))
+            args = (self._lock, lambda: self._moves.draining())  # the moves come later
+            rb = (RootBlock.attach(arena, *args) if fresh_bound is None
+                  else RootBlock.create(arena, fresh_bound, *args))
         self._root, self._root_off, self._max = rb.words, rb.offset, rb.bound
         self._q, self._d, self._bytes = rb.q, rb.d, rb.bytes
         self._pending, self._registry = rb.pending, rb.registry
@@ -236,9 +250,6 @@ class Domain:
         self._snapshots = SnapshotReader(self._pagesets, self._moves,
                                          self._metrics.families_of, self._reads.live_ids)
         _domains.add(self)
-
-    def _draining(self) -> frozenset[int]:
-        return self._moves.draining()
 
     # -- properties --------------------------------------------------------------------
 
@@ -285,7 +296,7 @@ class Domain:
         mask): a hint, stale as soon as it returns. Takes the domain lock."""
         self._check_open()
         with self._lock:
-            return frozenset(self._live_holders())
+            return frozenset(self._holder.live(self._lease.vcpu))
 
     @_closed_guard
     def release(self) -> None:
@@ -301,10 +312,6 @@ class Domain:
         nested = self._plock._is_owned()  # type: ignore[attr-defined]  # release() re-entered
         if quiescer is not None and quiescer is not threading.current_thread() and not nested:
             quiescer.join()
-
-    def _overflow_op(self) -> AbstractContextManager[None]:
-        """The shared-id slow path: one lock per operation, counted (``Lease.overflow_op``)."""
-        return self._lease.overflow_op()
 
     # -- handles (``_handles.Owner``) ----------------------------------------------------------
 
@@ -391,13 +398,8 @@ class Domain:
         """Refuse (:class:`TooManySeries`) a new label set of a metric name that has
         ``limit`` series already, in every process of the domain (``None``: no limit).
         Series registered before stay; the limit is kept in the domain file."""
-        if limit is not None and limit.__class__ is not int:
-            raise InvalidType(f"limit must be an int or None, got {type(limit).__name__}")
-        if limit is not None and not 1 <= limit < 1 << 32:
-            raise InvalidArgument(f"limit must be in 1..{(1 << 32) - 1} or None, got {limit}")
         self._check_open()
-        with self._lock:
-            self._root[D_SERIES_LIMIT] = limit or 0
+        self._metrics.set_series_limit(limit)
 
     # -- grace periods -------------------------------------------------------------------
 
@@ -409,10 +411,6 @@ class Domain:
     def quiescer_errors(self) -> list[str]:
         """What this process's quiescer thread survived (the last 16; empty when healthy)."""
         return list(self._grace.errors)
-
-    def _live_holders(self) -> list[int]:
-        """Ids whose holder is alive, ours included. Domain lock held."""
-        return self._holder.live(self._lease.vcpu)
 
     #: Test hook: False starts no quiescer thread, so that a test runs every grace period by
     #: hand (``_quiesce``) and deterministically. Never set it in production: a holder
@@ -545,7 +543,8 @@ class Domain:
         self._check_open()
         a = self.arena.stats()
         with self._lock:
-            return figures(self._root, self._max, self._lease.vcpu, self._live_holders(),
+            return figures(self._root, self._max, self._lease.vcpu,
+                           self._holder.live(self._lease.vcpu),
                            self._pagesets, a, self._pending.count(),
                            self._moves.stats(a.used_bytes))
 

@@ -52,8 +52,6 @@ class Host(Protocol):
 
     def _retire(self, h: Any, /) -> None: ...
 
-    def _live_holders(self) -> list[int]: ...
-
     def _check_open(self) -> None: ...
 
 
@@ -110,7 +108,7 @@ class Grace:
         dom = self._dom
         r = self._root
         epoch = self.epoch()
-        acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in dom._live_holders()]
+        acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in dom._holder.live(dom._lease.vcpu)]
         if any(a > epoch for a in acks):  # a holder past the epoch would release slots early
             raise damaged(f"a holder acknowledged an epoch after the current one ({epoch})")
         for ref, since in self._pending.entries():  # every entry, before any is taken out

@@ -4,6 +4,10 @@ Pure functions over what the domain's parts report (words read under the domain 
 caller): nothing here takes a lock or writes, except that the audit's pageset pass repairs a
 taken count that disagrees with its bitmap (``Pagesets.audit``).
 
+The admission figures (``reserved_pages``, ``reserve_shortfall``, ``free_slots``) say how much
+room is left: a metric that needs no new pageset is admitted while the registry and its key
+fit; a new pageset needs ``pageset_reserve_bytes`` of 4 KiB-aligned pages first.
+
 Invariant checked: every taken slot has exactly one owner (a registry entry, an id's cache,
 the pending queue, a raw object of this process, a compaction batch in flight), every owned
 slot is taken, and every free slot is zero in every id's copy.
@@ -52,6 +56,8 @@ def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
         ("epoch", D_EPOCH), ("recovered_cache_slots", D_RECOVERED_SLOTS),
         ("metric_names", D_REG_FAMILIES), ("series_limit", D_SERIES_LIMIT),
         ("series_refused", D_SERIES_REFUSED))}
+    _live, reserved, needed = pagesets.reservation()
+    size = arena.used_bytes + arena.free_bytes
     return DomainStats(
         max_vcpus=max_vcpus, vcpu_id=vcpu, holders_now=len(live), ids_in_use=tuple(live),
         holder_pids={k: int(r[lease_base(max_vcpus, k) + L_PID]) for k in live},
@@ -60,7 +66,10 @@ def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
         pages=pages, arena_used_bytes=arena.used_bytes, arena_free_bytes=arena.free_bytes,
         bytes_per_metric=pages * PAGE / metrics if metrics else 0.0,
         minor_faults=arena.minor_faults, major_faults=arena.major_faults,
-        pending_frees=pending, **counts, **moves)
+        pending_frees=pending, reserved_pages=reserved,
+        reserve_shortfall=max(0, needed - reserved),
+        pageset_reserve_bytes=(max_vcpus + 1) * PAGE, free_slots=pagesets.free_slots(),
+        arena_in_use=arena.used_bytes / size if size else 0.0, **counts, **moves)
 
 
 def reclaim_slots(pagesets: Pagesets, refs: list[int]) -> int:

@@ -67,6 +67,7 @@ D_MV_STARTED = 27  # CLOCK_MONOTONIC ns when the batch in flight was published
 D_MV_REG_DONE = 28  # = D_MV_GEN once the registry points at the batch's new refs
 D_SPILL = 29  # the pending queue's spill table: offset | log2(entries), 0 = none (see below)
 D_SPILL_N = 30  # entries in the spill table
+D_RESERVE = 31  # offset + 1 of the first page of the page reserve (``_pagesets``), 0 = none
 HEADER_WORDS = 32
 
 # One lease record per id (max_vcpus + 1 of them: the last is the overflow id).

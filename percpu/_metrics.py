@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, TypeVar
 
-from ._errors import InvalidArgument, KindMismatch, TooManySeries
+from ._errors import InvalidArgument, InvalidType, KindMismatch, TooManySeries
 from ._family import FamilyMeta
 from ._family import decode as decode_family
 from ._family import encode as encode_family
@@ -128,6 +128,15 @@ class Metrics:
                 return None
             meta = self._families[fkey] = decode_family(self._dom._registry.extra_at(idx))
         return meta
+
+    def set_series_limit(self, limit: int | None) -> None:
+        """See ``Domain.set_series_limit``: checked, then stored under the domain lock."""
+        if limit is not None and limit.__class__ is not int:
+            raise InvalidType(f"limit must be an int or None, got {type(limit).__name__}")
+        if limit is not None and not 1 <= limit < 1 << 32:
+            raise InvalidArgument(f"limit must be in 1..{(1 << 32) - 1} or None, got {limit}")
+        with self._dom._lock:
+            self._dom._root[D_SERIES_LIMIT] = limit or 0
 
     def families_of(self, names: list[str]) -> dict[str, FamilyMeta]:
         """The metadata of each of ``names`` that has a family (for snapshots)."""

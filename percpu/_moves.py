@@ -146,8 +146,6 @@ class Host(Protocol):
     def _quiesce(self) -> None: ...
 
 
-    def _live_holders(self) -> list[int]: ...
-
 
 class Moves:
     """The compaction runtime of one process of a domain (see the module docstring)."""
@@ -624,7 +622,7 @@ class Moves:
         need = self.need_ids(batch)
         epoch = int(r[D_MV_EPOCH])
         mine = self._dom._lease.vcpu
-        live = set(self._dom._live_holders())
+        live = set(self._holder.live(self._dom._lease.vcpu))
         waiting = False
         for k in range(self._max):
             behind = k in need and int(r[move_state_base(self._max, k) + MS_DONE]) != gen

@@ -29,12 +29,21 @@ Key layout (all integers big-endian, unsigned)::
          u16 length of the label value in bytes (0..4096), then the value (UTF-8)
 
 Nothing may follow the last label.
+
+Speed (a new scraper decodes every key of a domain once): names and label names found valid
+are remembered, as ``str`` (:func:`validate_metric_name` and the label checks answer a known
+one with one set lookup) and as the bytes they were decoded from (:func:`decode_key` turns a
+known name's bytes into its ``str`` with one dict lookup). Only exact ``str`` and ``bytes``
+objects are remembered, so equality is content equality, and the tables are bounded (emptied
+when full). :func:`decode_key` parses the common case in one pass with these tables and
+``str.isascii``; anything it does not accept on that pass goes to the full parser, which
+accepts exactly the same keys and says what is wrong with the others.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from ._errors import InvalidArgument, InvalidType
 
@@ -67,6 +76,22 @@ _LABEL_NAME_RE = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 Labels = tuple[tuple[str, str], ...]
 
+_KNOWN_MAX = 1 << 16  # entries per table of names found valid (emptied when full)
+_good_metric_names: set[str] = set()
+_good_label_names: set[str] = set()
+_raw_metric_names: dict[bytes, str] = {}  # the bytes of a valid name -> the name
+_raw_label_names: dict[bytes, str] = {}
+
+
+def _remember(table: set[str] | dict[bytes, str], key: str | bytes, value: str) -> None:
+    if len(table) >= _KNOWN_MAX:
+        table.clear()
+    if isinstance(table, set):
+        table.add(value)
+    else:
+        assert isinstance(key, bytes)
+        table[key] = value
+
 
 def _show(value: object, limit: int = 80) -> str:
     """A repr of ``value`` short enough for an error message."""
@@ -82,6 +107,8 @@ def validate_metric_name(name: object) -> str:
     Accepted: a ``str`` of 1 to 200 characters matching ``[a-zA-Z_:][a-zA-Z0-9_:]*``.
     Raises :class:`InvalidType` for a non-``str`` and :class:`InvalidArgument` otherwise.
     """
+    if name.__class__ is str and name in _good_metric_names:
+        return name  # an exact str found valid before
     if not isinstance(name, str):
         raise InvalidType(f"metric name must be a str, got {type(name).__name__} {_show(name)}")
     if not name:
@@ -100,10 +127,14 @@ def validate_metric_name(name: object) -> str:
             "[a-zA-Z_:][a-zA-Z0-9_:]* (ASCII letters, digits, '_' and ':', "
             "not starting with a digit)"
         )
+    if name.__class__ is str:
+        _remember(_good_metric_names, name, name)
     return name
 
 
 def _validate_label_name(name: object) -> str:
+    if name.__class__ is str and name in _good_label_names:
+        return name  # an exact str found valid before
     if not isinstance(name, str):
         raise InvalidType(f"label name must be a str, got {type(name).__name__} {_show(name)}")
     if not name or len(name) > MAX_LABEL_NAME_LEN:
@@ -121,10 +152,14 @@ def _validate_label_name(name: object) -> str:
             f"label name {_show(name)} starts with '__', which Prometheus reserves; "
             "accepted: a name not starting with '__'"
         )
+    if name.__class__ is str:
+        _remember(_good_label_names, name, name)
     return name
 
 
 def _validate_label_value(name: str, value: object) -> str:
+    if value.__class__ is str and len(value) <= MAX_LABEL_VALUE_LEN and value.isascii():
+        return value  # ASCII: UTF-8 encodes it
     if not isinstance(value, str):
         raise InvalidType(
             f"value of label {name!r} must be a str, got {type(value).__name__} {_show(value)}"
@@ -175,6 +210,10 @@ def canonical_labels(labels: object) -> Labels:
 
     Returns the pairs validated and sorted by name.
     """
+    if labels.__class__ is tuple:
+        fast = _sorted_pairs(labels)
+        if fast is not None:
+            return fast
     if isinstance(labels, tuple | list):
         as_dict: dict[str, object] = {}
         for pair in labels:
@@ -188,6 +227,23 @@ def canonical_labels(labels: object) -> Labels:
             as_dict[name] = pair[1]
         return validate_labels(as_dict)
     return validate_labels(labels)
+
+
+def _sorted_pairs(labels: tuple[object, ...]) -> Labels | None:
+    """``labels`` itself when it is already what :func:`validate_labels` returns (exact
+    tuples of valid names and values, names strictly increasing); None to take the long way
+    (which also says what is wrong)."""
+    previous = ""
+    for pair in labels:
+        if pair.__class__ is not tuple or len(pair) != 2:
+            return None
+        name, value = pair
+        if (name.__class__ is not str or name not in _good_label_names or name <= previous
+                or value.__class__ is not str or len(value) > MAX_LABEL_VALUE_LEN
+                or not value.isascii()):
+            return None
+        previous = name
+    return labels  # type: ignore[return-value]
 
 
 _FAMILY_FORMAT = 0x02  # a family key's first byte: never a series key's (``_KEY_FORMAT``)
@@ -267,10 +323,83 @@ def decode_key(data: bytes | bytearray | memoryview) -> tuple[str, Labels]:
     ``data`` is untrusted. Raises :class:`InvalidType` if it is not bytes-like and
     :class:`InvalidArgument` (a ``ValueError``) if it is anything but a canonical key.
     """
-    if isinstance(data, memoryview | bytearray):
-        data = bytes(data)
-    if not isinstance(data, bytes):
-        raise InvalidType(f"metric key must be bytes, got {type(data).__name__} {_show(data)}")
+    if data.__class__ is not bytes:
+        if isinstance(data, memoryview | bytearray):
+            data = bytes(data)
+        if not isinstance(data, bytes):
+            raise InvalidType(
+                f"metric key must be bytes, got {type(data).__name__} {_show(data)}")
+        data = bytes(data)  # an exact bytes object: the tables compare by content
+    fast = _decode_fast(data)
+    return fast if fast is not None else _decode_full(data)
+
+
+def _decode_fast(data: bytes) -> tuple[str, Labels] | None:
+    """The one-pass decoder: the key's (name, labels) when every part is one it can vouch
+    for (names found valid before or now, ASCII or UTF-8 values within their limit, label
+    names strictly increasing, nothing left over); None to let the full parser decide. It
+    accepts no key that the full parser refuses."""
+    n = len(data)
+    if n < 4 or data[0] != _KEY_FORMAT:
+        return None
+    pos = 2 + data[1]
+    name = _raw_metric_names.get(data[2:pos])
+    if name is None:
+        name = _learn(data[2:pos], validate_metric_name, _raw_metric_names)
+        if name is None:
+            return None
+    if pos + 2 > n:
+        return None
+    count = data[pos] << 8 | data[pos + 1]
+    pos += 2
+    pairs = []
+    previous = ""
+    for _ in range(count):
+        if pos >= n:
+            return None
+        end = pos + 1 + data[pos]
+        raw = data[pos + 1 : end]
+        label = _raw_label_names.get(raw)
+        if label is None:
+            label = _learn(raw, _validate_label_name, _raw_label_names)
+            if label is None:
+                return None
+        if label <= previous or end + 2 > n:
+            return None
+        pos = end + 2 + (data[end] << 8 | data[end + 1])
+        if pos > n:
+            return None
+        raw = data[end + 2 : pos]
+        if raw.isascii():
+            value = raw.decode("ascii")
+        else:
+            try:
+                value = raw.decode("utf-8")  # strict: never a lone surrogate
+            except UnicodeDecodeError:
+                return None
+        if len(value) > MAX_LABEL_VALUE_LEN:
+            return None
+        pairs.append((label, value))
+        previous = label
+    if pos != n:
+        return None
+    return name, tuple(pairs)
+
+
+def _learn(raw: bytes, check: Callable[[object], str], table: dict[bytes, str]) -> str | None:
+    """The name ``raw`` decodes to when ``check`` accepts it (remembered), else None."""
+    if not raw.isascii():
+        return None
+    try:
+        name = check(raw.decode("ascii"))
+    except InvalidArgument:
+        return None
+    _remember(table, raw, name)
+    return name
+
+
+def _decode_full(data: bytes) -> tuple[str, Labels]:
+    """The full parser: every bound checked in turn, an error that says where and why."""
     reader = _Reader(data)
     tag = reader.uint(1, "format tag")
     if tag != _KEY_FORMAT:

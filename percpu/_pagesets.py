@@ -15,6 +15,18 @@ Invariants
    counted (``double_frees``): it would corrupt the count, and every reuse after it.
 3. An id's page word is the commit of its allocation, and is cleared before its block is
    freed: a crash leaks a page, never leaves two pagesets sharing one.
+4. Admission: a pageset exists only once a page for every id that has none of it (each of
+   ``0..max_vcpus - 1`` and the overflow id) has been set aside in the *page reserve*, so
+   :meth:`page` never runs out of memory and a holder can count into every metric that
+   exists; ``DomainFull`` comes from :meth:`new` (registration), never from a first touch.
+   The reserve is real arena blocks, each one 4 KiB-aligned page, linked through their
+   first words (``D_RESERVE`` names the first): registry tables, key blocks, chunks and the
+   pending spill cannot take them, and fragmentation cannot strand them (an aligned page
+   that a fragmented arena could no longer carve out is already carved). Its size follows
+   ``pagesets in use x ids - pages allocated``: :meth:`new` tops it up before its commit,
+   :meth:`drop_pages` trims it after. A crash can leave it a page long or short (a page
+   popped but not yet recorded leaks, and is made up for by the next :meth:`new`); a short
+   reserve falls back to allocating the page.
 
 Every word is read and written under the domain lock, except the page words read on the
 hot paths of reads (a page word only ever goes from 0 to an offset while an id may use it).
@@ -37,6 +49,7 @@ from ._layout import (
     BITMAP_WORDS,
     D_PAGES,
     D_PS_COUNT,
+    D_RESERVE,
     MAX_CHUNKS,
     P_BITMAP,
     P_CLASS,
@@ -53,6 +66,17 @@ from ._layout import (
 
 MAX_PAGESETS = MAX_CHUNKS * PS_PER_CHUNK
 _ZEROS = [0.0] * (PAGE // 8)  # the float sums of a page with no float part (never written)
+_MASK64 = (1 << 64) - 1
+# The words of a page in the reserve (the rest of it is zero or stale: it is zeroed when it
+# is handed out): the next page's offset + 1 (0: last), the pages from this one to the end,
+# and a check of both and of the page's own offset, so that a damaged link is refused.
+RV_NEXT, RV_COUNT, RV_CHECK = 0, 1, 2
+
+
+def _reserve_check(off: int, nxt: int, count: int) -> int:
+    x = (off * 0x9E3779B97F4A7C15 ^ nxt * 0xC2B2AE3D27D4EB4F ^ count) & _MASK64
+    x = (x ^ x >> 31) * 0xBF58476D1CE4E5B9 & _MASK64
+    return (x ^ x >> 32) | 1  # never 0: a zeroed page never passes for a reserve page
 
 
 class Pagesets:
@@ -159,7 +183,9 @@ class Pagesets:
             page = int(e[P_PAGES + vcpu])
             if page:
                 return self._checked_page(page)
-            off = self._alloc(PAGE, "a pageset page", PAGE)
+            off = self._reserve_pop()  # invariant 4; short only after a crash
+            if off < 0:
+                off = self._alloc(PAGE, "a pageset page", PAGE)
             self._heap[off : off + PAGE] = bytes(PAGE)
             e[P_PAGES + vcpu] = off + 1  # commit
             bump(self._root, D_PAGES)
@@ -189,7 +215,86 @@ class Pagesets:
             self._free(page)
             pages += 1
         e[P_CLASS] = 0  # the entry is free for new()
+        live, _free_entry = self._scan()
+        for _ in range(max(0, self.reserved() - self.reserve_needed(live))):
+            off = self._reserve_pop()
+            if off < 0:
+                break
+            self._free(off)
         return pages
+
+    # -- the page reserve (invariant 4) -----------------------------------------------------
+
+    def _reserve_head(self) -> tuple[int, int, int]:
+        """(offset, next word, count) of the reserve's first page, checked; (-1, 0, 0) when
+        the reserve is empty."""
+        h = int(self._root[D_RESERVE])
+        if not h:
+            return -1, 0, 0
+        off = h - 1
+        if off % PAGE or off + PAGE > len(self._heap):
+            raise damaged(f"the page reserve's first word {h:#x}")
+        w = self._reserve_words(off)
+        nxt, count, check = int(w[RV_NEXT]), int(w[RV_COUNT]), int(w[RV_CHECK])
+        w.release()
+        if (check != _reserve_check(off, nxt, count)
+                or not 1 <= count <= len(self._heap) // PAGE or (nxt == 0) != (count == 1)
+                or (nxt and ((nxt - 1) % PAGE or nxt - 1 + PAGE > len(self._heap)))):
+            raise damaged(f"the page reserve's page at {off:#x} fails its check")
+        return off, nxt, count
+
+    def reserved(self) -> int:
+        """Pages in the reserve."""
+        return self._reserve_head()[2]
+
+    def _reserve_pop(self) -> int:
+        """A page taken out of the reserve (its offset), or -1 when it is empty. Lock held."""
+        off, nxt, _count = self._reserve_head()
+        if off >= 0:
+            self._root[D_RESERVE] = nxt  # commit: a crash from here leaks the page
+        return off
+
+    def _reserve_push(self, off: int) -> None:
+        """Add the kept page block at ``off`` to the reserve. Lock held."""
+        nxt = int(self._root[D_RESERVE])
+        count = self.reserved() + 1
+        w = self._reserve_words(off)
+        w[RV_NEXT], w[RV_COUNT], w[RV_CHECK] = nxt, count, _reserve_check(off, nxt, count)
+        w.release()
+        self._root[D_RESERVE] = off + 1  # commit
+
+    def _reserve_words(self, off: int) -> memoryview:
+        return self._heap[off : off + 24].cast("Q")
+
+    def reserve_needed(self, live: int) -> int:
+        """Pages the reserve must hold when ``live`` pagesets are in use: a page for every id
+        that has none of one of them."""
+        return max(0, live * self._ids - int(self._root[D_PAGES]))
+
+    def _scan(self) -> tuple[int, int]:
+        """(pagesets in use, the first given-back entry or -1)."""
+        live, free = 0, -1
+        for ps in range(self.count()):
+            if self.entry(ps)[P_CLASS]:
+                live += 1
+            elif free < 0:
+                free = ps
+        return live, free
+
+    def free_slots(self) -> int:
+        """Free slots of the pagesets in use (those a compaction empties left out)."""
+        draining = self._draining()
+        free = 0
+        for ps in range(self.count()):
+            e = self.entry(ps)
+            if e[P_CLASS] and ps not in draining:
+                free += max(0, PAGE // self.slot_size(e) - int(e[P_TAKEN]))
+        return free
+
+    def reservation(self) -> tuple[int, int, int]:
+        """(pagesets in use, pages in the reserve, pages it should hold), for ``stats``."""
+        live, _free = self._scan()
+        return live, self.reserved(), self.reserve_needed(live)
 
     # -- sums over the ids (the reads) ----------------------------------------------------
 
@@ -279,29 +384,54 @@ class Pagesets:
     # -- slots ---------------------------------------------------------------------------
 
     def new(self, cls: int) -> int:
-        """Create (or reuse a given-back entry for) a pageset of class ``cls``. Lock held."""
+        """Create (or reuse a given-back entry for) a pageset of class ``cls``, its pages
+        reserved first (invariant 4: ``DomainFull`` changes nothing). Lock held."""
         r = self._root
-        count = int(r[D_PS_COUNT])
-        for ps in range(count):
+        live, ps = self._scan()
+        if ps >= 0:
             e = self.entry(ps)
-            if e[P_CLASS] == 0:
-                if e[P_TAKEN] or any(e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()):
-                    raise damaged(f"pageset {ps} is given back but has slots taken")
-                e[P_CLASS] = cls + 1
-                return ps
-        ps = count
-        chunk = ps // PS_PER_CHUNK
-        if chunk >= MAX_CHUNKS:
-            raise DomainFull(f"the domain already has {ps} pagesets, the most it can describe")
-        if r[self._chunks + chunk] == 0:
-            nbytes = PS_PER_CHUNK * self._words * 8
-            blk = self._alloc(nbytes, "a pageset directory chunk", None)
-            self._heap[blk : blk + nbytes] = bytes(nbytes)
-            r[self._chunks + chunk] = blk + 1
+            if e[P_TAKEN] or any(e[P_BITMAP : P_BITMAP + BITMAP_WORDS].tolist()):
+                raise damaged(f"pageset {ps} is given back but has slots taken")
+        else:
+            ps = self.count()
+            if ps // PS_PER_CHUNK >= MAX_CHUNKS:
+                raise DomainFull(f"the domain already has {ps} pagesets, the most it can "
+                                 "describe")
+        pages = self._reserve_pages(self.reserve_needed(live + 1) - self.reserved(), cls)
+        try:
+            chunk = ps // PS_PER_CHUNK
+            if r[self._chunks + chunk] == 0:
+                nbytes = PS_PER_CHUNK * self._words * 8
+                blk = self._alloc(nbytes, "a pageset directory chunk", None)
+                self._heap[blk : blk + nbytes] = bytes(nbytes)
+                r[self._chunks + chunk] = blk + 1
+        except DomainFull:
+            for off in pages:
+                self._free(off)
+            raise
+        for off in pages:  # a crash from here leaves the reserve long: harmless
+            self._reserve_push(off)
         e = self._entry_view(ps)
-        e[P_CLASS] = cls + 1
-        r[D_PS_COUNT] = ps + 1
+        e[P_CLASS] = cls + 1  # commit
+        if ps == self.count():
+            r[D_PS_COUNT] = ps + 1
         return ps
+
+    def _reserve_pages(self, n: int, cls: int) -> list[int]:
+        """``n`` new page blocks (none when ``n <= 0``), or ``DomainFull`` with none kept."""
+        pages: list[int] = []
+        try:
+            for _ in range(n):
+                pages.append(self._alloc(PAGE, "a reserved page", PAGE))
+        except DomainFull as exc:
+            for off in pages:
+                self._free(off)
+            raise DomainFull(
+                f"no room for a new pageset of {SIZE_CLASSES[cls]}-byte slots: it reserves "
+                f"{n} pages (a page for each of the {self._ids - 1} ids and the overflow id, "
+                "so that every holder can count into every metric), the arena has room for "
+                f"{len(pages)} ({exc})") from None
+        return pages
 
     def take(self, cls: int, want: int) -> list[int]:
         """Up to ``want`` free refs of class ``cls``, densest pageset first. Lock held."""

@@ -14,7 +14,9 @@ Invariants
    is gone once that word is a tombstone (:meth:`Registry.tombstone`); its other words are
    written before the commit, so a holder killed mid-insert leaves no half entry (and leaks a
    key block and a slot at most, which ``check`` finds).
-2. A segment's table offset and capacity are one directory word (``_layout.pack_table``):
+2. A segment grows when it is half full, or, when the arena has no free run for the doubled
+   table (fragmentation), once it is 7/8 full (``DomainFull`` only then). Its table offset
+   and capacity are one directory word (``_layout.pack_table``):
    growing fills a new table completely, then commits with one store and frees the old one, so
    a crash leaves the old table in place, never a table read with the wrong size.
 3. ``D_REG_GEN`` changes with every change of what :meth:`Registry.entries_at` returns
@@ -37,7 +39,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 
-from ._errors import damaged
+from ._errors import DomainFull, damaged
 from ._layout import (
     D_REG_FAMILIES,
     D_REG_GEN,
@@ -74,6 +76,11 @@ _HISTOGRAM_CLASSES = (class_index(histogram_size(1)), class_index(histogram_size
 _EXTRA = 4  # bytes of the length of a family's metadata, after its key
 _SEG_SHIFT = 56  # a hash's top byte picks its segment
 _POS_MASK = (1 << 32) - 1
+# A segment grows when half full; when the arena has no free run for its doubled table, it
+# takes entries up to FULL_NUM / FULL_DEN of its capacity first (linear probing stays short
+# enough for registration), so that a fragmented arena is filled before DomainFull.
+FULL_NUM, FULL_DEN = 7, 8
+RETRY_DIV = 32  # past half full, growing is tried again every cap / RETRY_DIV entries
 
 
 def _ref(word: int, h: int, idx: int) -> int:
@@ -99,6 +106,14 @@ def _kind_class(meta: int, idx: int) -> tuple[int, int]:
     if kind not in KIND_SIZES or cls != class_index(KIND_SIZES[kind]):
         raise damaged(f"registry entry {idx:#x}: kind {kind}, class {cls}")
     return kind, cls
+
+
+#: meta & 0xFFFF (kind | class << 8) -> (kind, class) of every series kind
+_SERIES_KIND_CLASS = {
+    **{kind | class_index(size) << 8: (kind, class_index(size))
+       for kind, size in KIND_SIZES.items() if kind != KIND_HISTOGRAM},
+    **{KIND_HISTOGRAM | cls << 8: (KIND_HISTOGRAM, cls)
+       for cls in range(_HISTOGRAM_CLASSES[0], _HISTOGRAM_CLASSES[1] + 1)}}
 
 
 class Registry:
@@ -224,8 +239,15 @@ class Registry:
         h = key_hash(key)
         seg = h >> _SEG_SHIFT
         _off, cap, used = self._segment(seg)
-        if (used + 1) * 2 > cap:
-            self._grow(seg)
+        over = used + 1 - cap // 2
+        if over > 0:
+            must = (used + 1) * FULL_DEN > cap * FULL_NUM
+            if must or (over - 1) % max(1, cap // RETRY_DIV) == 0:
+                try:
+                    self._grow(seg)
+                except DomainFull:  # no run for the doubled table (fragmentation): fill
+                    if must:  # this one further, up to 7/8
+                        raise
         _, free = self.lookup(key, h)
         if free < 0:  # the used count said there was room: recount, and try once more
             self._grow(seg)
@@ -328,17 +350,26 @@ class Registry:
         cached = self._cache
         if cached[0] == gen:
             return cached
-        out = []
-        for seg, t in self._tables():
-            hashes = t[E_HASH::ENTRY_WORDS].tolist()
-            metas = t[E_META::ENTRY_WORDS].tolist()
-            refs = t[E_REF::ENTRY_WORDS].tolist()
-            for i, h in enumerate(hashes):
-                if h > HASH_TOMBSTONE:
-                    kind, cls = _kind_class(metas[i], seg << 32 | i)
-                    if kind != KIND_FAMILY:
-                        out.append((kind, cls, _ref(refs[i], h, seg << 32 | i),
-                                    self.key_at(t, i)))
+        out: list[Entry] = []
+        append = out.append
+        heap = self._heap
+        size = len(heap)
+        for seg, t in self._tables():  # one pass, in bulk: a new reader's first snapshot
+            for i, (h, meta, word, off) in enumerate(zip(
+                    t[E_HASH::ENTRY_WORDS].tolist(), t[E_META::ENTRY_WORDS].tolist(),
+                    t[E_REF::ENTRY_WORDS].tolist(), t[E_KEY::ENTRY_WORDS].tolist(),
+                    strict=True)):
+                if h <= HASH_TOMBSTONE:
+                    continue
+                kc = _SERIES_KIND_CLASS.get(meta & 0xFFFF)
+                if kc is None:  # a family entry, or damage: the full check says which
+                    if _kind_class(meta, seg << 32 | i)[0] == KIND_FAMILY:
+                        continue
+                    raise damaged(f"registry entry {seg << 32 | i:#x}: meta {meta:#x}")
+                end = off + (meta >> 16)
+                if end > size:
+                    raise damaged(f"registry entry {i} points outside the arena")
+                append((kc[0], kc[1], _ref(word, h, seg << 32 | i), heap[off:end].tobytes()))
         self._cache = (gen, out)
         return gen, out
 

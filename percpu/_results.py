@@ -52,6 +52,16 @@ class DomainStats:
     metric_names: int = 0  #: metric names (families) registered; ``metrics`` counts series
     series_limit: int = 0  #: series a metric name may have (0: no limit)
     series_refused: int = 0  #: registrations refused by that limit, ever
+    # Admission (a new pageset reserves a page for every id first: ``_pagesets`` invariant 4).
+    #: Pages set aside for ids that have not yet touched a pageset in use: a holder's first
+    #: touch takes one, so counting never meets DomainFull. They are arena blocks, counted in
+    #: ``arena_used_bytes``; ``arena_free_bytes`` is what is free beyond them.
+    reserved_pages: int = 0
+    reserve_shortfall: int = 0  #: pages the reserve lacks (a holder died mid page-in; else 0)
+    #: Bytes the next new pageset reserves: (max_vcpus + 1) pages (the overflow id's included)
+    pageset_reserve_bytes: int = 0
+    free_slots: int = 0  #: free slots in the pagesets in use: metrics that need no new pageset
+    arena_in_use: float = 0.0  #: arena_used_bytes / arena size (reserved pages are in use)
 
 
 @dataclass(slots=True)  # not frozen: a snapshot builds one per metric, and a frozen
