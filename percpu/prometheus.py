@@ -85,6 +85,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 import os
 import threading
 import time
@@ -101,6 +102,7 @@ from ._names import validate_labels, validate_metric_name
 try:
     from prometheus_client import REGISTRY, CollectorRegistry
     from prometheus_client.metrics_core import Metric
+    from prometheus_client.samples import Sample
     from prometheus_client.utils import floatToGoString
 except ModuleNotFoundError as exc:  # the extra is not installed
     raise ModuleNotFoundError(
@@ -678,7 +680,8 @@ class PercpuCollector:
             gauge.samples = [s._replace(value=s.value + dropped) for s in gauge.samples]
         for name in sorted(families):
             family = families[name]
-            family.samples.sort(key=_series_order(family))
+            if family.type != "histogram":  # (histograms: in order already)
+                family.samples.sort(key=_series_order(family))
             yield family
 
     @staticmethod
@@ -690,6 +693,7 @@ class PercpuCollector:
             for n in _claimed(family):
                 claimed[n] = family.name
         dropped = 0
+        series: dict[str, list[tuple[Any, list[Sample]]]] = {}
         for v in values:
             if v.kind != "histogram":
                 continue
@@ -718,21 +722,29 @@ class PercpuCollector:
                 for n in uses:
                     claimed[n] = name
             labels = dict(v.labels)
-            for le, count in v.buckets:
-                family.add_sample(name + "_bucket", {**labels, "le": floatToGoString(le)}, count)
-            family.add_sample(name + "_count", labels, v.count)
-            family.add_sample(name + "_sum", labels, v.value)
+            bucket = name + "_bucket"
+            lines = [Sample(bucket, {**labels, "le": _le(le)}, count) for le, count in v.buckets]
+            lines.append(Sample(name + "_count", labels, v.count))
+            lines.append(Sample(name + "_sum", labels, v.value))
+            series.setdefault(name, []).append((v.labels, lines))
+        for name, lst in series.items():  # series in label order, each one's lines as made
+            lst.sort(key=_first)
+            families[name].samples = [line for _, lines in lst for line in lines]
         return dropped
 
 
+_first = operator.itemgetter(0)
+
+
+@functools.lru_cache(maxsize=256)
+def _le(bound: float) -> str:
+    """A bucket bound as prometheus_client writes it (``0.1``, ``1.0``, ``+Inf``)."""
+    return str(floatToGoString(bound))
+
+
 def _series_order(family: Metric) -> Callable[[Any], tuple[Any, ...]]:
-    """Series in label order; a summary's ``_count`` before its ``_sum`` (as percpu writes),
-    a histogram's buckets by bound, then its ``_count`` and ``_sum``."""
+    """Series in label order; a summary's ``_count`` before its ``_sum`` (as percpu writes)."""
     n = len(family.name)
-    if family.type == "histogram":
-        rank = {"_bucket": 0, "_count": 1, "_sum": 2}
-        return lambda s: (sorted((k, v) for k, v in s.labels.items() if k != "le"),
-                          rank.get(s.name[n:], 3), float(s.labels.get("le", 0)))
     order = {"_count": 0, "_sum": 1}
     return lambda s: (sorted(s.labels.items()), order.get(s.name[n:], 0))
 
