@@ -71,6 +71,8 @@ from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, 
 from ._layout import KIND_GAUGE, MODE_OF, split_ref
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+_bisect_left = bisect.bisect_left
+_time_ns = time.time_ns
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
@@ -345,7 +347,17 @@ class Gauge(_Handle):
     def set(self, v: int | float) -> None:
         """Set this holder's part to ``v`` (an int, exact, or a finite float); the value is
         still the sum of every holder's part."""
-        n, x = _amount(v, "Gauge.set", signed=True)
+        cls = v.__class__
+        n: int
+        x: float
+        if cls is float and not v - v:  # finite: the common cases, checked inline
+            n, x = 0, v
+        elif cls is int and INT64_MIN <= v <= INT64_MAX:
+            n, x = v, 0.0  # type: ignore[assignment]
+        else:
+            n, x = _amount(v, "Gauge.set", signed=True)
+            if not INT64_MIN <= n <= INT64_MAX:
+                raise InvalidArgument(f"Gauge.set({n}) is outside int64")
         c = self._cells
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, n, x))
@@ -396,8 +408,8 @@ class StampedGauge(Gauge):
 
     def set(self, v: int | float) -> None:
         """Set this holder's value to ``v`` (a finite int or float), stamped now."""
-        x = _observation(v, "Gauge.set")
-        stamp = time.time_ns()
+        x = v if v.__class__ is float and not v - v else _observation(v, "Gauge.set")
+        stamp = _time_ns()
         c = self._cells
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, stamp, x))
@@ -408,8 +420,8 @@ class StampedGauge(Gauge):
 
     def add(self, n: int | float) -> None:
         """Add ``n`` to this holder's value, stamped now."""
-        x = _observation(n, "Gauge.add")
-        stamp = time.time_ns()
+        x = n if n.__class__ is float and not n - n else _observation(n, "Gauge.add")
+        stamp = _time_ns()
         c = self._cells
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _add_stamped(q, d, i, stamp, x))
@@ -497,7 +509,9 @@ class Histogram(_Handle):
         """Record one observation ``x``: a finite float or an int (not a bool, NaN or inf)."""
         if x.__class__ is not float or x - x:
             x = _observation(x, "Histogram.observe")
-        b = bisect.bisect_left(self._bounds, x)  # bucket ``le = bounds[b]`` (or +Inf)
+        # The bucket (``le = bounds[b]``, or +Inf) is found before the words are loaded: a
+        # thread switch may follow a call, never the loads and the stores below.
+        b = _bisect_left(self._bounds, x)
         c = self._cells
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _observe(q, d, i, b, self._nb, x))
