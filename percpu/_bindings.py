@@ -15,10 +15,18 @@ Invariants
 2. An update that does not run the lock-free statement (:meth:`Bindings.slow_update`) is
    counted where the handle is bound once the process lock is held, or raises: never dropped.
 3. A retired handle is out of ``local`` (a new registration of its name gets a new handle).
+4. Per-thread mode (``_lease.ThreadLeases``): the handles the process hands out are bound by
+   ``bind_thread`` and write nothing themselves; each thread updates through a *private*
+   handle of its own (``private``), bound like any other handle, to the thread's id and
+   views, under the same locks and checks (invariant 1). Private handles are not in
+   ``by_ref``: compaction's rebinding (``_moves``) must not give them the process's index;
+   ``quiesce_private`` retires or unbinds them, and the world is stopped before their id
+   is acknowledged or copied (``Grace.acknowledge``).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +44,7 @@ from ._handles import (
     _Unbound,
     base_of,
     bind_shared,
+    bind_thread,
     bind_view,
     detach,
 )
@@ -71,6 +80,7 @@ class Host(Protocol):
     _pagesets: Any
     _registry: Any
     _moves: Any
+    _grace: Any
 
     def vcpu_id(self) -> int: ...
 
@@ -86,12 +96,17 @@ class Bindings:
         self._dom = dom
         self.local: dict[tuple[int, bytes], _Handle] = {}  #: (kind, key) -> named handle
         self.by_ref: dict[int, list[_Handle]] = {}  #: ref -> this process's handles on it
+        #: id(private handle) -> (it, its thread's state, the handle it serves for that
+        #: thread, whose slot it follows): per-thread mode (invariant 4)
+        self.private: dict[int, tuple[_Handle, Any, _Handle]] = {}
 
     def bind(self, h: _Handle) -> None:
         """Point ``h`` at this holder's copy of its slot, allocating the page if needed
         (invariant 1: the lease is read again under the locks; a retired handle stays
         retired; a handle whose metric was removed while unbound is retired)."""
         dom = self._dom
+        if id(h) in self.private:
+            return self.bind_private(h)
         while True:
             vcpu = dom.vcpu_id()
             with dom._plock:
@@ -108,6 +123,8 @@ class Bindings:
                         self.drop(h)
                         return
                     _e, slot, size = dom._pagesets.check_ref(h._ref)
+                    if dom._lease.threads is not None and not isinstance(h, PerCpu):
+                        return bind_thread(h)  # its threads' private handles count
                     page = dom._pagesets.page(split_ref(h._ref)[0], vcpu)
                     if isinstance(h, PerCpu):
                         h._offset = page + slot * size  # a 4-byte class slot: not 8-aligned
@@ -116,6 +133,99 @@ class Bindings:
                     else:
                         bind_view(h, (page + slot * size) // 8, dom._q, dom._d)
                     return
+
+    def bind_private(self, h: _Handle) -> None:
+        """Bind the private handle ``h`` to the calling thread's id (invariants 1 and 4); a
+        thread whose id has a compaction copy due gets it first (``Grace.acknowledge``), so
+        no thread adds to a new slot before its old value is copied there."""
+        dom = self._dom
+        with dom._plock:
+            dom._check_open()
+            st = dom._lease.threads.state()
+            disp = self.private[id(h)][2]
+            self.private[id(h)] = (h, st, disp)
+            if h not in st.handles:
+                st.handles.append(h)
+            with dom._lock:
+                if type(h) in REMOVED_CLASSES:
+                    return
+                if type(disp) in REMOVED_CLASSES:
+                    return self.forget_private(h, REMOVED_VARIANT)
+                if dom._grace.copy_due(st.vcpu):
+                    dom._grace.acknowledge()
+                dom._moves.follow(disp)
+                h._ref = disp._ref  # it follows its handle's slot (moves rebind ``by_ref``)
+                if isinstance(h, _Unbound) and not self.still_registered(h):
+                    return self.forget_private(h, REMOVED_VARIANT)
+                _e, slot, size = dom._pagesets.check_ref(h._ref)
+                page = dom._pagesets.page(split_ref(h._ref)[0], st.vcpu)
+                if st.vcpu == dom._max:
+                    bind_shared(h, (page + slot * size) // 8)
+                else:
+                    bind_view(h, (page + slot * size) // 8, st.q, st.d)
+
+    def private_for(self, h: _Handle) -> _Handle:
+        """The calling thread's private handle of ``h`` (``Domain._private``): made, bound
+        and stored in ``h``'s ``threading.local`` on the thread's first update."""
+        dom = self._dom
+        with dom._plock:
+            while True:
+                dom._check_open()
+                cls = type(h)
+                if cls in REMOVED_CLASSES:
+                    h._gone()  # type: ignore[attr-defined]  # raises
+                if cls not in UNBOUND_CLASSES:
+                    break
+                self.bind(h)
+            mine: _Handle | None = getattr(h._tl, "h", None)
+            if mine is not None:
+                return mine
+            base = base_of(cls)
+            p: _Handle = object.__new__(base)
+            for attr in ("_domain", "_ref", "name", "labels", "_kind", "_bounds", "_nb"):
+                if hasattr(h, attr):
+                    setattr(p, attr, getattr(h, attr))
+            p._index = 0
+            detach(p, UNBOUND_VARIANT)
+            self.private[id(p)] = (p, None, h)
+            self.bind_private(p)
+            h._tl.h = p
+            return p
+
+    def forget_private(self, h: _Handle, variant: dict[type, type] = UNBOUND_VARIANT) -> None:
+        """Detach the private handle ``h`` (``variant``: unbound, its thread binds it again on
+        its next update; removed: it is gone); a removed one is forgotten. ``_plock`` held."""
+        detach(h, variant)
+        if variant is REMOVED_VARIANT:
+            st = self.private.pop(id(h), (h, None, h))[1]
+            if st is not None and h in st.handles:
+                st.handles.remove(h)
+
+    def drop_thread(self, st: Any) -> None:
+        """Forget the private handles of a thread that ended. ``_plock`` held."""
+        for h in st.handles:
+            detach(h, REMOVED_VARIANT)
+            self.private.pop(id(h), None)
+        st.handles = []
+
+    def quiesce_private(self, gone: set[int]) -> int:
+        """Retire the private handles of the slots in ``gone`` (pending since our last
+        acknowledgement) and unbind those whose metric a compaction batch moved; the count
+        changed: the caller stops the world before it acknowledges or copies (invariant 4).
+        ``_plock`` and the domain lock held."""
+        changed = 0
+        moves = self._dom._moves
+        for h, _st, _disp in list(self.private.values()):
+            cls = type(h)
+            if cls in REMOVED_CLASSES:
+                continue
+            if h._ref in gone:
+                self.forget_private(h, REMOVED_VARIANT)
+                changed += 1
+            elif cls not in UNBOUND_CLASSES and moves.current(h._ref) != h._ref:
+                detach(h, UNBOUND_VARIANT)  # binds again to its handle's new slot
+                changed += 1
+        return changed
 
     def slow_update(self, h: _Handle, n: int, x: float | None) -> None:
         """Add ``n`` to ``h``'s int word (and ``x`` to its float word, a Summary's sum) where
@@ -174,6 +284,8 @@ class Bindings:
         h._domain = owner
         h._ref = ref
         h._index = 0
+        if self._dom._lease.threads is not None:
+            h._tl = threading.local()  # per-thread mode: each thread's private handle
         h.name = name
         h.labels = labels
         if isinstance(h, Gauge):
@@ -227,6 +339,12 @@ class Bindings:
         retire or rebind it) when the fork came is still in ``local``: it is put back first.
         Only possible when the fork did not get the process lock in time."""
         tabled = {id(h) for hs in self.by_ref.values() for h in hs}
+        for h, _st, _disp in self.private.values():
+            detach(h, REMOVED_VARIANT)  # the parent's threads' (none runs here)
+        self.private.clear()
+        for hs in self.by_ref.values():
+            for h in hs:
+                h._tl = threading.local()
         for h in self.local.values():
             if id(h) not in tabled:
                 self.by_ref.setdefault(h._ref, []).append(h)

@@ -240,6 +240,7 @@ class Domain:
         self._holder = HolderLocks(arena, self._root, self._max)  # our lease's OFD locks
         self._lease = Lease(self)  # this process's id
         self._bindings = Bindings(self)  # this process's handles and how they bind
+        self._private = self._bindings.private_for  # per-thread mode: a thread's own handle
         self._local = self._bindings.local  # (kind, key) -> named handle
         self._by_ref = self._bindings.by_ref  # ref -> this process's handles on it
         self._metrics = Metrics(self)  # registering and removing named metrics

@@ -7,6 +7,18 @@ the compaction batch in flight, retires its handles of every slot that went pend
 last acknowledgement, and records the epoch (its lease record's ``L_ACK``, or its overflow
 acknowledgement lock). The quiescer thread does that every ``QUIESCE_INTERVAL``.
 
+Per-thread mode (no GIL: ``_lease.ThreadLeases``). Holding ``_plock`` no longer keeps the
+other threads out of their hot-path statements, so a thread's id is acknowledged (and its
+compaction copy made) only after its private handles of the slots concerned were detached
+*and the world was stopped once* (``_lease.stop_the_world``): a thread is stopped only at an
+eval-breaker check or while detached in C, and the statement ``cells[index] += n`` has
+neither between its load of ``cells`` and its store (it calls no Python code and makes no
+backward jump; the C it runs, memoryview indexing and int arithmetic, never detaches). So
+once the world has been stopped, no update that loaded an old binding is still in flight.
+What does *not* stop a thread there: ``_plock``, the domain lock, a ``sleep`` or any time
+passing (a descheduled thread may sit between the load and the store for any time: the stop
+waits for it). ``docs/free-threading.md`` has the whole argument and its tests.
+
 Invariants
 ----------
 1. A pending slot is zeroed and reused (:meth:`Grace.reclaim`) only once every live holder,
@@ -25,7 +37,8 @@ import time
 from typing import Any, Protocol
 
 from ._errors import damaged
-from ._layout import D_EPOCH, D_MV_GEN, L_ACK, lease_base
+from ._layout import D_EPOCH, D_MV_GEN, L_ACK, MS_DONE, lease_base, move_state_base
+from ._lease import stop_the_world
 from ._pagesets import Pagesets
 from ._pending import PendingQueue
 
@@ -48,6 +61,7 @@ class Host(Protocol):
     _pagesets: Pagesets
     _holder: Any
     _moves: Any
+    _bindings: Any
     _by_ref: dict[int, list[Any]]
 
     def _retire(self, h: Any, /) -> None: ...
@@ -89,10 +103,14 @@ class Grace:
             dom._moves.sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = self.epoch()
+            gone = set()
             for ref, since in self._pending.entries():
                 if since > self.ack:
+                    gone.add(ref)
                     for h in dom._by_ref.pop(ref, ()):
                         dom._retire(h)
+            if dom._lease.threads is not None:
+                self.acknowledge_threads(gone, epoch)
             self.ack = epoch
             vcpu = dom._lease.vcpu
             if vcpu is not None and vcpu < self._max:
@@ -101,6 +119,30 @@ class Grace:
                 dom._holder.set_ack(epoch)
             if self._pending.count():
                 self.reclaim()
+
+    def copy_due(self, k: int | None) -> bool:
+        """True when a compaction batch is in flight and id ``k``'s values are not moved yet."""
+        gen = int(self._root[D_MV_GEN])
+        return bool(gen & 1) and k is not None and k < self._max and int(
+            self._root[move_state_base(self._max, k) + MS_DONE]) != gen
+
+    def acknowledge_threads(self, gone: set[int], epoch: int) -> None:
+        """Per-thread mode: retire or unbind the private handles concerned, stop the world if
+        any changed (see the module docstring), then copy each thread id's moved values and
+        acknowledge ``epoch`` for it. ``_plock`` and the domain lock held: no private handle
+        binds again before its id's copy is done."""
+        dom = self._dom
+        threads = dom._lease.threads
+        threads.reap()
+        if dom._bindings.quiesce_private(gone):
+            stop_the_world()
+        r = self._root
+        for st in threads.states:
+            k = st.vcpu
+            if k is not None and k < self._max:
+                if self.copy_due(k):
+                    dom._moves.adopt(k)
+                r[lease_base(self._max, k) + L_ACK] = epoch
 
     def reclaim(self) -> int:
         """Zero and return every pending slot whose grace period is over (invariant 1); the
@@ -157,9 +199,12 @@ class Grace:
     def _loop(self, stop: threading.Event) -> None:
         dom = self._dom
         root = self._root
+        threads = dom._lease.threads
         while not stop.wait(QUIESCE_INTERVAL):
             try:
-                if root[D_EPOCH] != self.ack or self._pending.count():
+                if root[D_EPOCH] != self.ack or self._pending.count() or (
+                        threads is not None and (threads.dead or any(
+                            self.copy_due(st.vcpu) for st in list(threads.states)))):
                     self.acknowledge()
                 if root[D_MV_GEN] & 1 or root[D_MV_GEN] != dom._moves.seen:
                     dom._moves.tick()  # compaction: follow and drive the batch in flight

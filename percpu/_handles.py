@@ -100,6 +100,8 @@ class Owner(Protocol):
 
     def _slow_store(self, h: _Handle, op: Callable[[Any, Any, int], None], /) -> None: ...
 
+    def _private(self, h: _Handle, /) -> Any: ...
+
     def _read_gauge(self, ref: int, kind: int, /) -> int | float: ...
 
     def _read_histogram(self, ref: int, buckets: int, /) -> tuple[list[int], float]: ...
@@ -225,12 +227,13 @@ class _ExceptionCounter:
 class _Handle:
     """Common state of every handle: the domain, the slot (ref) and this holder's word."""
 
-    __slots__ = ("__weakref__", "_cells", "_domain", "_floats", "_index", "_ref", "labels",
-                 "name")
+    __slots__ = ("__weakref__", "_cells", "_domain", "_floats", "_index", "_ref", "_tl",
+                 "labels", "name")
 
     _cells: Cells
     _floats: Cells  #: the same words as float64 (a slot's float part), or a SlowCells
     _index: int
+    _tl: Any  #: per-thread mode: a ``threading.local`` whose ``h`` is this thread's handle
     _domain: Owner
     _ref: int
     name: str
@@ -788,10 +791,118 @@ class UnboundHistogram(_Unbound, Histogram):
     __slots__ = ()
 
 
+def _mine(h: _Handle) -> Any:
+    """The calling thread's private handle of ``h`` (per-thread mode), made on first use."""
+    try:
+        return h._tl.h
+    except AttributeError:
+        return h._domain._private(h)
+
+
+class ThreadCounter(Counter):
+    """A Counter in per-thread mode: each thread updates its own private handle, bound to
+    the thread's own id and view, found in the handle's ``threading.local`` (no lock)."""
+
+    __slots__ = ()
+
+    def inc(self) -> None:
+        """Add one to this thread's copy (one lookup, then the hot-path statement)."""
+        try:
+            p = self._tl.h
+        except AttributeError:
+            p = self._domain._private(self)
+        try:
+            p._cells[p._index] += 1
+        except ValueError:
+            p._store_failed("Counter.inc", 1)
+
+    def add(self, n: int | float) -> None:
+        """Add ``n >= 0`` to this thread's copy."""
+        _mine(self).add(n)
+
+
+class ThreadGauge(Gauge):
+    """A Gauge in per-thread mode (see :class:`ThreadCounter`)."""
+
+    __slots__ = ()
+
+    def inc(self) -> None:
+        """Add one to this thread's part."""
+        try:
+            p = self._tl.h
+        except AttributeError:
+            p = self._domain._private(self)
+        try:
+            p._cells[p._index] += 1
+        except ValueError:
+            p._store_failed("Gauge.inc", 1)
+
+    def dec(self) -> None:
+        """Subtract one from this thread's part."""
+        try:
+            p = self._tl.h
+        except AttributeError:
+            p = self._domain._private(self)
+        try:
+            p._cells[p._index] -= 1
+        except ValueError:
+            p._store_failed("Gauge.dec", -1)
+
+    def add(self, n: int | float) -> None:
+        """Add ``n`` to this thread's part."""
+        _mine(self).add(n)
+
+    def sub(self, n: int | float) -> None:
+        """Subtract ``n`` from this thread's part."""
+        _mine(self).sub(n)
+
+    def set(self, v: int | float) -> None:
+        """Set this thread's part (the value is the sum of every holder's part)."""
+        _mine(self).set(v)
+
+
+class ThreadStampedGauge(StampedGauge):
+    """A max/min/mostrecent Gauge in per-thread mode: each thread is a holder."""
+
+    __slots__ = ()
+
+    def set(self, v: int | float) -> None:
+        """Set this thread's value, stamped now."""
+        _mine(self).set(v)
+
+    def add(self, n: int | float) -> None:
+        """Add ``n`` to this thread's value, stamped now."""
+        _mine(self).add(n)
+
+
+class ThreadSummary(Summary):
+    """A Summary in per-thread mode."""
+
+    __slots__ = ()
+
+    def observe(self, x: float) -> None:
+        """Record ``x`` in this thread's copy."""
+        _mine(self).observe(x)
+
+
+class ThreadHistogram(Histogram):
+    """A Histogram in per-thread mode."""
+
+    __slots__ = ()
+
+    def observe(self, x: float) -> None:
+        """Record ``x`` in this thread's copy."""
+        _mine(self).observe(x)
+
+
 BASE_KINDS = (Counter, StampedGauge, Gauge, Summary, Histogram, PerCpu)  # subclasses first
 SHARED_VARIANT: dict[type, type] = {
     Counter: SharedCounter, Gauge: SharedGauge, StampedGauge: SharedStampedGauge,
     Summary: SharedSummary, Histogram: SharedHistogram, PerCpu: PerCpu,
+}
+THREAD_VARIANT: dict[type, type] = {
+    Counter: ThreadCounter, Gauge: ThreadGauge, StampedGauge: ThreadStampedGauge,
+    Summary: ThreadSummary, Histogram: ThreadHistogram, PerCpu: PerCpu,
 }
 UNBOUND_VARIANT: dict[type, type] = {
     Counter: UnboundCounter, Gauge: UnboundGauge, StampedGauge: UnboundStampedGauge,
@@ -892,6 +1003,15 @@ def bind_shared(h: _Handle, index: int) -> None:
     _point_slow(h, base)
     h._index = index
     h.__class__ = SHARED_VARIANT[base]
+
+
+def bind_thread(h: _Handle) -> None:
+    """Per-thread mode: make ``h`` the handle every thread shares, whose updates go to the
+    calling thread's private handle (``THREAD_VARIANT``). Its own words are never written:
+    ``_cells`` stays a ``SlowCells``."""
+    base = base_of(type(h))
+    _point_slow(h, base)
+    h.__class__ = THREAD_VARIANT[base]
 
 
 def detach(h: _Handle, variant: dict[type, type]) -> None:

@@ -40,13 +40,20 @@ class HolderLocks:
         self._root = root
         self._max = max_vcpus
         self.ack_byte: int | None = None  #: our overflow acknowledgement's byte, if any
+        #: Ids held by this process's threads (per-thread leases, ``_lease.ThreadLeases``):
+        #: their locks are on our own description, which ``try_lock`` and ``F_OFD_GETLK``
+        #: cannot tell from a free id (invariant 3), so they are skipped and counted here.
+        self.threads: set[int] = set()
 
-    def choose(self) -> int | None:
-        """The lowest id whose lease lock we get (0 in a private domain); None: all taken."""
-        fd = self._arena.fd
+    def choose(self, exclude: int | None = None) -> int | None:
+        """The lowest id whose lease lock we get, skipping ids our threads hold and
+        ``exclude`` (our own lease, when a thread chooses; 0 in a private domain whose
+        threads hold no id); None: all taken."""
+        fd, skip = self._arena.fd, self.threads
         if fd is None:
-            return 0
-        return choose_lowest(self._max, lambda k: try_lock(fd, LEASE_LOCK_BASE + k))
+            return next((k for k in range(self._max) if k not in skip and k != exclude), None)
+        return choose_lowest(self._max, lambda k: k not in skip and k != exclude
+                             and try_lock(fd, LEASE_LOCK_BASE + k))
 
     def drop(self, vcpu: int) -> None:
         """Give up ``vcpu`` (our lease lock, or our overflow acknowledgement)."""
@@ -56,7 +63,10 @@ class HolderLocks:
             self.clear_ack()
 
     def try_lease(self, k: int) -> bool:
-        """Take id ``k``'s lease lock without waiting (to copy a dead holder's values)."""
+        """Take id ``k``'s lease lock without waiting (to copy a dead holder's values); never
+        an id one of our threads holds (it writes that id)."""
+        if k in self.threads:
+            return False
         fd = self._arena.fd
         return fd is None or try_lock(fd, LEASE_LOCK_BASE + k)
 
@@ -96,7 +106,8 @@ class HolderLocks:
         """Ids whose holder is alive: a pid recorded and the lock held (ours, ``mine``, or
         another description's). Domain lock held."""
         fd = self._arena.fd
-        return live_ids(self._root, self._max, lambda k: k == mine or (
+        threads = self.threads
+        return live_ids(self._root, self._max, lambda k: k == mine or k in threads or (
             fd is not None and is_locked(fd, LEASE_LOCK_BASE + k)))
 
     def other_overflow_holders(self, epoch: int) -> bool:

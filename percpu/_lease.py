@@ -28,9 +28,11 @@ Invariants
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -40,9 +42,10 @@ from ._holder import HolderLocks
 from ._layout import D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, LIVE_KINDS, bump, lease_base
 from ._lease_records import LeasePath, record_lease, record_release
 
-# No GIL: the hot path is not atomic, so every operation takes the overflow lock (issue: a
-# lease per thread on free-threaded builds).
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
+#: One lease per thread (``ThreadLeases``) where no GIL makes a process's threads take turns;
+#: a test may set ``Lease.per_thread`` before making a domain to run that mode under a GIL.
+PER_THREAD = not _GIL_ENABLED
 
 
 class Host(Protocol):
@@ -52,6 +55,8 @@ class Host(Protocol):
     _root: memoryview[int]
     _max: int
     _q: memoryview[int]
+    _d: memoryview[float]
+    _lease: Any
     _lock: Any
     _plock: Any  # a threading.RLock, replaced in a forked child
     _holder: HolderLocks
@@ -70,10 +75,14 @@ class Host(Protocol):
 class Lease:
     """This process's vcpu id in one domain (see the module docstring)."""
 
+    per_thread = PER_THREAD  #: read once per domain, when it is made
+
     def __init__(self, dom: Host) -> None:
         self._dom = dom
         self.vcpu: int | None = None  #: the id we hold (invariant 1)
         self.last_path: LeasePath | None = None  #: how the current or last lease was taken
+        #: Per-thread mode: the threads' own leases (None: the process's lease is the only one).
+        self.threads: ThreadLeases | None = ThreadLeases(self) if self.per_thread else None
 
     def take(self) -> int:
         """Our id, taking a lease if we hold none: the lowest id whose lock we get, else the
@@ -83,32 +92,45 @@ class Lease:
             if self.vcpu is not None:
                 return self.vcpu
             dom._check_open()
-            holder, r, bound = dom._holder, dom._root, dom._max
-            vcpu = holder.choose() if _GIL_ENABLED else None
-            try:
-                with dom._lock:
-                    path = record_lease(r, bound, vcpu, os.getpid())
-                    epoch = dom._grace.epoch()
-                    if vcpu is None:
-                        vcpu = bound
-                        holder.set_ack(epoch)
-                    else:
-                        if path is LeasePath.RECLAIMED:
-                            bump(r, D_RECOVERED_SLOTS, dom._caches.count(vcpu))
-                        r[lease_base(bound, vcpu) + L_ACK] = epoch
-                        dom._moves.adopt(vcpu)  # the id's moves, before any bind
-                        if path is not LeasePath.FRESH:
-                            self._zero_live(vcpu)
-                    dom._grace.acknowledge()
-            except BaseException:
-                if vcpu is not None:
-                    holder.drop(vcpu)
-                raise
+            vcpu, path = self.record(dom._holder.choose(), thread=False)
             self.last_path = path
             self.vcpu = vcpu
-            if dom.arena.fd is not None:  # overflow holders acknowledge epochs like the rest
-                dom._grace.start()
+            if dom.arena.fd is not None or self.threads is not None:
+                dom._grace.start()  # overflow holders and threads acknowledge like the rest
             return vcpu
+
+    def record(self, vcpu: int | None, thread: bool) -> tuple[int, LeasePath]:
+        """Record the lease of the id just chosen (None: every id was taken, the overflow id)
+        with the acknowledgement of the current epoch (invariant 2). ``_plock`` held; the
+        caller stores the id it returns. ``thread``: a thread's own lease (``ThreadLeases``)."""
+        dom = self._dom
+        holder, r, bound = dom._holder, dom._root, dom._max
+        try:
+            with dom._lock:
+                path = record_lease(r, bound, vcpu, os.getpid())
+                epoch = dom._grace.epoch()
+                if vcpu is None:
+                    vcpu = bound
+                    if not thread:  # a thread's updates there run under _plock: our ack
+                        holder.set_ack(epoch)
+                else:
+                    if thread:
+                        holder.threads.add(vcpu)
+                    if path is LeasePath.RECLAIMED:
+                        bump(r, D_RECOVERED_SLOTS, dom._caches.count(vcpu))
+                    r[lease_base(bound, vcpu) + L_ACK] = epoch
+                    dom._moves.adopt(vcpu)  # the id's moves, before any bind
+                    if path is not LeasePath.FRESH:
+                        self._zero_live(vcpu)
+                dom._grace.acknowledge()
+        except BaseException:
+            if vcpu is not None and vcpu < bound:
+                holder.threads.discard(vcpu)
+                holder.unlock_lease(vcpu)
+            elif vcpu is not None and not thread:
+                holder.clear_ack()
+            raise
+        return vcpu, path
 
     def _zero_live(self, vcpu: int) -> None:
         """Zero id ``vcpu``'s copy of every live-mode gauge (invariant 6). Domain lock held,
@@ -126,6 +148,8 @@ class Lease:
         ``_plock``, and would never see the stop). ``_plock`` held."""
         dom = self._dom
         vcpu = self.vcpu
+        if self.threads is not None and not dom._closed:
+            self.threads.release_all()
         if vcpu is None or dom._closed:
             return None
         dom._raw.free_all()
@@ -173,4 +197,161 @@ class Lease:
             return
         dom._holder.ack_byte = None  # the parent keeps its lease and acknowledgement locks
         self.last_path = None
+        if self.threads is not None:
+            self.threads.after_fork()
         dom._bindings.after_fork()
+
+
+# -- per-thread leases ---------------------------------------------------------------------
+
+
+def stop_the_world() -> None:
+    """Return only after every other thread of the process has been stopped at a safe point
+    once since the call began (see ``docs/free-threading.md``, "Quiescent states").
+
+    A free-threaded CPython 3.13 collects garbage with the world stopped: every attached
+    thread parks at its next eval-breaker check (function entry, backward jump) or is
+    detached (blocked in C with its thread state released). ``gc.collect()`` returns without
+    collecting when another thread's collection is running, so the call is repeated until a
+    collection of this thread's own ran (seen by its ``gc.callbacks`` stop phase). On a GIL
+    build the GIL is the stronger guarantee already; the collection there is only a cost.
+    """
+    me = threading.get_ident()
+    done: list[bool] = []
+
+    def seen(phase: str, _info: dict[str, int]) -> None:
+        if phase == "stop" and threading.get_ident() == me:
+            done.append(True)
+
+    gc.callbacks.append(seen)
+    try:
+        while not done:
+            gc.collect()
+            if not done:
+                time.sleep(0.0005)
+    finally:
+        gc.callbacks.remove(seen)
+
+
+class ThreadState:
+    """One thread's lease in one domain: its id, its own views of the heap (a memoryview
+    shared between threads has its reference count contended on every update), and the
+    private handles it updates through. Held by the domain (``ThreadLeases.states``) until
+    the id is given back; the thread's ``_Anchor`` tells when the thread has ended."""
+
+    __slots__ = ("d", "handles", "q", "vcpu")
+
+    def __init__(self) -> None:
+        self.vcpu: int | None = None
+        self.q: memoryview[int] | None = None
+        self.d: memoryview[float] | None = None
+        self.handles: list[Any] = []  #: private handles bound for this thread
+
+
+class _Anchor:
+    """Lives in the thread's slot of a ``threading.local`` and dies with the thread (CPython
+    clears a thread's locals as it exits, before ``join`` returns): its ``__del__`` queues
+    the thread's state for release. It only appends to a list: it may run in any thread,
+    holding any lock."""
+
+    __slots__ = ("dead", "state")
+
+    def __init__(self, state: ThreadState, dead: list[ThreadState]) -> None:
+        self.state = state
+        self.dead = dead
+
+    def __del__(self) -> None:
+        self.dead.append(self.state)
+
+
+class ThreadLeases:
+    """Per-thread mode: each thread that updates a metric leases an id of its own on its
+    first update and gives it back when it ends (its private handles are detached first, as
+    in ``Lease.release``); the kernel drops the lease locks if the process dies.
+
+    Invariants
+    ----------
+    T1. A thread's id is written only through that thread's private handles (and by the
+        quiescer's copy of compaction after a stop-the-world, ``Grace``), so each id still
+        has one writer at a time.
+    T2. An id goes back only after its private handles are detached (``_cells`` stored
+        first): a thread ended, so none of its updates is in flight.
+    T3. The process's own lease (``Lease.vcpu``) is written by no hot path in this mode: it
+        holds the caches and raw objects, and the quiescer's copy of its values races
+        with no thread.
+    """
+
+    def __init__(self, lease: Lease) -> None:
+        self._lease = lease
+        self._dom = lease._dom
+        self.local = threading.local()  #: ``.anchor``: this thread's ``_Anchor``
+        self.states: list[ThreadState] = []  #: every state holding an id (under ``_plock``)
+        self.dead: list[ThreadState] = []  #: states of ended threads, to release
+
+    def state(self) -> ThreadState:
+        """This thread's state, its id taken (``_plock`` held)."""
+        anchor = getattr(self.local, "anchor", None)
+        if anchor is None:
+            anchor = self.local.anchor = _Anchor(ThreadState(), self.dead)
+        st: ThreadState = anchor.state
+        if st.vcpu is None:
+            self.reap()  # ids of ended threads first: the lowest id goes to the next thread
+            dom = self._dom
+            dom._check_open()
+            if dom._lease.vcpu is None:
+                dom._lease.take()  # the process's own id first: its caches serve registration
+            mine = dom._lease.vcpu
+            st.vcpu, _path = self._lease.record(
+                dom._holder.choose(mine if mine is not None and mine < dom._max else None),
+                thread=True)
+            st.q, st.d = dom._q[:], dom._d[:]
+            self.states.append(st)
+        return st
+
+    def reap(self) -> None:
+        """Give back the ids of threads that ended (``_plock`` held)."""
+        while self.dead:
+            st = self.dead.pop()
+            if st in self.states:
+                self.release(st)
+
+    def release(self, st: ThreadState, forget: bool = True) -> None:
+        """Give ``st``'s id back and release its views, its private handles detached first
+        (invariant T2; ``forget``: the thread ended, its handles are dropped, else they stay
+        unbound for its next update). ``_plock`` held; the thread has ended, or the world
+        was stopped since the detaching (``release_all``)."""
+        dom = self._dom
+        if forget:
+            dom._bindings.drop_thread(st)
+        vcpu, st.vcpu = st.vcpu, None
+        views, st.q, st.d = (st.q, st.d), None, None
+        self.states.remove(st)
+        for v in views:
+            if v is not None:
+                v.release()
+        if vcpu is not None and vcpu < dom._max:
+            with dom._lock:
+                record_release(dom._root, dom._max, vcpu)
+            dom._holder.threads.discard(vcpu)
+            dom._holder.unlock_lease(vcpu)
+
+    def release_all(self) -> None:
+        """Every thread's id back (``Domain.release``, ``close``): each thread takes one again
+        on its next update. The world is stopped between the detaching and the release, so
+        no update still holds a view or an index of a given-back id (``_plock`` held)."""
+        self.reap()
+        states = list(self.states)
+        for st in states:
+            for h in st.handles:
+                self._dom._bindings.forget_private(h)  # bound again on its next update
+        if states:
+            stop_the_world()
+        for st in states:
+            self.release(st, forget=False)
+
+    def after_fork(self) -> None:
+        """In a forked child: the parent's threads and their ids are not ours."""
+        self.local = threading.local()
+        self.states = []
+        self.dead = []
+        self._dom._holder.threads.clear()

@@ -1,0 +1,323 @@
+"""Per-thread leases (``percpu._lease.ThreadLeases``): the mode a free-threaded build runs in.
+
+Every test here runs on both builds: on a GIL build the mode is forced through the test hook
+``Lease.per_thread`` (the GIL then adds nothing the protocol relies on), on a free-threaded
+build it is the default. What is checked: one id per thread, taken on first use and given
+back when the thread ends; ids ever used stay at the peak concurrency through 1,000 short
+threads; totals are exact; the order detach -> stop the world -> acknowledge of a grace
+period (forced: the stop is replaced by a probe that looks at the state it finds); removal,
+release and compaction while threads count.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import percpu
+from percpu import Domain, MetricRemoved, _grace, _lease
+from percpu._bindings import REMOVED_CLASSES, UNBOUND_CLASSES
+from percpu._handles import ThreadCounter
+from percpu._layout import L_ACK, lease_base
+
+SIZE = 8 << 20
+
+
+@pytest.fixture(autouse=True)
+def per_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_lease.Lease, "per_thread", True)
+
+
+@pytest.fixture
+def dom() -> Iterator[Domain]:
+    d = Domain(SIZE, max_vcpus=16, lock=False)
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def run_threads(n: int, target: Callable[[int], None]) -> None:
+    errors: list[BaseException] = []
+
+    def wrap(i: int) -> None:
+        try:
+            target(i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    ts = [threading.Thread(target=wrap, args=(i,)) for i in range(n)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors, errors
+
+
+def private_of(c: Any) -> Any:
+    return c._tl.h
+
+
+def threads_of(d: Domain) -> _lease.ThreadLeases:
+    threads = d._lease.threads
+    assert threads is not None
+    return threads
+
+
+def test_each_thread_gets_its_own_id_and_view(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    assert type(c) is ThreadCounter
+    barrier = threading.Barrier(4)
+    seen: list[tuple[int, int]] = []
+
+    def worker(i: int) -> None:
+        for _ in range(1000):
+            c.inc()
+        p = private_of(c)
+        seen.append((threads_of(dom).local.anchor.state.vcpu, id(p._cells)))
+        barrier.wait()  # all four hold their ids at once here
+        if i == 0:
+            assert dom.stats().holders_now == 5  # the process's own id and four threads'
+        barrier.wait()
+
+    run_threads(4, worker)
+    ids = {k for k, _v in seen}
+    assert len(ids) == 4 and dom._lease.vcpu not in ids  # none writes the process's id
+    assert len({v for _k, v in seen}) == 4  # one memoryview per thread
+    assert c.value == 4000
+
+
+def test_a_thread_that_ends_gives_its_id_back(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    run_threads(1, lambda i: c.inc())
+    dom._quiesce()  # or the next thread's lease: the ended thread's id goes back first
+    s = dom.stats()
+    assert s.holders_now == 1 and c.value == 1
+    run_threads(1, lambda i: c.inc())
+    assert dom.stats().reused_ids >= 1 and c.value == 2
+
+
+def test_1000_short_lived_threads_4_at_a_time_stay_at_the_peak(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    g = dom.gauge("busy")
+    together = threading.Barrier(4)  # the 4 of a round are alive at once: the peak is 4
+
+    def worker(i: int) -> None:
+        for _ in range(10):
+            c.inc()
+        g.inc()
+        together.wait()
+        g.dec()
+
+    for _ in range(250):
+        run_threads(4, worker)
+    s = dom.stats()
+    assert s.ids_ever_used == 5  # the process's own id and the 4 threads alive at once
+    assert s.overflow_holders == 0
+    assert s.fresh_ids + s.reused_ids == 1 + 1000
+    assert c.value == 10_000 and g.value == 0
+
+
+def test_a_grace_period_detaches_then_stops_the_world_then_acknowledges(
+        monkeypatch: pytest.MonkeyPatch, no_quiescer: None) -> None:
+    """Forces the interleaving the stop guards: a thread bound to a slot, parked (not inside
+    a statement), the slot removed. The probe runs where the world would be stopped and
+    finds the private handle already detached and the thread's id not yet acknowledged."""
+    with Domain(SIZE, max_vcpus=16, lock=False) as d:
+        c = d.counter("requests_total")
+        bound, go = threading.Event(), threading.Event()
+        box: dict[str, Any] = {}
+
+        def worker(_i: int) -> None:
+            c.inc()
+            box["p"] = private_of(c)
+            box["k"] = threads_of(d).local.anchor.state.vcpu
+            bound.set()
+            go.wait()
+            with pytest.raises(MetricRemoved):
+                c.inc()
+
+        t = threading.Thread(target=worker, args=(0,))
+        t.start()
+        bound.wait()
+        probes: list[tuple[bool, int, int]] = []
+
+        def probe() -> None:
+            r = d._root
+            probes.append((type(box["p"]) in REMOVED_CLASSES,
+                           int(r[lease_base(d._max, box["k"]) + L_ACK]), int(d._grace.epoch())))
+
+        monkeypatch.setattr(_grace, "stop_the_world", probe)
+        assert d.remove("requests_total")
+        d._quiesce()
+        assert len(probes) == 1
+        detached, ack_then, epoch = probes[0]
+        assert detached and ack_then < epoch
+        assert int(d._root[lease_base(d._max, box["k"]) + L_ACK]) == epoch  # after the stop
+        go.set()
+        t.join()
+        d._quiesce()
+        assert d.synchronize(5)
+
+
+def test_no_stop_when_nothing_changed(monkeypatch: pytest.MonkeyPatch, dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    calls: list[int] = []
+    monkeypatch.setattr(_grace, "stop_the_world", lambda: calls.append(1))
+    run_threads(2, lambda i: c.inc())
+    dom.counter("other_total").inc()
+    dom._quiesce()
+    assert calls == []  # no private handle was detached: nothing to wait for
+
+
+def test_removal_and_slot_reuse_while_threads_count(dom: Domain) -> None:
+    """Threads count on handles that are removed and whose slots are reused by the next
+    metric: each metric ends with exactly the updates made on it (a late store on a reused
+    slot would add to the new metric)."""
+    stop = threading.Event()
+    current: list[Any] = [dom.counter("m0_total")]
+    done: dict[int, int] = {}
+    lock = threading.Lock()
+
+    def worker(_i: int) -> None:
+        mine: dict[int, int] = {}
+        while not stop.is_set():
+            h = current[-1]
+            try:
+                for _ in range(50):
+                    h.inc()
+                    mine[id(h)] = mine.get(id(h), 0) + 1
+            except MetricRemoved:
+                pass
+        with lock:
+            for k, v in mine.items():
+                done[k] = done.get(k, 0) + v
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(3)]
+    for t in ts:
+        t.start()
+    try:
+        for n in range(1, 40):
+            old = current[-1]
+            dom.remove(old.name)
+            assert dom.synchronize(5)
+            current.append(dom.counter(f"m{n}_total"))  # the reclaimed slot, zeroed
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    last = current[-1]
+    assert last.value == done.get(id(last), 0)
+    assert dom.check().ok
+
+
+def test_release_while_threads_count(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    stop = threading.Event()
+    counts = [0, 0]
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            c.inc()
+            counts[i] += 1
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    for _ in range(5):
+        dom.release()
+    stop.set()
+    for t in ts:
+        t.join()
+    assert c.value == sum(counts)
+
+
+def test_compaction_while_threads_count(dom: Domain) -> None:
+    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
+    rng = random.Random(3)
+    for i in rng.sample(range(600), 560):
+        dom.remove("c", {"i": str(i)})
+        del cs[i]
+    keep = list(cs.values())
+    stop = threading.Event()
+    made = [0, 0]
+
+    def worker(i: int) -> None:
+        while not stop.is_set():
+            for h in keep:
+                h.inc()
+            made[i] += 1
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+    for t in ts:
+        t.start()
+    try:
+        r = dom.compact(timeout=10)
+    finally:
+        stop.set()
+        for t in ts:
+            t.join()
+    assert r.pending_moves == 0 and r.moved > 0
+    assert all(h.value == sum(made) for h in keep)
+    assert dom.check().ok
+
+
+def test_every_kind_counts_per_thread(dom: Domain) -> None:
+    c, g = dom.counter("a_total"), dom.gauge("g")
+    mx, s = dom.gauge("m", mode="max"), dom.summary("s")
+    h = dom.histogram("h", buckets=(1.0, 2.0))
+    together = threading.Barrier(3)  # set() sets an id's part: three ids at once
+
+    def worker(i: int) -> None:
+        c.add(2)
+        g.add(3)
+        g.sub(1)
+        together.wait()
+        g.set(i)  # this thread's part
+        together.wait()
+        mx.set(10 + i)
+        s.observe(0.5)
+        h.observe(1.5)
+
+    run_threads(3, worker)
+    assert c.value == 6 and g.value == 0 + 1 + 2
+    assert mx.value == 12 and s.value == (3, 1.5)
+    assert h.value[1] == 3
+
+
+def test_close_while_a_thread_counts_counts_or_raises() -> None:
+    d = Domain(SIZE, max_vcpus=16, lock=False)
+    c = d.counter("requests_total")
+    started = threading.Event()
+    outcome: list[str] = []
+
+    def worker(_i: int) -> None:
+        try:
+            while True:
+                c.inc()
+                started.set()
+        except percpu.DomainClosed:
+            outcome.append("closed")
+        except MetricRemoved:
+            outcome.append("removed")
+
+    t = threading.Thread(target=worker, args=(0,))
+    t.start()
+    started.wait()
+    d.close()
+    t.join()
+    assert outcome and outcome[0] in ("closed", "removed")
+
+
+def test_unbound_then_rebound_private_handles(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    c.inc()
+    p = private_of(c)
+    dom.release()
+    assert type(p) in UNBOUND_CLASSES
+    c.inc()
+    assert private_of(c) is p and type(p) not in UNBOUND_CLASSES and c.value == 2
