@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, cast, runtime_checkabl
 
 from ._errors import InvalidArgument, InvalidType, PercpuError
 from ._names import Labels, canonical_labels, validate_metric_name
+from ._results import MetricValue
 
 if TYPE_CHECKING:
     from ._domain import Domain
@@ -364,6 +365,14 @@ def _field(sample: MetricSample, field: str) -> int | float:
 def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
     """Every line of ``family``, in order. The one place that decides what a family writes:
     both the plain renderers and the cached layout of a domain use it, so they agree."""
+    lines = _family_body(family)
+    prefix, sample, field = lines[0]  # a family exists only once it has a series
+    lines[0] = (_family_head(family, openmetrics=openmetrics) + prefix, sample, field)
+    return lines
+
+
+def _family_head(family: _Family, *, openmetrics: bool) -> str:
+    """The header lines of ``family`` (HELP, TYPE, UNIT): all that differs between formats."""
     if family.kind == "counter" and not openmetrics:
         # Text 0.0.4 convention: the family is named like its sample, `<name>_total`.
         meta_name = family.name + "_total"
@@ -378,6 +387,11 @@ def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
     head += f"# TYPE {meta_name} {family.kind}\n"
     if family.unit and openmetrics:
         head += f"# UNIT {meta_name} {family.unit}\n"
+    return head
+
+
+def _family_body(family: _Family) -> list[_Line]:
+    """The sample lines of ``family`` (the same in both formats), in order."""
     lines: list[_Line] = []
     for labels in sorted(family.series):
         sample = family.series[labels]
@@ -395,8 +409,6 @@ def _family_lines(family: _Family, *, openmetrics: bool) -> list[_Line]:
         else:
             lines.append((_series_prefix(family.name + "_count", labels), sample, "count"))
             lines.append((_series_prefix(family.name + "_sum", labels), sample, "sum"))
-    prefix, sample, field = lines[0]  # a family exists only once it has a series
-    lines[0] = (head + prefix, sample, field)
     return lines
 
 
@@ -624,6 +636,16 @@ _DROPPED_HELP = (
 )
 
 
+def _trusted_sample(name: str, kind: str, labels: Labels, text: str, unit: str
+                    ) -> MetricSample:
+    sample = object.__new__(MetricSample)
+    for field, value in (("name", name), ("kind", kind), ("labels", labels), ("value", 0),
+                         ("count", 0), ("sum", 0.0), ("help", text), ("buckets", ()),
+                         ("unit", unit)):
+        object.__setattr__(sample, field, value)
+    return sample
+
+
 def _dropped_sample(count: int) -> MetricSample:
     return MetricSample(DROPPED_SERIES, "gauge", (), count, help=_DROPPED_HELP)
 
@@ -633,6 +655,10 @@ def _value_sample(v: MetricValueLike, *, neutral: bool) -> MetricSample:
     that only what does not change between scrapes (name, kind, labels) is checked."""
     text = getattr(v, "documentation", "")
     unit = getattr(v, "unit", "")
+    if neutral and v.__class__ is MetricValue and v.kind != "histogram":
+        # A domain's own value: its name and labels were checked when they were decoded from
+        # the registry, and neutral numbers need no check; built without the constructor's.
+        return _trusted_sample(v.name, v.kind, v.labels, text, unit)
     if v.kind == "summary":
         if neutral:
             return MetricSample(v.name, "summary", v.labels, 0, help=text, unit=unit)
@@ -841,13 +867,15 @@ def _layout(
     gauges: list[int] = []
     counts: list[int] = []
     for family in plan.families:
-        text_lines = _family_lines(family, openmetrics=False)
-        om_lines = _family_lines(family, openmetrics=True)
-        for (text, sample, field), (om, _, _) in zip(text_lines, om_lines, strict=True):
+        body = _family_body(family)  # once: only the headers differ between the formats
+        first = len(prometheus)
+        for text, sample, field in body:
             source = plan.sources[id(sample)]
             prometheus.append(text)
-            openmetrics.append(om)
             pick.append(count_base + source if field == "count" else source)
+        openmetrics.extend(prometheus[first:])
+        prometheus[first] = _family_head(family, openmetrics=False) + prometheus[first]
+        openmetrics[first] = _family_head(family, openmetrics=True) + openmetrics[first]
     # The checks cover every sample, the ones a clash or the reserved family leaves out too:
     # the plain path drops a bad number first, and says so in its own words.
     for sample in plan.candidates + plan.reserved:
