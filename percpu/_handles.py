@@ -58,23 +58,21 @@ returned for every handle, no update in flight can still land on the id, and the
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import math
 import operator
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn, ParamSpec, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
 from ._layout import KIND_GAUGE, MODE_OF, split_ref
+from ._timing import Block, CountExceptions
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 _bisect_left = bisect.bisect_left
 _time_ns = time.time_ns
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 
 class Owner(Protocol):
@@ -165,65 +163,6 @@ def _amount(n: Any, what: str, signed: bool) -> tuple[int, float]:
     return _count(n, what, signed), 0.0
 
 
-class _Timer:
-    """``time()`` and friends: a context manager and a decorator that call ``done(seconds)``
-    (or ``enter()`` and ``done``) around the block or the call."""
-
-    __slots__ = ("_done", "_enter", "_start")
-
-    def __init__(self, done: Callable[[float], None],
-                 enter: Callable[[], None] | None = None) -> None:
-        self._done = done
-        self._enter = enter
-        self._start = 0.0
-
-    def __enter__(self) -> _Timer:
-        if self._enter is not None:
-            self._enter()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._done(time.perf_counter() - self._start)
-
-    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        done, enter = self._done, self._enter
-
-        @functools.wraps(fn)
-        def timed(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with _Timer(done, enter):
-                return fn(*args, **kwargs)
-        return timed
-
-
-class _ExceptionCounter:
-    """``Counter.count_exceptions``: adds one when the block or the call raises ``exc``."""
-
-    __slots__ = ("_counter", "_exc")
-
-    def __init__(self, counter: Counter, exc: type[BaseException] | tuple[type[BaseException], ...]
-                 ) -> None:
-        self._counter = counter
-        self._exc = exc
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type[BaseException] | None, value: BaseException | None,
-                 tb: object) -> None:
-        if typ is not None and issubclass(typ, self._exc):
-            self._counter.inc()
-
-    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        counter, exc = self._counter, self._exc
-
-        @functools.wraps(fn)
-        def counted(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with _ExceptionCounter(counter, exc):
-                return fn(*args, **kwargs)
-        return counted
-
-
 class _Handle:
     """Common state of every handle: the domain, the slot (ref) and this holder's word."""
 
@@ -288,10 +227,10 @@ class Counter(_Handle):
             self._store_failed("Counter.add", n)
 
     def count_exceptions(self, exception: type[BaseException] | tuple[type[BaseException], ...]
-                         = Exception) -> _ExceptionCounter:
+                         = Exception) -> CountExceptions:
         """A context manager and decorator that adds one when its block (or the decorated
         call) raises ``exception``; the exception goes on."""
-        return _ExceptionCounter(self, exception)
+        return CountExceptions(self, exception)
 
     @property
     def value(self) -> int | float:
@@ -373,14 +312,14 @@ class Gauge(_Handle):
         """``set(time.time())``."""
         self.set(time.time())
 
-    def track_inprogress(self) -> _Timer:
+    def track_inprogress(self) -> Block:
         """A context manager and decorator: ``inc()`` on entry, ``dec()`` on exit (with mode
         ``livesum``, a holder that dies inside drops out of the value)."""
-        return _Timer(lambda _s: self.dec(), self.inc)
+        return Block(lambda _s: self.dec(), self.inc)
 
-    def time(self) -> _Timer:
+    def time(self) -> Block:
         """A context manager and decorator that sets the gauge to the block's duration (s)."""
-        return _Timer(self.set)
+        return Block(self.set)
 
     @property
     def mode(self) -> str:
@@ -474,9 +413,9 @@ class Summary(_Handle):
         self._floats[self._index + 1] += x
         self._cells[self._index] += 1
 
-    def time(self) -> _Timer:
+    def time(self) -> Block:
         """A context manager and decorator that observes the block's duration in seconds."""
-        return _Timer(self.observe)
+        return Block(self.observe)
 
     @property
     def value(self) -> tuple[int, float]:
@@ -523,9 +462,9 @@ class Histogram(_Handle):
         c[i + b] += 1
         self._floats[i + self._nb + 1] += x
 
-    def time(self) -> _Timer:
+    def time(self) -> Block:
         """A context manager and decorator that observes the block's duration in seconds."""
-        return _Timer(self.observe)
+        return Block(self.observe)
 
     @property
     def buckets(self) -> tuple[float, ...]:

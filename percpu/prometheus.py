@@ -91,13 +91,14 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import TracebackType
-from typing import Any, ClassVar, ParamSpec, Self, TypeVar
+from typing import Any, ClassVar, Self
 
 from ._domain import Domain
 from ._errors import InvalidType, MetricRemoved, PercpuError
 from ._exposition import DROPPED_SERIES, DomainLike, domain_samples, health_samples
 from ._names import validate_labels, validate_metric_name
+from ._timing import Block as _Block
+from ._timing import CountExceptions as _CountExceptions
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry
@@ -113,8 +114,6 @@ __all__ = ["ENV_VAR", "Counter", "Gauge", "Histogram", "NoDomain", "PercpuCollec
            "default_domain"]
 
 ENV_VAR = "PERCPU_DOMAIN"
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 _log = logging.getLogger("percpu._exposition")  # where percpu's exposition logs what it drops
 
 
@@ -202,69 +201,6 @@ def _as_float(x: Any) -> float:
     return float(x)
 
 
-# -- time(), track_inprogress(), count_exceptions() --------------------------------------------
-
-
-class _Block:
-    """A context manager and a decorator: ``enter()`` before the block (or call), ``done(s)``
-    after it with its duration in seconds (never negative); ``duration`` keeps the last one."""
-
-    __slots__ = ("_done", "_enter", "_start", "duration")
-
-    def __init__(self, done: Callable[[float], None], enter: Callable[[], None] | None = None
-                 ) -> None:
-        self._done = done
-        self._enter = enter
-        self._start = 0.0
-        self.duration: float | None = None
-
-    def __enter__(self) -> Self:
-        if self._enter is not None:
-            self._enter()
-        self._start = time.perf_counter()
-        return self
-
-    def __exit__(self, typ: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.duration = max(time.perf_counter() - self._start, 0.0)
-        self._done(self.duration)
-
-    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        done, enter = self._done, self._enter
-
-        @functools.wraps(fn)
-        def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with _Block(done, enter):  # a new one per call: reentrant and thread-safe
-                return fn(*args, **kwargs)
-        return wrapped
-
-
-class _Exceptions:
-    """``Counter.count_exceptions``: one more when the block or call raises ``exception``."""
-
-    __slots__ = ("_counter", "_exception")
-
-    def __init__(self, counter: Counter,
-                 exception: type[BaseException] | tuple[type[BaseException], ...]) -> None:
-        self._counter = counter
-        self._exception = exception
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, typ: type[BaseException] | None, value: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        if value is not None and isinstance(value, self._exception):
-            self._counter.inc()
-
-    def __call__(self, fn: Callable[_P, _R]) -> Callable[_P, _R]:
-        @functools.wraps(fn)
-        def wrapped(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-            with self:
-                return fn(*args, **kwargs)
-        return wrapped
-
-
 # -- the metrics -------------------------------------------------------------------------------
 
 
@@ -332,6 +268,17 @@ class _Metric:
     def _again(self) -> None:
         """The series was removed (by this process or another): register it again."""
         self._h = self._make()
+
+    def _retry(self, exc: Exception, method: str, amount: Any) -> None:
+        """After ``self._h.<method>(amount)`` raised ``exc`` (the update methods try the
+        handle first, inline: the hot path): an amount of another number type is taken as a
+        float, as prometheus_client does; a series removed meanwhile (by this process or
+        another) is registered again and updated. Anything else goes on."""
+        if isinstance(exc, MetricRemoved):
+            self._again()
+        else:
+            amount = _as_float(amount)
+        getattr(self._h, method)(amount)
 
     def _check_observable(self) -> None:
         if isinstance(self._h, _Parent):
@@ -414,17 +361,14 @@ class Counter(_Metric):
                 self._h.inc()
             else:
                 self._h.add(amount)
-        except InvalidType:
-            self._h.add(_as_float(amount))
-        except MetricRemoved:
-            self._again()
-            self.inc(amount)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "add", amount)
 
     def count_exceptions(self, exception: type[BaseException] | tuple[type[BaseException], ...]
-                         = Exception) -> _Exceptions:
+                         = Exception) -> _CountExceptions:
         """A context manager and decorator: one more when the block raises ``exception``."""
         self._check_observable()
-        return _Exceptions(self, exception)
+        return _CountExceptions(self, exception)
 
     def reset(self) -> None:
         """Not available: a domain counter is the sum of every process's part."""
@@ -468,40 +412,25 @@ class Gauge(_Metric):
         if self._most_recent:
             raise RuntimeError("inc must not be used with the mostrecent mode")
         try:
-            if amount == 1:
-                self._h.inc()
-            else:
-                self._h.add(amount)
-        except InvalidType:
-            self._h.add(_as_float(amount))
-        except MetricRemoved:
-            self._again()
-            self.inc(amount)
+            self._h.add(amount)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "add", amount)
 
     def dec(self, amount: float = 1) -> None:
         """Subtract ``amount`` (1 by default) from this process's part."""
         if self._most_recent:
             raise RuntimeError("dec must not be used with the mostrecent mode")
         try:
-            if amount == 1:
-                self._h.dec()
-            else:
-                self._h.sub(amount)
-        except InvalidType:
-            self._h.sub(_as_float(amount))
-        except MetricRemoved:
-            self._again()
-            self.dec(amount)
+            self._h.sub(amount)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "sub", amount)
 
     def set(self, value: float) -> None:
         """Set this process's part to ``value``."""
         try:
             self._h.set(value)
-        except InvalidType:
-            self._h.set(_as_float(value))
-        except MetricRemoved:
-            self._again()
-            self.set(value)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "set", value)
 
     def set_to_current_time(self) -> None:
         """``set(time.time())``."""
@@ -538,11 +467,8 @@ class Summary(_Metric):
         """Record one observation."""
         try:
             self._h.observe(amount)
-        except InvalidType:
-            self._h.observe(_as_float(amount))
-        except MetricRemoved:
-            self._again()
-            self.observe(amount)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "observe", amount)
 
     def time(self) -> _Block:
         """A context manager and decorator that observes the block's duration in seconds."""
@@ -588,11 +514,8 @@ class Histogram(_Metric):
         """Record one observation. ``exemplar`` is accepted and not stored."""
         try:
             self._h.observe(amount)
-        except InvalidType:
-            self._h.observe(_as_float(amount))
-        except MetricRemoved:
-            self._again()
-            self.observe(amount)
+        except (InvalidType, MetricRemoved) as exc:
+            self._retry(exc, "observe", amount)
 
     def time(self) -> _Block:
         """A context manager and decorator that observes the block's duration in seconds."""
