@@ -46,6 +46,7 @@ from typing import Any
 import pytest
 
 import percpu
+from percpu._exposition import DomainExposition
 
 prometheus_client = pytest.importorskip("prometheus_client")
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
@@ -300,6 +301,14 @@ def test_scrape_live_percpu(benchmark: Any, live_domain: tuple[percpu.Domain, in
           lambda: generate_latest(registry), ROUNDS["percpu"])
 
 
+def test_scrape_live_percpu_exposition(benchmark: Any,
+                                       live_domain: tuple[percpu.Domain, int, int]) -> None:
+    d, count, _ = live_domain
+    e = DomainExposition(d, health=False)
+    assert e.render()[0].count(b"_count") == count
+    _time(benchmark, LIVE, "live scrape: percpu exposition (text)", e.render, ROUNDS["percpu"])
+
+
 def test_scrape_live_percpu_snapshot(benchmark: Any,
                                      live_domain: tuple[percpu.Domain, int, int]) -> None:
     d, count, _ = live_domain
@@ -409,6 +418,8 @@ RATIOS = [
     ("set: percpu.prometheus", "set: prometheus_client", 3),
     ("set: percpu.prometheus", "set: prometheus_client multiprocess", 8),
     ("live scrape: percpu collector + generate_latest",
+     "live scrape: prometheus_client MultiProcessCollector", 20),
+    ("live scrape: percpu exposition (text)",
      "live scrape: prometheus_client MultiProcessCollector", 20),
     ("live scrape: percpu snapshot() alone",
      "live scrape: prometheus_client MultiProcessCollector", 20),

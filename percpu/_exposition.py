@@ -664,9 +664,13 @@ def _value_sample(v: MetricValueLike, *, neutral: bool) -> MetricSample:
             return MetricSample(v.name, "summary", v.labels, 0, help=text, unit=unit)
         return MetricSample(v.name, "summary", v.labels, 0, count=v.count, sum=v.value,
                             help=text, unit=unit)
-    if v.kind == "histogram":  # never on the layout's path (neutral): always the plain one
+    if v.kind == "histogram":
+        buckets = tuple(getattr(v, "buckets", ()))
+        if neutral:  # zeros, and a count that agrees with them
+            return MetricSample(v.name, "histogram", v.labels, 0, help=text, unit=unit,
+                                buckets=tuple((le, 0) for le, _n in buckets))
         return MetricSample(v.name, "histogram", v.labels, 0, count=v.count, sum=v.value,
-                            help=text, buckets=tuple(getattr(v, "buckets", ())), unit=unit)
+                            help=text, buckets=buckets, unit=unit)
     return MetricSample(v.name, v.kind, v.labels, 0 if neutral else v.value,  # type: ignore[arg-type]
                         help=text, unit=unit)
 
@@ -779,6 +783,7 @@ _LABELS = operator.attrgetter("labels")
 _KIND = operator.attrgetter("kind")
 _VALUE = operator.attrgetter("value")
 _COUNT = operator.attrgetter("count")
+_SECOND = operator.itemgetter(1)
 _NUMBER_TYPES = frozenset((int, float))
 _INT_TYPE = frozenset((int,))
 Numbers = list[int | float]
@@ -798,8 +803,9 @@ class _Layout:
     """The fixed part of a domain's scrapes, for one set of keys.
 
     The numbers of a scrape (``_Layout.numbers``): each snapshot value's ``value`` (a
-    summary's sum), each health sample's value (or sum), the dropped count, then -- only when
-    some line shows a count -- each snapshot value's and health sample's ``count``.
+    summary's or histogram's sum), each health sample's value (or sum), the dropped count,
+    then -- only when some line shows a count -- each snapshot value's and health sample's
+    ``count``, then each histogram's cumulative bucket counts, in snapshot order.
     """
 
     # The snapshot's keys, as three lists: lists of the objects the snapshot already holds,
@@ -814,8 +820,10 @@ class _Layout:
     pick: _Pick  # the number of each line, in line order
     counter_like: _Pick  # the numbers that must be >= 0 and not NaN (of every candidate)
     gauges: _Pick  # the numbers that must be within int range if ints
-    counts: _Pick | None  # the summary counts (must be ints); None when there are none
+    counts: _Pick | None  # summary and histogram counts (ints); None when there are none
     dropped: int
+    histograms: tuple[int, ...] = ()  # the snapshot indices of the histograms
+    sums: _Pick | None = None  # the histograms' sums (any sign; never NaN)
 
     def numbers(self, values: Sequence[MetricValueLike], health: Sequence[MetricSample]) -> Numbers:
         nums: Numbers = list(map(_VALUE, values))
@@ -824,6 +832,8 @@ class _Layout:
         if self.counts is not None:
             nums.extend(map(_COUNT, values))
             nums.extend(h.count for h in health)
+        for i in self.histograms:
+            nums.extend(map(_SECOND, getattr(values[i], "buckets", ())))
         return nums
 
     def vouches_for(self, nums: Numbers) -> bool:
@@ -837,6 +847,8 @@ class _Layout:
             return False
         g = self.gauges(nums)
         if g and not (min(g) >= _INT_MIN and max(g) <= _INT_MAX):
+            return False
+        if self.sums is not None and math.isnan(sum(self.sums(nums))):
             return False
         return self.counts is None or set(map(type, self.counts(nums))) <= _INT_TYPE
 
@@ -860,6 +872,13 @@ def _layout(
     plan = _plan(values, health, neutral=True)
     n, m = len(values), len(health)
     count_base = n + m + 1  # where the counts start in a scrape's numbers
+    histograms = tuple(i for i, v in enumerate(values) if v.kind == "histogram")
+    bucket_at: dict[int, int] = {}  # snapshot index -> where its bucket counts start
+    at = count_base + n + m
+    for i in histograms:
+        bucket_at[i] = at
+        at += len(getattr(values[i], "buckets", ()))
+    sums: list[int] = []
     prometheus: list[str] = []
     openmetrics: list[str] = []
     pick: list[int] = []
@@ -872,7 +891,10 @@ def _layout(
         for text, sample, field in body:
             source = plan.sources[id(sample)]
             prometheus.append(text)
-            pick.append(count_base + source if field == "count" else source)
+            if field.startswith("bucket"):
+                pick.append(bucket_at[source] + int(field[6:]))
+            else:
+                pick.append(count_base + source if field == "count" else source)
         openmetrics.extend(prometheus[first:])
         prometheus[first] = _family_head(family, openmetrics=False) + prometheus[first]
         openmetrics[first] = _family_head(family, openmetrics=True) + openmetrics[first]
@@ -882,15 +904,22 @@ def _layout(
         source = plan.sources[id(sample)]
         if sample.kind == "gauge":
             gauges.append(source)
+        elif sample.kind == "histogram":  # its sum may be negative; its counts may not
+            gauges.append(source)
+            sums.append(source)
+            buckets = range(bucket_at[source], bucket_at[source] + len(sample.buckets))
+            counter_like.extend(buckets)
+            counts.extend(buckets)
         else:
             counter_like.append(source)
-        if sample.kind == "summary":
+        if sample.kind in ("summary", "histogram"):
             counter_like.append(count_base + source)
             counts.append(count_base + source)
     return _Layout(
         *keys, health_keys, tuple(plan.problems), tuple(prometheus), tuple(openmetrics),
         _picker(pick), _picker(counter_like), _picker(gauges),
-        _picker(counts) if counts else None, len(plan.problems))
+        _picker(counts) if counts else None, len(plan.problems), histograms,
+        _picker(sums) if sums else None)
 
 
 class _LayoutCache:
@@ -964,7 +993,10 @@ class DomainExposition:
         health_keys: list[tuple[str, Labels, str, str]] = [
             (h.name, h.labels, h.kind, h.help) for h in health]
         cache = self._cache
-        if "histogram" in kinds:  # its bucket lines have no place in the layout's numbers
+        if "histogram" in kinds and any(v.__class__ is not MetricValue for v in values
+                                        if v.kind == "histogram"):
+            # Only a domain's own histogram values are consistent by construction (their
+            # count is their last bucket's): the bulk checks do not look inside others.
             cache.plain += 1
             render = render_openmetrics if openmetrics else render_prometheus
             return render(domain_samples(values, health))

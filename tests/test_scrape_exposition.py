@@ -244,9 +244,10 @@ def test_layout_takes_the_fast_path_when_the_numbers_allow(
     assert (e.layout_builds, e.plain_scrapes) == (1, 0)
 
 
-def test_histograms_take_the_plain_path(caplog: pytest.LogCaptureFixture) -> None:
-    """A histogram's bucket lines have no place in the layout: a domain with one is rendered
-    the plain way, every scrape, and says so in ``plain_scrapes``."""
+def test_histograms_of_other_values_take_the_plain_path(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A histogram value that is not a domain's own (whose count is its last bucket's by
+    construction) is rendered the plain way, every scrape, and says so in ``plain_scrapes``."""
     buckets = ((1.0, 2), (math.inf, 3))
     d = FakeDomain([Value("c", (), "counter", 4), Value("h", (), "histogram", 2.5, 3)])
     d.values[1].buckets = buckets
@@ -255,6 +256,26 @@ def test_histograms_take_the_plain_path(caplog: pytest.LogCaptureFixture) -> Non
     assert (e.layout_builds, e.plain_scrapes) == (0, 2)
     body, _ = e.render()
     assert b'h_bucket{le="1.0"} 2\nh_bucket{le="+Inf"} 3\nh_count 3\nh_sum 2.5\n' in body
+
+
+def test_a_domains_histograms_take_the_layout(caplog: pytest.LogCaptureFixture) -> None:
+    """A real domain's histograms are rendered from the layout, to the plain path's bytes,
+    in both formats, negative sums included."""
+    d = percpu.Domain(1 << 22, max_vcpus=2)
+    try:
+        h = d.histogram("lat_seconds", {"r": "/"}, buckets=[0.1, 1], documentation="L.",
+                        unit="seconds")
+        d.counter("c", documentation="C.").inc()
+        e = DomainExposition(d, health=False)
+        for x in (0.05, 5, -3.0):
+            h.observe(x)
+            scrape_both(d, e, caplog)  # type: ignore[arg-type]
+        assert (e.layout_builds, e.plain_scrapes) == (1, 0)
+        body, _ = e.render()
+        assert b'lat_seconds_bucket{r="/",le="0.1"} 2\n' in body
+        assert b'lat_seconds_count{r="/"} 3\nlat_seconds_sum{r="/"} 2.05\n' in body
+    finally:
+        d.close()
 
 
 def test_numbers_the_bulk_checks_cannot_vouch_for_take_the_plain_path() -> None:
