@@ -12,6 +12,15 @@ workers as it goes: each new worker leases the lowest free vcpu id and carries o
 slots a finished worker left, so memory follows the workers alive at once, not the number
 ever started. Prints the total, what was expected, and the domain's figures; exits 1 if a
 single increment is missing or extra.
+
+``pool_tasks_in_flight`` is a ``livesum`` gauge: a worker that dies in the middle of a task
+(SIGKILL, the OOM killer) drops out of it at once, and the worker that takes its vcpu id over
+starts that part from zero. A task can be held at its start until a file appears
+(:func:`install`'s ``gate``: a path; not a ``multiprocessing.Event``, whose ``set()`` waits
+for every waiter to wake, forever if one was killed): ``tests/test_servers.py`` holds one
+in every worker, SIGKILLs one of them, and checks the counters and the gauge.
+(multiprocessing.Pool replaces a dead worker, but the task it was running never returns:
+wait for results with a timeout.)
 """
 
 from __future__ import annotations
@@ -20,25 +29,55 @@ import argparse
 import multiprocessing
 import os
 import sys
+import time
 
 import percpu
 
 DOMAIN_SIZE = 1 << 20  # bytes of arena
+GATE_WAIT = 60.0  # seconds a held task waits for its gate at most
+GATE_POLL = 0.01  # seconds between two looks at the gate
 
 _items: percpu.Counter | None = None  # set in the parent before the fork, inherited
 _tasks: percpu.Counter | None = None
 _work: percpu.Summary | None = None
+_started: percpu.Counter | None = None
+_in_flight: percpu.Gauge | None = None
+_gate: str | None = None
 
 
-def work(task: tuple[int, int]) -> tuple[int, int]:
-    """One task: ``per_task`` increments of the shared counter. Returns (task, pid)."""
-    number, per_task = task
+def install(domain: percpu.Domain, gate: str | None = None) -> None:
+    """Register the pool's metrics in ``domain`` (before the pool forks: the workers inherit
+    the handles); ``gate``: the file whose appearance releases held tasks."""
+    global _items, _tasks, _work, _started, _in_flight, _gate
+    _items = domain.counter("pool_items_processed", documentation="Items the tasks processed.")
+    _tasks = domain.counter("pool_tasks_done", documentation="Tasks finished.")
+    _work = domain.summary("pool_task_items", documentation="Items per task.")
+    _started = domain.counter("pool_tasks_started", documentation="Tasks started.")
+    _in_flight = domain.gauge("pool_tasks_in_flight", mode="livesum",
+                              documentation="Tasks running in live workers.")
+    _gate = gate
+
+
+def work(task: tuple[int, int] | tuple[int, int, bool]) -> tuple[int, int]:
+    """One task: ``per_task`` increments of the shared counter, after waiting for the gate if
+    the task says ``held``. Returns (task, pid)."""
+    number, per_task, held = (*task, False)[:3]
     assert _items is not None and _tasks is not None and _work is not None
-    items = _items
-    for _ in range(per_task):
-        items.inc()
-    _tasks.inc()
-    _work.observe(per_task)
+    assert _started is not None and _in_flight is not None
+    _started.inc()
+    _in_flight.inc()
+    try:
+        if held and _gate is not None:
+            deadline = time.monotonic() + GATE_WAIT
+            while not os.path.exists(_gate) and time.monotonic() < deadline:
+                time.sleep(GATE_POLL)
+        items = _items
+        for _ in range(per_task):
+            items.inc()
+        _tasks.inc()
+        _work.observe(per_task)
+    finally:
+        _in_flight.dec()
     return number, os.getpid()
 
 
@@ -52,12 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="tasks before a worker is replaced (default 10; 0: never)")
     args = p.parse_args(argv)
 
-    global _items, _tasks, _work
     domain = percpu.Domain(DOMAIN_SIZE, max_vcpus=max(2, args.workers), lock="auto",
                            shared=True)
-    _items = domain.counter("pool_items_processed")
-    _tasks = domain.counter("pool_tasks_done")
-    _work = domain.summary("pool_task_items")
+    install(domain)
+    assert _items is not None and _tasks is not None and _work is not None
     # "fork": the children inherit the domain and the handles (the default on Linux up to
     # Python 3.13; 3.14 defaults to "forkserver", which would not inherit them).
     ctx = multiprocessing.get_context("fork")
