@@ -227,6 +227,17 @@ class Bindings:
                 changed += 1
         return changed
 
+    def rebind_shared(self) -> int:
+        """Bind every handle bound to the overflow id to the id this process holds now (a
+        hand-over, ``Lease.hand_over``); how many. ``_plock`` and the domain lock held."""
+        moved = 0
+        for handles in list(self.by_ref.values()):
+            for h in list(handles):
+                if type(h) in SHARED_CLASSES:
+                    self.bind(h)
+                    moved += 1
+        return moved
+
     def slow_update(self, h: _Handle, n: int, x: float | None) -> None:
         """Add ``n`` to ``h``'s int word (and ``x`` to its float word, a Summary's sum) where
         ``h`` is bound once the process lock is held, binding it first if it is unbound
@@ -243,11 +254,15 @@ class Bindings:
                 self.bind(h)  # takes a lease if we hold none; may find the metric removed
             i = h._index
             if cls in SHARED_CLASSES:
-                with dom._lease.overflow_op():
+                lease = dom._lease
+                lease.overflow_enter()
+                try:
                     if x is not None:
                         dom._d[i + 1] += x
                     if n:
                         dom._q[i] += n
+                finally:
+                    lease.overflow_exit()
             else:  # bound to our leased id meanwhile
                 if x is not None:
                     dom._d[i + 1] += x
@@ -270,8 +285,12 @@ class Bindings:
                     break
                 self.bind(h)
             if cls in SHARED_CLASSES:
-                with dom._lease.overflow_op():
+                lease = dom._lease
+                lease.overflow_enter()
+                try:
                     op(dom._q, dom._d, h._index)
+                finally:
+                    lease.overflow_exit()
             else:
                 op(dom._q, dom._d, h._index)
 

@@ -567,6 +567,8 @@ _HEALTH: tuple[tuple[str, MetricKind, str, str], ...] = (
      "Holders that found every id taken and shared the overflow id."),
     ("percpu_domain_shared_id_operations", "counter", "shared_id_operations",
      "Operations done on the overflow id, each under its lock (the slow path)."),
+    ("percpu_domain_handed_over", "counter", "handed_over",
+     "Overflow holders handed a freed id at a quiescent point (they leave the slow path)."),
     ("percpu_domain_metrics", "gauge", "metrics", "Named metrics registered."),
     ("percpu_domain_pagesets", "gauge", "pagesets", "Pagesets with at least one slot taken."),
     ("percpu_domain_pages", "gauge", "pages",

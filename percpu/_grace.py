@@ -39,10 +39,12 @@ from typing import Any, Protocol
 from ._errors import damaged
 from ._layout import D_EPOCH, D_MV_GEN, L_ACK, MS_DONE, lease_base, move_state_base
 from ._lease import stop_the_world
+from ._lease_records import vacancy_hint
 from ._pagesets import Pagesets
 from ._pending import PendingQueue
 
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
+PROBE_TICKS = 20  # an overflow holder probes the lease locks at least every 20 ticks (0.1 s)
 EPOCH_LIMIT = 1 << 62  # an epoch word above it is damage (a remove a nanosecond: 146 years)
 
 
@@ -96,8 +98,10 @@ class Grace:
             raise damaged(f"epoch {epoch}")
         return epoch
 
-    def acknowledge(self) -> None:
-        """Acknowledge the current epoch (see the module docstring); reclaim what is due."""
+    def acknowledge(self, probe: bool = True) -> None:
+        """Acknowledge the current epoch (see the module docstring); reclaim what is due;
+        then, with ``probe``, hand a freed id to this process's overflow holders, if any
+        (``Lease.hand_over``: a quiescent point is where a holder may change ids)."""
         dom = self._dom
         with dom._plock, self._lock:
             dom._moves.sync()  # compaction first: then handles are keyed by their current ref
@@ -119,6 +123,8 @@ class Grace:
                 dom._holder.set_ack(epoch)
             if self._pending.count():
                 self.reclaim()
+            if probe and dom._lease.on_overflow():
+                dom._lease.hand_over()
 
     def copy_due(self, k: int | None) -> bool:
         """True when a compaction batch is in flight and id ``k``'s values are not moved yet."""
@@ -199,13 +205,21 @@ class Grace:
     def _loop(self, stop: threading.Event) -> None:
         dom = self._dom
         root = self._root
-        threads = dom._lease.threads
+        lease = dom._lease
+        threads = lease.threads
+        ticks = 0
         while not stop.wait(QUIESCE_INTERVAL):
+            ticks += 1
             try:
-                if root[D_EPOCH] != self.ack or self._pending.count() or (
+                # An overflow holder looks for a freed id at every tick where a record has no
+                # pid (a clean release), and probes the locks every PROBE_TICKS ticks (a dead
+                # holder's record keeps its pid).
+                probe = lease.on_overflow() and (ticks % PROBE_TICKS == 0
+                                                 or vacancy_hint(root, self._max))
+                if probe or root[D_EPOCH] != self.ack or self._pending.count() or (
                         threads is not None and (threads.dead or any(
                             self.copy_due(st.vcpu) for st in list(threads.states)))):
-                    self.acknowledge()
+                    self.acknowledge(probe)
                 if root[D_MV_GEN] & 1 or root[D_MV_GEN] != dom._moves.seen:
                     dom._moves.tick()  # compaction: follow and drive the batch in flight
             except Exception as exc:  # invariant 3

@@ -37,7 +37,7 @@ from ._layout import (
     PAGE,
     lease_base,
 )
-from ._lease_records import ids_ever_used
+from ._lease_records import handed_over, ids_ever_used
 from ._pagesets import Pagesets
 from ._results import DomainCheck, DomainStats
 
@@ -69,7 +69,8 @@ def figures(root: memoryview, max_vcpus: int, vcpu: int | None, live: list[int],
         pending_frees=pending, reserved_pages=reserved,
         reserve_shortfall=max(0, needed - reserved),
         pageset_reserve_bytes=(max_vcpus + 1) * PAGE, free_slots=pagesets.free_slots(),
-        arena_in_use=arena.used_bytes / size if size else 0.0, **counts, **moves)
+        arena_in_use=arena.used_bytes / size if size else 0.0,
+        handed_over=handed_over(r, max_vcpus), **counts, **moves)
 
 
 def reclaim_slots(pagesets: Pagesets, refs: list[int]) -> int:

@@ -22,12 +22,23 @@ The descriptor is read from the arena at each call: it changes in a forked child
 
 from __future__ import annotations
 
+import fcntl
+import os
+import struct
 from typing import Any
 
-from arena.locks import is_locked, lock, read_lock, try_lock, unlock
+from arena.locks import is_locked, read_lock, try_lock, unlock
 
 from ._layout import LEASE_LOCK_BASE, OVERFLOW_ACK_BASE, OVERFLOW_LOCK
 from ._lease_records import choose_lowest, live_ids, oldest_mark
+
+# The overflow lock's two ``struct flock`` arguments (Linux 64-bit: short type, short whence,
+# off_t start, off_t len, pid_t pid, which must be 0 for an OFD lock), packed once: the
+# overflow path takes and drops this lock at every operation.
+_FLOCK = struct.Struct("hhqqi4x")
+_OVF_LOCK = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, OVERFLOW_LOCK, 1, 0)
+_OVF_UNLOCK = _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, OVERFLOW_LOCK, 1, 0)
+_fcntl, _SETLKW, _SETLK = fcntl.fcntl, fcntl.F_OFD_SETLKW, fcntl.F_OFD_SETLK
 
 
 class HolderLocks:
@@ -117,10 +128,11 @@ class HolderLocks:
         return fd is not None and is_locked(fd, OVERFLOW_ACK_BASE, epoch + 1)
 
     def lock_overflow(self) -> None:
-        """Wait for the overflow lock (an overflow operation)."""
+        """Wait for the overflow lock (an overflow operation; ``arena.locks.lock`` with its
+        argument packed once; EINTR is retried by Python)."""
         fd = self._arena.fd
         if fd is not None:
-            lock(fd, OVERFLOW_LOCK)
+            _fcntl(fd, _SETLKW, _OVF_LOCK)
 
     def try_overflow(self) -> bool:
         """Take the overflow lock without waiting (while holding the domain lock)."""
@@ -130,4 +142,4 @@ class HolderLocks:
     def unlock_overflow(self) -> None:
         fd = self._arena.fd
         if fd is not None:
-            unlock(fd, OVERFLOW_LOCK)
+            _fcntl(fd, _SETLK, _OVF_UNLOCK)

@@ -15,9 +15,19 @@ Invariants
 3. A process writes an id's slots only while it holds the id: :meth:`Lease.release` unbinds
    every handle before the lease record and the lock go, so the next holder of the id is its
    only writer.
-4. Every operation on the overflow id holds the overflow lock (:meth:`Lease.overflow_op`); it
+4. Every operation on the overflow id holds the overflow lock (:meth:`Lease.overflow_enter`); it
    never acknowledges an epoch itself (the quiescer does, under ``_plock``), so no
    retirement of the handle in use can fall inside one.
+7. An overflow holder (the process's lease, or a thread's in per-thread mode) is handed a
+   freed id at a quiescent point (:meth:`Lease.hand_over`, from ``Grace.acknowledge``: the
+   process lock and the domain lock held): the new lease is recorded as any other
+   (invariant 2, its epoch acknowledged) before the overflow acknowledgement goes, then every
+   handle bound to the overflow id is bound again to the new id. The overflow id's values
+   stay where they are (every reader sums that id too): an update is counted on one id or the
+   other, never both, because overflow updates run under ``_plock`` (no update of this
+   process is inside one while the handles change) and one that waits for ``_plock`` reads
+   the handle's binding again once it has it (``Bindings.slow_update``). A process with raw
+   objects on the overflow id keeps it (they belong to the binding they were made under).
 6. A holder that takes an id over (its previous holder released it or died) starts every
    live-mode gauge (``livesum``, ``livemax``...) of that id from zero, before it binds a
    handle: the previous holder's part dropped out of the value when it left, and must not
@@ -33,14 +43,12 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Protocol
 
 from ._caches import Caches
 from ._holder import HolderLocks
 from ._layout import D_RECOVERED_SLOTS, D_SHARED_OPS, L_ACK, LIVE_KINDS, bump, lease_base
-from ._lease_records import LeasePath, record_lease, record_release
+from ._lease_records import LeasePath, record_hand_over, record_lease, record_release
 
 _GIL_ENABLED = getattr(sys, "_is_gil_enabled", lambda: True)()
 #: One lease per thread (``ThreadLeases``) where no GIL makes a process's threads take turns;
@@ -83,6 +91,7 @@ class Lease:
         self.last_path: LeasePath | None = None  #: how the current or last lease was taken
         #: Per-thread mode: the threads' own leases (None: the process's lease is the only one).
         self.threads: ThreadLeases | None = ThreadLeases(self) if self.per_thread else None
+        self._handing = False  #: a hand-over is recording its lease (no nested one)
 
     def take(self) -> int:
         """Our id, taking a lease if we hold none: the lowest id whose lock we get, else the
@@ -161,20 +170,60 @@ class Lease:
         dom._holder.drop(vcpu)
         return quiescer
 
-    @contextmanager
-    def overflow_op(self) -> Iterator[None]:
-        """One operation on the overflow id: under the overflow lock, counted (invariant 4).
-        Lock order: ``_plock``, then the overflow lock."""
+    def on_overflow(self) -> bool:
+        """True when this process's lease or one of its threads' shares the overflow id (a
+        hint without ``_plock``)."""
+        bound = self._dom._max
+        return self.vcpu == bound or (self.threads is not None and any(
+            st.vcpu == bound for st in list(self.threads.states)))
+
+    def hand_over(self) -> int:
+        """Move every overflow holder of this process (its own lease, its threads') to a
+        freed id if the lock probe finds one (invariant 7); how many moved. ``_plock`` and the
+        domain lock held (``Grace.acknowledge``)."""
         dom = self._dom
-        with dom._plock:
-            dom._holder.lock_overflow()
-            try:
-                bump(dom._root, D_SHARED_OPS)
-                if dom._q[dom._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
-                    dom._moves.finish_overflow()
-                yield
-            finally:
-                dom._holder.unlock_overflow()
+        bound = dom._max
+        if self._handing or dom._closed:
+            return 0
+        moved = 0
+        self._handing = True
+        try:
+            if self.vcpu == bound and not dom._raw.live():
+                k = dom._holder.choose()
+                if k is None:
+                    return 0
+                _k, self.last_path = self.record(k, thread=False)
+                record_hand_over(dom._root, bound)
+                self.vcpu = k
+                dom._holder.clear_ack()  # after the new id's acknowledgement (record)
+                dom._bindings.rebind_shared()
+                moved += 1
+            if self.threads is not None:
+                moved += self.threads.hand_over()
+        finally:
+            self._handing = False
+        return moved
+
+    def overflow_enter(self) -> None:
+        """Begin one operation on the overflow id (invariant 4): take the overflow lock and
+        count the operation; :meth:`overflow_exit` ends it. ``_plock`` held (the caller's
+        ``try``/``finally`` calls ``overflow_exit``; this drops the lock itself if it raises).
+        Lock order: ``_plock``, then the overflow lock (then the domain lock, to finish a
+        dead copier's copy)."""
+        dom = self._dom
+        holder = dom._holder
+        holder.lock_overflow()
+        try:
+            bump(dom._root, D_SHARED_OPS)
+            if dom._q[dom._moves.ovf_step]:  # compaction: a copier died mid-copy (rare)
+                dom._moves.finish_overflow()
+        except BaseException:
+            holder.unlock_overflow()
+            raise
+
+    def overflow_exit(self) -> None:
+        """End the operation :meth:`overflow_enter` began."""
+        self._dom._holder.unlock_overflow()
 
     def cache_pop(self, cls: int) -> int:
         """A free ref of class ``cls`` from our id's cache. The id is read under ``_plock``, so
@@ -307,6 +356,29 @@ class ThreadLeases:
             st.q, st.d = dom._q[:], dom._d[:]
             self.states.append(st)
         return st
+
+    def hand_over(self) -> int:
+        """Hand the threads that share the overflow id a freed id each, while the lock probe
+        finds one (``Lease.hand_over``); their private handles are detached (the safe
+        direction: a detached handle's next update waits for ``_plock`` and binds it to the
+        thread's new id, ``Bindings.bind_private``). Every update on the overflow id ran
+        under ``_plock``, so none is in flight. ``_plock`` and the domain lock held."""
+        dom = self._dom
+        bound = dom._max
+        moved = 0
+        for st in list(self.states):
+            if st.vcpu != bound:
+                continue
+            mine = self._lease.vcpu
+            k = dom._holder.choose(mine if mine is not None and mine < bound else None)
+            if k is None:
+                break
+            st.vcpu, _path = self._lease.record(k, thread=True)
+            record_hand_over(dom._root, bound)
+            for h in st.handles:
+                dom._bindings.forget_private(h)  # bound again on the thread's next update
+            moved += 1
+        return moved
 
     def reap(self) -> None:
         """Give back the ids of threads that ended (``_plock`` held)."""

@@ -26,8 +26,11 @@ Rules (the domain lock is held for every word written here):
    without a lock is a dead holder, a lock without a pid a holder still between rules 1 and 2.
 4. A holder that finds every id taken gets the overflow id ``max_vcpus``, which any number of
    holders share; each of its operations takes the overflow lock and is counted
-   (``D_SHARED_OPS``). It keeps that id until it releases: Python cannot see a context switch
-   at which to hand it a freed id, and moving its values would need a grace period.
+   (``D_SHARED_OPS``). Python cannot see a context switch at which to hand it a freed id, so
+   it is *handed over* one at its next quiescent point (the quiescer's tick): it takes the id
+   by rules 1 and 2 like any holder (the id's path counter counts it too) and the hand-over is
+   counted in the overflow id's record (:func:`record_hand_over`). Its values stay on the
+   overflow id, where every reader sums them: nothing moves, so no grace period is needed.
 5. Grace periods count overflow holders too. With no record to write an acknowledged epoch
    in, an overflow holder holds a read lock on byte ``OVERFLOW_ACK_BASE + epoch``, and a
    reclaimer finds the oldest such byte with lock queries (:func:`oldest_mark`). The kernel
@@ -144,6 +147,24 @@ def live_ids(root: Words, max_vcpus: int, is_held: Callable[[int], bool]) -> lis
     """
     return [k for k in range(max_vcpus)
             if root[lease_base(max_vcpus, k) + L_PID] and is_held(k)]
+
+
+def record_hand_over(root: Words, max_vcpus: int) -> None:
+    """Count one overflow holder handed a freed id (rule 4). The overflow id has no lease of
+    its own, so its record's lease count is this count. Domain lock held."""
+    bump(root, lease_base(max_vcpus, max_vcpus) + L_LEASES)
+
+
+def handed_over(root: Words, max_vcpus: int) -> int:
+    """Overflow holders handed a freed id, ever (:func:`record_hand_over`)."""
+    return root[lease_base(max_vcpus, max_vcpus) + L_LEASES]
+
+
+def vacancy_hint(root: Words, max_vcpus: int) -> bool:
+    """True when some id's record has no pid: never leased, or released cleanly (rule 2).
+    Read without any lock, so only a hint (a holder between rules 1 and 2 looks free, a dead
+    holder's id looks taken): the lock probe of rule 1 decides."""
+    return any(not root[lease_base(max_vcpus, k) + L_PID] for k in range(max_vcpus))
 
 
 def ids_ever_used(root: Words) -> int:

@@ -62,6 +62,10 @@ class DomainStats:
     pageset_reserve_bytes: int = 0
     free_slots: int = 0  #: free slots in the pagesets in use: metrics that need no new pageset
     arena_in_use: float = 0.0  #: arena_used_bytes / arena size (reserved pages are in use)
+    #: Overflow holders (a process, or a thread in per-thread mode) handed a freed id at a
+    #: quiescent point, ever: each left the overflow id's locked path; its lease is also
+    #: counted by the id's path (fresh, reused, reclaimed).
+    handed_over: int = 0
 
 
 @dataclass(slots=True)  # not frozen: a snapshot builds one per metric, and a frozen
