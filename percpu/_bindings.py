@@ -68,6 +68,13 @@ SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, StampedGa
                                                         Histogram))
 
 
+def _add(q: Any, d: Any, i: int, n: int, x: float | None) -> None:
+    if x is not None:
+        d[i + 1] += x
+    if n:
+        q[i] += n
+
+
 class Host(Protocol):
     """What bindings read of the domain they belong to (``Domain`` implements it)."""
 
@@ -169,14 +176,7 @@ class Bindings:
         and stored in ``h``'s ``threading.local`` on the thread's first update."""
         dom = self._dom
         with dom._plock:
-            while True:
-                dom._check_open()
-                cls = type(h)
-                if cls in REMOVED_CLASSES:
-                    h._gone()  # type: ignore[attr-defined]  # raises
-                if cls not in UNBOUND_CLASSES:
-                    break
-                self.bind(h)
+            cls = self.bound_class(h)
             mine: _Handle | None = getattr(h._tl, "h", None)
             if mine is not None:
                 return mine
@@ -238,36 +238,24 @@ class Bindings:
                     moved += 1
         return moved
 
-    def slow_update(self, h: _Handle, n: int, x: float | None) -> None:
-        """Add ``n`` to ``h``'s int word (and ``x`` to its float word, a Summary's sum) where
-        ``h`` is bound once the process lock is held, binding it first if it is unbound
-        (invariant 2); raises ``MetricRemoved`` or ``DomainClosed`` rather than drop it."""
+    def bound_class(self, h: _Handle) -> type:
+        """``h``'s class once it is bound: an unbound handle is bound first (taking a lease if
+        we hold none; it may find its metric removed), a retired one raises
+        (``MetricRemoved``, ``DomainClosed``). ``_plock`` held."""
         dom = self._dom
-        with dom._plock:
-            while True:
-                dom._check_open()
-                cls = type(h)
-                if cls in REMOVED_CLASSES:
-                    h._gone()  # type: ignore[attr-defined]  # raises
-                if cls not in UNBOUND_CLASSES:
-                    break
-                self.bind(h)  # takes a lease if we hold none; may find the metric removed
-            i = h._index
-            if cls in SHARED_CLASSES:
-                lease = dom._lease
-                lease.overflow_enter()
-                try:
-                    if x is not None:
-                        dom._d[i + 1] += x
-                    if n:
-                        dom._q[i] += n
-                finally:
-                    lease.overflow_exit()
-            else:  # bound to our leased id meanwhile
-                if x is not None:
-                    dom._d[i + 1] += x
-                if n:
-                    dom._q[i] += n
+        while True:
+            dom._check_open()
+            cls = type(h)
+            if cls in REMOVED_CLASSES:
+                h._gone()  # type: ignore[attr-defined]  # raises
+            if cls not in UNBOUND_CLASSES:
+                return cls
+            self.bind(h)
+
+    def slow_update(self, h: _Handle, n: int, x: float | None) -> None:
+        """Add ``n`` to ``h``'s int word (and ``x`` to its float word) where ``h`` is bound
+        once the process lock is held (invariant 2): ``slow_store`` with an addition."""
+        self.slow_store(h, lambda q, d, i: _add(q, d, i, n, x))
 
     def slow_store(self, h: _Handle, op: Callable[[Any, Any, int], None]) -> None:
         """``op(int words, float words, h's word)`` where ``h`` is bound once the process lock
@@ -276,14 +264,7 @@ class Bindings:
         bucket, a stamped gauge's time)."""
         dom = self._dom
         with dom._plock:
-            while True:
-                dom._check_open()
-                cls = type(h)
-                if cls in REMOVED_CLASSES:
-                    h._gone()  # type: ignore[attr-defined]  # raises
-                if cls not in UNBOUND_CLASSES:
-                    break
-                self.bind(h)
+            cls = self.bound_class(h)
             if cls in SHARED_CLASSES:
                 lease = dom._lease
                 lease.overflow_enter()
