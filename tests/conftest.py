@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
 from hypothesis.stateful import RuleBasedStateMachine
 
 from percpu import Domain
+
+
+class Hang(Exception):
+    """A test body ran past its :func:`deadline` (a loop that never ends, an endless wait)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Raise :class:`Hang` in the body (from SIGALRM: main thread only) when it runs past
+    ``seconds``, instead of hanging the suite."""
+
+    def ring(signum: int, frame: FrameType | None) -> None:
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, ring)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def shm_dir() -> str:

@@ -22,15 +22,13 @@ import io
 import os
 import random
 import shutil
-import signal
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import FrameType
 
 import pytest
-from conftest import shm_dir
+from conftest import deadline, shm_dir
 
 from arena import Arena, ArenaError, BadArenaFile, Block
 from arena import _cli as arena_cli
@@ -59,9 +57,6 @@ GRANULE = 64
 CASE_TIMEOUT = 10.0  # seconds: far above what a case takes; only a hang reaches it
 DEAD_PID = (1 << 22) + 7  # above PID_MAX_LIMIT: never a live process
 
-
-class Hang(Exception):
-    """A case ran past CASE_TIMEOUT."""
 
 
 @dataclass(frozen=True)
@@ -175,20 +170,6 @@ def _mutate(rng: random.Random, b: Base, buf: bytearray) -> str:
 
 
 # -- running one case -------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    def ring(signum: int, frame: FrameType | None) -> None:
-        raise Hang(f"no answer within {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def _file(path: str) -> bytes:

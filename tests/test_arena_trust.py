@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import contextlib
 import io
-import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from types import FrameType
 
 import pytest
+from conftest import deadline
 
 from arena import Arena, BadArenaFile
 from arena import _cli as arena_cli
@@ -19,22 +18,6 @@ from arena._layout import NIL, W_ALLOCS, W_FL, W_HEADS, W_OP, W_SL, W_USED
 from arena._tlsf import mapping_insert
 
 GRANULE = 64
-
-
-@contextlib.contextmanager
-def deadline(seconds: float) -> Iterator[None]:
-    """Fail (instead of hanging the suite) when the body runs past ``seconds``."""
-
-    def ring(signum: int, frame: FrameType | None) -> None:
-        raise AssertionError(f"still running after {seconds} s: a loop that never ends")
-
-    old = signal.signal(signal.SIGALRM, ring)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture

@@ -19,15 +19,13 @@ import mmap
 import os
 import random
 import shutil
-import signal
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 import pytest
-from conftest import shm_dir
+from conftest import deadline, shm_dir
 
 from arena import ArenaError
 from percpu import Domain, MetricValue, PercpuError
@@ -49,9 +47,6 @@ MAX_VCPUS = 4
 PROJECT_ERRORS = (PercpuError, ArenaError)
 TOUCHED = {("m0", ()), ("g", (("i", "1"),))}  # the metrics the operations change
 
-
-class Hang(Exception):
-    pass
 
 
 def _values(snap: list[MetricValue]) -> dict[tuple[str, tuple[tuple[str, str], ...]], Any]:
@@ -192,34 +187,25 @@ def tmp() -> Iterator[str]:
     shutil.rmtree(d)
 
 
-def _alarm(signum: int, frame: FrameType | None) -> None:
-    raise Hang(f"a case ran past {CASE_SECONDS} s")
-
-
 def test_mutated_domain_files_are_refused_or_used_without_damage(tmp: str) -> None:
     template = os.path.join(tmp, "template")
     offsets = _make_template(template)
     rng = random.Random(SEED)
     tally: collections.Counter[str] = collections.Counter()
     failures: list[str] = []
-    old = signal.signal(signal.SIGALRM, _alarm)
-    try:
-        for case in range(CASES):
-            path = os.path.join(tmp, f"case{case}")
-            shutil.copyfile(template, path)
-            os.chmod(path, 0o600)
-            what = _mutate(path, offsets, rng)
-            signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
-            try:
+    for case in range(CASES):
+        path = os.path.join(tmp, f"case{case}")
+        shutil.copyfile(template, path)
+        os.chmod(path, 0o600)
+        what = _mutate(path, offsets, rng)
+        try:
+            with deadline(CASE_SECONDS):
                 tally.update(_run_case(path))
-            except BaseException as exc:  # classified below: every one is a failure
-                failures.append(f"case {case} ({what}): {type(exc).__name__}: {exc}\n"
-                                + "".join(traceback.format_exception(exc)[-3:]))
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                os.unlink(path)
-    finally:
-        signal.signal(signal.SIGALRM, old)
+        except BaseException as exc:  # classified below: every one is a failure (Hang too)
+            failures.append(f"case {case} ({what}): {type(exc).__name__}: {exc}\n"
+                            + "".join(traceback.format_exception(exc)[-3:]))
+        finally:
+            os.unlink(path)
     print(f"\n{CASES} mutated domain files (seed {SEED}):")
     for outcome, n in sorted(tally.items()):
         print(f"  {n:6d}  {outcome}")

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -461,9 +459,3 @@ class ModelMachine(RuleBasedStateMachine):
 
 TestModelMachine = ModelMachine.TestCase
 TestModelMachine.settings = settings(max_examples=25, stateful_step_count=30, deadline=None)
-
-
-@pytest.fixture(autouse=True)
-def _no_stray_alarm() -> Iterator[None]:
-    yield
-    signal.alarm(0)
