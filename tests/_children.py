@@ -7,13 +7,15 @@ are unpickled: the pipe is private to the parent and its own child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import signal
+import subprocess
 import sys
 import traceback
 from collections.abc import Callable
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -70,3 +72,27 @@ class Child:
 def run_in_child(fn: Callable[[], Any]) -> Any:
     """Run ``fn`` in a forked child and return its (picklable) result."""
     return Child(fn).result()
+
+
+def stop_group(proc: subprocess.Popen[Any], wait: float) -> int:
+    """SIGTERM a server started as a process group leader (a graceful shutdown), SIGKILL its
+    group if it outlives ``wait`` seconds, then SIGKILL the group again for workers a crash
+    orphaned; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=wait)
+    if proc.poll() is None:  # never leave it behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # workers orphaned by a crash, if any
+    return proc.returncode
+
+
+def log_tail(log: IO[bytes], limit: int = 4000) -> str:
+    """The last ``limit`` characters written to ``log`` (a server's output, for a failure)."""
+    log.flush()
+    log.seek(0)
+    return log.read().decode("utf-8", "replace")[-limit:]

@@ -3,7 +3,6 @@ HTTP requests (one worker SIGKILLed on purpose), and the multiprocessing.Pool ex
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import socket
@@ -17,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _children import log_tail, stop_group
 from prometheus_client.parser import text_string_to_metric_families
 
 import percpu
@@ -99,23 +99,12 @@ class Gunicorn:
 
     def stop(self) -> int:
         """SIGTERM the master (a graceful shutdown) and return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=WAIT)
-        if self.proc.poll() is None:  # never leave it behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers orphaned by a crash, if any
+        status = stop_group(self.proc, WAIT)
         self.listener.close()
-        return self.proc.returncode
+        return status
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")[-4000:]
+        return log_tail(self.log)
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _children import log_tail
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
@@ -170,9 +171,7 @@ class Prometheus:
               lambda: f"up: {self.query('up')}; log: {self.output()}")
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")[-4000:]
+        return log_tail(self.log)
 
     def stop(self) -> None:
         _stop(self.proc)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from _children import log_tail, stop_group
 from test_integrations import _children, _env
 
 import percpu
@@ -213,24 +214,13 @@ class Server:
 
     def stop(self) -> int:
         """SIGTERM the server (a graceful shutdown) and return its exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.proc.wait(timeout=WAIT)
-        if self.proc.poll() is None:  # never leave it behind
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # workers orphaned by a crash, if any
+        status = stop_group(self.proc, WAIT)
         self.listener.close()
         self.log.close()
-        return self.proc.returncode
+        return status
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read().decode("utf-8", "replace")[-4000:]
+        return log_tail(self.log)
 
 
 def kill_mid_request(server: Server, domain: Path, workers: int, uploads: int) -> None:
