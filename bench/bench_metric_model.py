@@ -31,14 +31,11 @@ Run: ``.venv/bin/python -m pytest bench/bench_metric_model.py --benchmark-enable
 from __future__ import annotations
 
 import os
-import select
 import shutil
 import subprocess
 import sys
 import tempfile
 import textwrap
-import time
-import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +46,7 @@ import percpu
 from percpu._exposition import DomainExposition
 
 prometheus_client = pytest.importorskip("prometheus_client")
+from bench_snapshot import Holders  # noqa: E402  (its sibling: bench/ is on sys.path)
 from prometheus_client import CollectorRegistry, generate_latest  # noqa: E402
 from prometheus_client import values as prom_values  # noqa: E402
 from prometheus_client.multiprocess import MultiProcessCollector  # noqa: E402
@@ -187,56 +185,6 @@ def _observe_all(handles: list[Any]) -> None:
         h.observe(0.001 * (k % 100))
 
 
-class Holders:
-    """``n`` forked processes that each open ``path``, observe once into each of ``count``
-    histograms and wait until :meth:`close`."""
-
-    def __init__(self, path: Path, n: int, count: int) -> None:
-        self.pids: list[int] = []
-        ready_r, ready_w = os.pipe()
-        hold_r, self._hold_w = os.pipe()
-        for _ in range(n):
-            pid = os.fork()
-            if pid == 0:
-                status = 0
-                try:
-                    os.close(ready_r)
-                    os.close(self._hold_w)
-                    d = percpu.Domain.open(path)
-                    _observe_all([d.histogram(NAME, {"i": str(k)}) for k in range(count)])
-                    os.write(ready_w, b"R")
-                    os.read(hold_r, 1)
-                    d.close()
-                except BaseException:
-                    traceback.print_exc()
-                    status = 1
-                finally:
-                    os._exit(status)
-            self.pids.append(pid)
-        os.close(ready_w)
-        os.close(hold_r)
-        got = 0
-        deadline = time.monotonic() + 600
-        while got < n and time.monotonic() < deadline:
-            if select.select([ready_r], [], [], 1.0)[0]:
-                chunk = os.read(ready_r, n)
-                if not chunk:
-                    break
-                got += len(chunk)
-        os.close(ready_r)
-        if got < n:
-            self.close()
-            raise RuntimeError(f"only {got} of {n} holders got ready")
-
-    def close(self) -> None:
-        if self._hold_w >= 0:
-            os.close(self._hold_w)
-            self._hold_w = -1
-        for pid in self.pids:
-            os.waitpid(pid, 0)
-        self.pids = []
-
-
 _PROM_WRITER = textwrap.dedent("""
     import prometheus_client
     h = prometheus_client.Histogram({name!r}, "latency", ["i"], registry=None)
@@ -254,7 +202,8 @@ def live_domain(request: pytest.FixtureRequest) -> Iterator[tuple[percpu.Domain,
     count, holders = _sizes(request.config)
     path = _scratch("percpu-hist-")
     d = percpu.Domain.create(path / "hist.domain", DOMAIN_SIZE, max_vcpus=holders)
-    h = Holders(path / "hist.domain", holders, count)
+    h = Holders(path / "hist.domain", holders, 0, work=lambda dom: _observe_all(
+        [dom.histogram(NAME, {"i": str(k)}) for k in range(count)]))
     try:
         yield d, count, holders
     finally:

@@ -27,7 +27,7 @@ import sys
 import textwrap
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -58,10 +58,11 @@ def _labels(k: int) -> dict[str, str]:
 
 class Holders:
     """``n`` forked processes that each open the domain at ``path``, increment every counter
-    once and block until :meth:`close`. Linux (fork); the parent must not hold the domain's
-    lock while forking."""
+    once (or run ``work`` on it) and block until :meth:`close`. Linux (fork); the parent
+    must not hold the domain's lock while forking."""
 
-    def __init__(self, path: Path, n: int, counters: int) -> None:
+    def __init__(self, path: Path, n: int, counters: int,
+                 work: Callable[[percpu.Domain], None] | None = None) -> None:
         self.pids: list[int] = []
         ready_r, ready_w = os.pipe()
         hold_r, self._hold_w = os.pipe()
@@ -73,7 +74,8 @@ class Holders:
                     try:
                         os.close(ready_r)
                         os.close(self._hold_w)
-                        _hold(path, counters, ready_w, hold_r)
+                        _hold(path, work or (lambda d: _count_all(d, counters)), ready_w,
+                              hold_r)
                     except BaseException:
                         traceback.print_exc()
                         status = 1
@@ -119,12 +121,16 @@ class Holders:
         self.pids = []
 
 
-def _hold(path: Path, counters: int, ready_w: int, hold_r: int) -> None:
+def _count_all(d: percpu.Domain, counters: int) -> None:
+    for c in [d.counter(NAME, _labels(k)) for k in range(counters)]:
+        c.inc()
+
+
+def _hold(path: Path, work: Callable[[percpu.Domain], None], ready_w: int, hold_r: int
+          ) -> None:
     """A holder's life (in the child)."""
     d = percpu.Domain.open(path)
-    handles = [d.counter(NAME, _labels(k)) for k in range(counters)]
-    for c in handles:
-        c.inc()
+    work(d)
     os.write(ready_w, b"R")
     os.read(hold_r, 1)  # EOF when the parent lets go
     d.close()
