@@ -159,12 +159,14 @@ class Grace:
         acks = [int(r[lease_base(self._max, k) + L_ACK]) for k in dom._holder.live(dom._lease.vcpu)]
         if any(a > epoch for a in acks):  # a holder past the epoch would release slots early
             raise damaged(f"a holder acknowledged an epoch after the current one ({epoch})")
-        for ref, since in self._pending.entries():  # every entry, before any is taken out
+
+        def check(ref: int, since: int) -> None:  # a damaged entry would free a live slot
             if not 1 <= since <= epoch or not self._pagesets.is_taken(ref):
                 raise damaged(f"pending entry ({ref:#x}, epoch {since})")
+
         oldest = min(min(acks, default=epoch), self.ack)
         oldest = dom._holder.oldest_ack(oldest)  # holders sharing the overflow id
-        due = self._pending.take_due(oldest, dom._moves.moving_refs())
+        due = self._pending.take_due(oldest, dom._moves.moving_refs(), check)
         for ref in due:  # each entry is gone already: a crash from here leaks, never doubles
             self._pagesets.zero(ref)
             self._pagesets.give_back([ref])

@@ -198,7 +198,8 @@ class Metrics:
     def remove(self, name: str, labels: dict[str, str] | None) -> bool:
         """Remove ``name{labels}`` in every process; False if it does not exist (invariant 3)."""
         dom = self._dom
-        key = encode_key(validate_metric_name(name), validate_labels(labels))
+        name = validate_metric_name(name)
+        key = encode_key(name, validate_labels(labels))
         dom._check_open()
         dom.vcpu_id()
         with dom._plock, dom._lock:
@@ -211,7 +212,7 @@ class Metrics:
             dom._grace.reclaim()  # what is due makes room
             dom._pending.reserve()  # may raise DomainFull: nothing is changed yet
             ref = dom._moves.current(dom._registry.tombstone(idx))
-            family, _ = dom._registry.lookup(family_key(validate_metric_name(name)))
+            family, _ = dom._registry.lookup(family_key(name))
             if family >= 0:
                 dom._registry.add_to_ref(family, -1)
             dom._grace.publish(ref)

@@ -129,11 +129,15 @@ class PendingQueue:
         words[p + PE_EPOCH] = epoch
         r[count] = n + 1  # commit
 
-    def take_due(self, oldest: int, keep: Container[int]) -> list[int]:
+    def take_due(self, oldest: int, keep: Container[int],
+                 check: Callable[[int, int], None] | None = None) -> list[int]:
         """Take out every entry whose epoch every live holder has acknowledged (``<= oldest``)
         and whose ref is not in ``keep`` (a compaction still moves it); return their refs,
-        which the caller zeroes and frees (invariant 1)."""
-        self.entries()  # every entry checked before any is taken out (invariant 4)
+        which the caller zeroes and frees (invariant 1). ``check(ref, epoch)``, run on every
+        entry first, may refuse one (raise) before anything is taken out."""
+        for ref, epoch in self.entries():  # every entry checked first (invariant 4)
+            if check is not None:
+                check(ref, epoch)
         r = self._root
         due = []
         for part, (words, base, count) in enumerate(self.parts()):
