@@ -48,7 +48,14 @@ from ._handles import (
     bind_view,
     detach,
 )
-from ._layout import KIND_COUNTER, KIND_HISTOGRAM, KIND_SUMMARY, split_ref
+from ._layout import (
+    KIND_COUNTER,
+    KIND_HISTOGRAM,
+    KIND_SUMMARY,
+    class_index,
+    histogram_size,
+    split_ref,
+)
 from ._names import encode_key
 
 H = TypeVar("H", bound=_Handle)
@@ -62,6 +69,23 @@ def kind_of(h: _Handle) -> int | None:
     if base is Gauge or base is StampedGauge:
         return int(h._kind)  # type: ignore[attr-defined]
     return _CLASS_KIND.get(base)
+
+
+_NAMED_CLASS = class_index(16)  # counters, gauges, summaries
+
+
+def slot_class(h: _Handle) -> int | None:
+    """The size class ``h``'s slot must be of (its kind's: a pageset word saying otherwise is
+    damage, and binding by it would write another metric's words); None for a raw object,
+    whose class is its pageset's."""
+    base = base_of(type(h))
+    if base is PerCpu:
+        return None
+    if base is Histogram:
+        return class_index(histogram_size(h._nb))  # type: ignore[attr-defined]
+    return _NAMED_CLASS
+
+
 REMOVED_CLASSES = frozenset(REMOVED_VARIANT.values())
 UNBOUND_CLASSES = frozenset(c for c in UNBOUND_VARIANT.values() if c not in REMOVED_CLASSES)
 SHARED_CLASSES = frozenset(SHARED_VARIANT[c] for c in (Counter, Gauge, StampedGauge, Summary,
@@ -129,7 +153,7 @@ class Bindings:
                         # child): its slot may be reused already, so the registry decides.
                         self.drop(h)
                         return
-                    _e, slot, size = dom._pagesets.check_ref(h._ref)
+                    _e, slot, size = dom._pagesets.check_ref(h._ref, slot_class(h))
                     if dom._lease.threads is not None and not isinstance(h, PerCpu):
                         return bind_thread(h)  # its threads' private handles count
                     page = dom._pagesets.page(split_ref(h._ref)[0], vcpu)
@@ -164,7 +188,7 @@ class Bindings:
                 h._ref = disp._ref  # it follows its handle's slot (moves rebind ``by_ref``)
                 if isinstance(h, _Unbound) and not self.still_registered(h):
                     return self.forget_private(h, REMOVED_VARIANT)
-                _e, slot, size = dom._pagesets.check_ref(h._ref)
+                _e, slot, size = dom._pagesets.check_ref(h._ref, slot_class(h))
                 page = dom._pagesets.page(split_ref(h._ref)[0], st.vcpu)
                 if st.vcpu == dom._max:
                     bind_shared(h, (page + slot * size) // 8)

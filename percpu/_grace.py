@@ -37,7 +37,15 @@ import time
 from typing import Any, Protocol
 
 from ._errors import damaged
-from ._layout import D_EPOCH, D_MV_GEN, L_ACK, MS_DONE, lease_base, move_state_base
+from ._layout import (
+    D_EPOCH,
+    D_MV_GEN,
+    EPOCH_MASK,
+    L_ACK,
+    MS_DONE,
+    lease_base,
+    move_state_base,
+)
 from ._lease import stop_the_world
 from ._lease_records import vacancy_hint
 from ._pagesets import Pagesets
@@ -45,7 +53,7 @@ from ._pending import PendingQueue
 
 QUIESCE_INTERVAL = 0.005  # seconds between the quiescer's looks at the epoch
 PROBE_TICKS = 20  # an overflow holder probes the lease locks at least every 20 ticks (0.1 s)
-EPOCH_LIMIT = 1 << 62  # an epoch word above it is damage (a remove a nanosecond: 146 years)
+EPOCH_LIMIT = EPOCH_MASK  # an epoch above it is damage (a remove a nanosecond: 9 years)
 
 
 class Host(Protocol):
@@ -83,13 +91,13 @@ class Grace:
         self.stop = threading.Event()  #: set to stop the quiescer (and end waits)
         self.errors: list[str] = []  #: what the quiescer survived (the last 16)
 
-    def publish(self, ref: int) -> None:
+    def publish(self, ref: int, cls: int) -> None:
         """Queue ``ref`` for reuse after a grace period (the caller reserved room in the
         queue). Domain lock held."""
         r = self._root
         self._pending.reserve()
         r[D_EPOCH] = self.epoch() + 1
-        self._pending.push(ref, int(r[D_EPOCH]))
+        self._pending.push(ref, int(r[D_EPOCH]), cls)
 
     def epoch(self) -> int:
         """The current epoch, checked (its OFD lock byte must fit the file offset range)."""
@@ -160,7 +168,8 @@ class Grace:
         if any(a > epoch for a in acks):  # a holder past the epoch would release slots early
             raise damaged(f"a holder acknowledged an epoch after the current one ({epoch})")
 
-        def check(ref: int, since: int) -> None:  # a damaged entry would free a live slot
+        def check(ref: int, since: int, cls: int) -> None:  # else it would free live slots
+            self._pagesets.check_ref(ref, cls)  # the class it was queued with: zero() uses it
             if not 1 <= since <= epoch or not self._pagesets.is_taken(ref):
                 raise damaged(f"pending entry ({ref:#x}, epoch {since})")
 

@@ -23,7 +23,8 @@ from typing import Any
 
 PAGE = 4096  # bytes per page of a pageset (one page per vcpu id)
 MAGIC = int.from_bytes(b"PCDOMAN1", "little")
-VERSION = 5  # 2: move region; 3: pending spill; 4: registry segments; 5: metric model
+VERSION = 6  # 2: move region; 3: pending spill; 4: registry segments; 5: metric model;
+# 6: a pending entry's size class
 
 # Bytes; seed 002's FreeBSD-style per-cpu zones. Raw objects (``Domain.alloc``) take up to 64
 # bytes; the larger classes hold histograms (their bucket counts, sum: one slot, one ref, so
@@ -95,7 +96,9 @@ MAX_CHUNKS = 1024  # so at most 65536 pagesets in one domain
 # table, an arena block that doubles when full, so that remove() never waits for a holder.
 PENDING_CAP = 4096
 PE_REF = 0
-PE_EPOCH = 1
+PE_EPOCH = 1  # the epoch, and the slot's size class from bit PE_CLASS_SHIFT up
+PE_CLASS_SHIFT = 58
+EPOCH_MASK = (1 << PE_CLASS_SHIFT) - 1  # an epoch word above it is damage (``_grace``)
 PENDING_WORDS = 2
 
 # The move region (compaction): words appended after the pending queue, so every word above

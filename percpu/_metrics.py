@@ -207,14 +207,16 @@ class Metrics:
             if idx < 0:
                 return False
             _kind, ref = dom._registry.kind_ref(idx)
-            # Its slot must be one of its entry's class: the grace period will zero it.
-            dom._pagesets.check_ref(dom._moves.current(ref), dom._registry.class_of(idx))
+            # Its slot must be one of its entry's class: the grace period will zero it (and
+            # checks the class again then: the pending entry records it).
+            cls = dom._registry.class_of(idx)
+            dom._pagesets.check_ref(dom._moves.current(ref), cls)
             dom._grace.reclaim()  # what is due makes room
             dom._pending.reserve()  # may raise DomainFull: nothing is changed yet
             ref = dom._moves.current(dom._registry.tombstone(idx))
             family, _ = dom._registry.lookup(family_key(name))
             if family >= 0:
                 dom._registry.add_to_ref(family, -1)
-            dom._grace.publish(ref)
+            dom._grace.publish(ref, cls)
             dom._grace.acknowledge()
         return True

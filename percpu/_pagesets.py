@@ -32,9 +32,11 @@ Every word is read and written under the domain lock, except the page words read
 hot paths of reads (a page word only ever goes from 0 to an offset while an id may use it).
 Every word is checked before it is used to find or write memory (the count against the
 directory's size, chunk and page words against the arena and their alignment, a class against
-the classes, a ref's slot against its page): a damaged one raises ``BadDomainFile``. The sums
-of the read paths read through unchecked page words at worst a wrong value or an
-``IndexError``, which the domain reports as ``BadDomainFile``.
+the classes, a ref's slot against its page): a damaged one raises ``BadDomainFile``. A page
+word is checked once per process (aligned, in the arena, the start of a page-sized block:
+``_checked_page``) before anything reads, binds to or zeroes it; only the one-metric reads
+(``slot_sum``, ``slot_summary``: ``Counter.value``) read page words unchecked, for speed: at
+worst a wrong value or an ``IndexError``, which the domain reports as ``BadDomainFile``.
 """
 
 from __future__ import annotations
@@ -89,8 +91,11 @@ class Pagesets:
     def __init__(self, root: memoryview, heap: memoryview, q: memoryview[int],
                  d: memoryview[float], chunks: int, entry_words: int, ids: int,
                  lock: SharedLock, alloc: Callable[[int, str, int | None], int],
-                 free: Callable[[int], None], draining: Callable[[], frozenset[int]]) -> None:
+                 free: Callable[[int], None], draining: Callable[[], frozenset[int]],
+                 block_size: Callable[[int], int] = lambda _offset: PAGE) -> None:
         self._root = root
+        self._block_size = block_size  # bytes of the arena block at an offset (0: none)
+        self._known: set[int] = set()  # page words checked by this process (_checked_page)
         self._heap = heap
         self._q = q  # the heap as int64 words
         self._d = d  # ... and as float64 words (a Summary's sum)
@@ -151,17 +156,20 @@ class Pagesets:
         ps, slot = split_ref(ref)
         e = self.entry(ps)
         size = self.slot_size(e)
-        if slot >= PAGE // size or (cls is not None and size != SIZE_CLASSES[cls]):
+        if slot >= PAGE // size or (cls is not None and not (
+                0 <= cls < len(SIZE_CLASSES) and size == SIZE_CLASSES[cls])):
             raise damaged(f"ref {ref:#x} names no slot of a {size}-byte pageset")
         return e, slot, size
 
     def _pages(self, e: memoryview) -> list[int]:
-        """The page words of ``e`` (offset + 1, 0 = none), each checked."""
+        """The page words of ``e`` (offset + 1, 0 = none), each checked (``_checked_page``)
+        the first time this process meets it: a page word changes only from 0 to a page
+        and back, so the ones checked are kept (``_known``)."""
         words = e[P_PAGES : P_PAGES + self._ids].tolist()
-        limit = len(self._heap) - PAGE + 1
+        known = self._known
         for p in words:
-            if p and ((p - 1) % PAGE or p > limit):
-                raise damaged(f"a page word {p:#x} outside the arena or not page-aligned")
+            if p and p not in known:
+                self._checked_page(p)
         return words
 
     def id_pages(self, e: memoryview) -> list[tuple[int, int]]:
@@ -192,8 +200,14 @@ class Pagesets:
             return off
 
     def _checked_page(self, p: int) -> int:
-        if (p - 1) % PAGE or p - 1 + PAGE > len(self._heap):
-            raise damaged(f"a page word {p:#x} outside the arena or not page-aligned")
+        """The offset of the page a word names, before anything reads, binds to or zeroes
+        it: a page-aligned block of one page in the arena (not the middle of one, not the
+        root block)."""
+        if p not in self._known:
+            if (p - 1) % PAGE or p - 1 + PAGE > len(self._heap) or \
+                    self._block_size(p - 1) != PAGE:
+                raise damaged(f"a page word {p:#x} names no page-sized block of the arena")
+            self._known.add(p)
         return p - 1
 
     def zero_copy(self, ref: int, vcpu: int) -> None:
@@ -211,6 +225,7 @@ class Pagesets:
         pages = 0
         for k, page in self.id_pages(e):
             e[P_PAGES + k] = 0  # before the free: a crash leaks the page, never aliases it
+            self._known.discard(page + 1)
             bump(self._root, D_PAGES, -1)
             self._free(page)
             pages += 1

@@ -14,9 +14,11 @@ Invariants
    counted. The spill table's location and capacity are one word (``D_SPILL``), so growing it
    commits with one store and a crash leaves the old table in place (and a block leaked).
 
-4. Each ref is sealed with its epoch, its part and its position (``_layout.seal``): an
+4. Each ref is sealed with its epoch word, its part and its position (``_layout.seal``): an
    entry that fails its check (a flipped bit, a zeroed run, an entry copied from elsewhere)
-   is refused (``BadDomainFile``) before any entry is taken out.
+   is refused (``BadDomainFile``) before any entry is taken out. The epoch word also holds
+   the size class of the slot (``PE_CLASS_SHIFT``), so that whoever zeroes the slot can check
+   that its pageset still says that class (a damaged class word would zero other slots).
 
 Every word is read and written under the domain lock; the module is pure (words in, words
 out) apart from the two callables that allocate and free arena blocks.
@@ -31,6 +33,8 @@ from ._layout import (
     D_PENDING,
     D_SPILL,
     D_SPILL_N,
+    EPOCH_MASK,
+    PE_CLASS_SHIFT,
     PE_EPOCH,
     PE_REF,
     PENDING_CAP,
@@ -45,8 +49,13 @@ from ._layout import (
 Part = tuple[memoryview, int, int]  # (words, index of the first entry, root word of its count)
 
 
-def _salt(epoch: int, part: int, i: int) -> int:
-    return 2 << 60 ^ epoch << 24 ^ part << 23 ^ i
+def _salt(word: int, part: int, i: int) -> int:
+    return 2 << 60 ^ word << 24 ^ part << 23 ^ i
+
+
+def _split(word: int) -> tuple[int, int]:
+    """(epoch, size class) of an entry's epoch word."""
+    return word & EPOCH_MASK, word >> PE_CLASS_SHIFT
 
 
 class PendingQueue:
@@ -88,16 +97,20 @@ class PendingQueue:
 
     def entries(self) -> list[tuple[int, int]]:
         """(ref, epoch) of every waiting slot."""
+        return [(ref, epoch) for ref, epoch, _cls in self.entries_with_class()]
+
+    def entries_with_class(self) -> list[tuple[int, int, int]]:
+        """(ref, epoch, size class of its slot) of every waiting slot, each checked."""
         r = self._root
         out = []
         for part, (words, base, count) in enumerate(self.parts()):
             for i in range(int(r[count])):
                 p = base + i * PENDING_WORDS
-                epoch = int(words[p + PE_EPOCH])
-                ref = unseal(int(words[p + PE_REF]), _salt(epoch, part, i))
+                word = int(words[p + PE_EPOCH])
+                ref = unseal(int(words[p + PE_REF]), _salt(word, part, i))
                 if ref < 0:
                     raise damaged(f"pending entry {i} of part {part} is damaged")
-                out.append((ref, epoch))
+                out.append((ref, *_split(word)))
         return out
 
     def reserve(self) -> None:
@@ -117,36 +130,38 @@ class PendingQueue:
         if word:
             self._free(old_off)
 
-    def push(self, ref: int, epoch: int) -> None:
-        """Queue ``ref`` until every live holder has acknowledged ``epoch``."""
+    def push(self, ref: int, epoch: int, cls: int = 0) -> None:
+        """Queue ``ref`` (a slot of size class ``cls``) until every live holder has
+        acknowledged ``epoch``."""
         self.reserve()
         r = self._root
         part = 0 if r[D_PENDING] < PENDING_CAP else 1
         words, base, count = self.parts()[part]
         n = int(r[count])
         p = base + n * PENDING_WORDS
-        words[p + PE_REF] = seal(ref, _salt(epoch, part, n))
-        words[p + PE_EPOCH] = epoch
+        word = epoch | cls << PE_CLASS_SHIFT
+        words[p + PE_REF] = seal(ref, _salt(word, part, n))
+        words[p + PE_EPOCH] = word
         r[count] = n + 1  # commit
 
     def take_due(self, oldest: int, keep: Container[int],
-                 check: Callable[[int, int], None] | None = None) -> list[int]:
+                 check: Callable[[int, int, int], None] | None = None) -> list[int]:
         """Take out every entry whose epoch every live holder has acknowledged (``<= oldest``)
         and whose ref is not in ``keep`` (a compaction still moves it); return their refs,
-        which the caller zeroes and frees (invariant 1). ``check(ref, epoch)``, run on every
-        entry first, may refuse one (raise) before anything is taken out."""
-        for ref, epoch in self.entries():  # every entry checked first (invariant 4)
+        which the caller zeroes and frees (invariant 1). ``check(ref, epoch, class)``, run on
+        every entry first, may refuse one (raise) before anything is taken out."""
+        for ref, epoch, cls in self.entries_with_class():  # every entry checked first (4)
             if check is not None:
-                check(ref, epoch)
+                check(ref, epoch, cls)
         r = self._root
         due = []
         for part, (words, base, count) in enumerate(self.parts()):
             i = 0
             while i < int(r[count]):
                 p = base + i * PENDING_WORDS
-                epoch = int(words[p + PE_EPOCH])
-                ref = unseal(int(words[p + PE_REF]), _salt(epoch, part, i))
-                if epoch <= oldest and ref not in keep:
+                word = int(words[p + PE_EPOCH])
+                ref = unseal(int(words[p + PE_REF]), _salt(word, part, i))
+                if word & EPOCH_MASK <= oldest and ref not in keep:
                     n = int(r[count]) - 1
                     last = base + n * PENDING_WORDS
                     moved = int(words[last + PE_EPOCH])

@@ -25,7 +25,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from arena import Arena, ArenaExhausted
+from arena import Arena, ArenaError, ArenaExhausted
 
 from . import _cpuset
 from ._caches import Caches
@@ -77,7 +77,8 @@ class RootBlock:
         self.pending = PendingQueue(self.words, heap, pending_base(bound), alloc, free)
         self.registry = Registry(self.words, heap, registry_base(bound), alloc, free)
         self.pagesets = Pagesets(self.words, heap, self.q, self.d, chunk_table(bound),
-                                 pageset_words(bound), bound + 1, lock, alloc, free, draining)
+                                 pageset_words(bound), bound + 1, lock, alloc, free, draining,
+                                 self.block_size)
         self.caches = Caches(self.words, bound, lock, self.pagesets)
 
     @classmethod
@@ -127,6 +128,13 @@ class RootBlock:
             raise DomainFull(f"no room in the domain's arena for {what}: {exc}") from None
         self._arena.keep(blk)
         return blk.offset
+
+    def block_size(self, offset: int) -> int:
+        """Bytes of the allocated block that starts at ``offset`` (0: none starts there)."""
+        try:
+            return self._arena.block_at(offset).size
+        except ArenaError:
+            return 0
 
     def free_block(self, offset: int) -> None:
         """Give a kept block back to the arena. Domain lock held."""
