@@ -9,7 +9,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis.stateful import RuleBasedStateMachine
@@ -77,12 +77,16 @@ class SharedDomainMachine(RuleBasedStateMachine):
 
     tmp_prefix = "domain_sm-"
     holders: list[Any]
+    #: Every temporary directory a machine made in this process (the tests that check they
+    #: are all removed look at these only: another test session may be running beside).
+    made: ClassVar[list[str]] = []
 
     def __init__(self) -> None:
         super().__init__()
         self._saved = Domain.__dict__.get("_background_quiescer", True)
         Domain._background_quiescer = False
         self.tmp = tempfile.mkdtemp(dir=shm_dir(), prefix=self.tmp_prefix)
+        SharedDomainMachine.made.append(self.tmp)
         self.path = os.path.join(self.tmp, "domain")
         self.holders = []
 

@@ -837,7 +837,6 @@ def test_a_compactor_killed_mid_batch_leaves_work_the_next_one_finishes(
 
 # -- a state machine over holders, metrics, removals and compaction ----------------------------
 
-MACHINE_DIRS: list[str] = []  # temporary directories the machine made in this process
 Key = tuple[str, int]  # (metric name, label i): "m_counter", "m_gauge", "m_summary", "filler"
 KIND_OF = {"m_counter": "counter", "m_gauge": "gauge", "m_summary": "summary",
            "filler": "counter", "sfiller": "summary"}
@@ -859,7 +858,6 @@ class CompactMachine(SharedDomainMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        MACHINE_DIRS.append(self.tmp)
         self.holders: list[Holder] = []
         self.model: dict[Key, Any] = {}  # value, or [count, sum] for a summary
         self.fillers = 0
@@ -1009,4 +1007,5 @@ TestCompactMachine = CompactMachine.TestCase
 
 def test_machine_temp_files_are_cleaned_up() -> None:
     """Only this process's: another test session may be running beside this one."""
-    assert not [d for d in MACHINE_DIRS if Path(d).exists()]
+    made = [d for d in SharedDomainMachine.made if Path(d).name.startswith("test_compact_sm-")]
+    assert not [d for d in made if Path(d).exists()]
