@@ -170,6 +170,11 @@ class Lease:
         dom._holder.drop(vcpu)
         return quiescer
 
+    def lent(self) -> bool:
+        """True when the process's id is lent to one of its threads (``ThreadLeases`` T3):
+        its compaction copy is then a thread's, made after the world was stopped."""
+        return self.threads is not None and self.threads.borrower is not None
+
     def on_overflow(self) -> bool:
         """True when this process's lease or one of its threads' shares the overflow id (a
         hint without ``_plock``)."""
@@ -288,10 +293,11 @@ class ThreadState:
     private handles it updates through. Held by the domain (``ThreadLeases.states``) until
     the id is given back; the thread's ``_Anchor`` tells when the thread has ended."""
 
-    __slots__ = ("d", "handles", "q", "vcpu")
+    __slots__ = ("d", "handles", "lent", "q", "vcpu")
 
     def __init__(self) -> None:
         self.vcpu: int | None = None
+        self.lent = False  #: ``vcpu`` is the process's own id, lent to this thread (T3)
         self.q: memoryview[int] | None = None
         self.d: memoryview[float] | None = None
         self.handles: list[Any] = []  #: private handles bound for this thread
@@ -325,9 +331,15 @@ class ThreadLeases:
         has one writer at a time.
     T2. An id goes back only after its private handles are detached (``_cells`` stored
         first): a thread ended, so none of its updates is in flight.
-    T3. The process's own lease (``Lease.vcpu``) is written by no hot path in this mode: it
-        holds the caches and raw objects, and the quiescer's copy of its values races
-        with no thread.
+    T3. The process's own lease (``Lease.vcpu``) holds the caches and raw objects, and is
+        lent to one thread at a time (the first that needs an id while none borrows it,
+        ``ThreadState.lent``), so a process whose metrics one thread updates holds one id,
+        as on a GIL build. While it is lent its metric slots have that thread as their only
+        writer, and they are treated as a thread's id: their compaction copy waits for the
+        detach and the stop of the world (``Grace.acknowledge_threads``, never
+        ``Moves.sync``). When the borrower ends, the id stays the process's and its live-mode
+        gauges are zeroed (the thread's part drops out, as a thread's own id's does when it
+        is given back). Raw objects are never in a metric slot, so they race with no borrower.
     """
 
     def __init__(self, lease: Lease) -> None:
@@ -336,6 +348,7 @@ class ThreadLeases:
         self.local = threading.local()  #: ``.anchor``: this thread's ``_Anchor``
         self.states: list[ThreadState] = []  #: every state holding an id (under ``_plock``)
         self.dead: list[ThreadState] = []  #: states of ended threads, to release
+        self.borrower: ThreadState | None = None  #: the thread the process's id is lent to
 
     def state(self) -> ThreadState:
         """This thread's state, its id taken (``_plock`` held)."""
@@ -350,9 +363,12 @@ class ThreadLeases:
             if dom._lease.vcpu is None:
                 dom._lease.take()  # the process's own id first: its caches serve registration
             mine = dom._lease.vcpu
-            st.vcpu, _path = self._lease.record(
-                dom._holder.choose(mine if mine is not None and mine < dom._max else None),
-                thread=True)
+            if mine is not None and mine < dom._max and self.borrower is None:
+                st.vcpu, st.lent, self.borrower = mine, True, st  # T3
+            else:
+                st.vcpu, _path = self._lease.record(
+                    dom._holder.choose(mine if mine is not None and mine < dom._max else None),
+                    thread=True)
             st.q, st.d = dom._q[:], dom._d[:]
             self.states.append(st)
         return st
@@ -401,7 +417,12 @@ class ThreadLeases:
         for v in views:
             if v is not None:
                 v.release()
-        if vcpu is not None and vcpu < dom._max:
+        if st.lent:  # the process keeps its id (T3): only the thread's live part goes
+            st.lent, self.borrower = False, None
+            if vcpu is not None and vcpu == self._lease.vcpu:
+                with dom._lock:
+                    self._lease._zero_live(vcpu)
+        elif vcpu is not None and vcpu < dom._max:
             with dom._lock:
                 record_release(dom._root, dom._max, vcpu)
             dom._holder.threads.discard(vcpu)
@@ -426,4 +447,5 @@ class ThreadLeases:
         self.local = threading.local()
         self.states = []
         self.dead = []
+        self.borrower = None
         self._dom._holder.threads.clear()

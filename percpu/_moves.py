@@ -446,9 +446,10 @@ class Moves:
             if fwd:
                 self.fwd_prev, self.fwd = self.fwd, fwd
             self.seen = gen
-        vcpu = self._dom._lease.vcpu
-        if gen & 1 and vcpu is not None and vcpu < self._max:
-            self.adopt(vcpu)
+        lease = self._dom._lease
+        vcpu = lease.vcpu
+        if gen & 1 and vcpu is not None and vcpu < self._max and not lease.lent():
+            self.adopt(vcpu)  # lent to a thread: copied as a thread's id (Grace)
 
     def attach(self, handles: list[_Handle], new: int) -> None:
         """Point ``handles`` at ref ``new``: one attribute store each for ``_ref`` and, if
@@ -622,6 +623,8 @@ class Moves:
         need = self.need_ids(batch)
         epoch = int(r[D_MV_EPOCH])
         mine = self._dom._lease.vcpu
+        if self._dom._lease.lent():
+            mine = None  # lent to a thread: its copy waits for the quiescer, as a thread's
         live = set(self._holder.live(self._dom._lease.vcpu))
         waiting = False
         for k in range(self._max):

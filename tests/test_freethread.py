@@ -22,7 +22,7 @@ import percpu
 from percpu import Domain, MetricRemoved, _grace, _lease
 from percpu._bindings import REMOVED_CLASSES, UNBOUND_CLASSES
 from percpu._handles import ThreadCounter
-from percpu._layout import L_ACK, lease_base
+from percpu._layout import D_MV_GEN, L_ACK, MS_DONE, lease_base, move_state_base
 
 SIZE = 8 << 20
 
@@ -81,24 +81,39 @@ def test_each_thread_gets_its_own_id_and_view(dom: Domain) -> None:
         seen.append((threads_of(dom).local.anchor.state.vcpu, id(p._cells)))
         barrier.wait()  # all four hold their ids at once here
         if i == 0:
-            assert dom.stats().holders_now == 5  # the process's own id and four threads'
+            assert dom.stats().holders_now == 4  # four threads: one borrows the process's
         barrier.wait()
 
     run_threads(4, worker)
     ids = {k for k, _v in seen}
-    assert len(ids) == 4 and dom._lease.vcpu not in ids  # none writes the process's id
+    assert len(ids) == 4 and dom._lease.vcpu in ids  # the process's id is lent to one
     assert len({v for _k, v in seen}) == 4  # one memoryview per thread
     assert c.value == 4000
 
 
 def test_a_thread_that_ends_gives_its_id_back(dom: Domain) -> None:
     c = dom.counter("requests_total")
-    run_threads(1, lambda i: c.inc())
+    both = threading.Barrier(2)  # two threads alive at once: one borrows the process's id
+
+    def worker(i: int) -> None:
+        c.inc()
+        both.wait()
+
+    run_threads(2, worker)
     dom._quiesce()  # or the next thread's lease: the ended thread's id goes back first
     s = dom.stats()
-    assert s.holders_now == 1 and c.value == 1
-    run_threads(1, lambda i: c.inc())
-    assert dom.stats().reused_ids >= 1 and c.value == 2
+    assert s.holders_now == 1 and c.value == 2 and threads_of(dom).borrower is None
+    run_threads(2, worker)
+    assert dom.stats().reused_ids >= 1 and c.value == 4
+
+
+def test_the_first_thread_borrows_the_process_id(dom: Domain) -> None:
+    c = dom.counter("requests_total")
+    c.inc()  # the main thread borrows the process's id: one id, as on a GIL build
+    st = threads_of(dom).local.anchor.state
+    assert st.lent and st.vcpu == dom._lease.vcpu and dom.stats().ids_ever_used == 1
+    run_threads(1, lambda i: c.inc())  # the borrower is alive: this thread takes its own
+    assert dom.stats().ids_ever_used == 2 and c.value == 2
 
 
 def test_1000_short_lived_threads_4_at_a_time_stay_at_the_peak(dom: Domain) -> None:
@@ -116,9 +131,9 @@ def test_1000_short_lived_threads_4_at_a_time_stay_at_the_peak(dom: Domain) -> N
     for _ in range(250):
         run_threads(4, worker)
     s = dom.stats()
-    assert s.ids_ever_used == 5  # the process's own id and the 4 threads alive at once
+    assert s.ids_ever_used == 4  # the 4 threads alive at once (one borrows the process's id)
     assert s.overflow_holders == 0
-    assert s.fresh_ids + s.reused_ids == 1 + 1000
+    assert s.fresh_ids + s.reused_ids == 1 + 750  # a round's first thread borrows, the rest lease
     assert c.value == 10_000 and g.value == 0
 
 
@@ -264,6 +279,73 @@ def test_compaction_while_threads_count(dom: Domain) -> None:
     assert r.pending_moves == 0 and r.moved > 0
     assert all(h.value == sum(made) for h in keep)
     assert dom.check().ok
+
+
+def test_a_lent_id_is_copied_after_the_stop_not_before(
+        monkeypatch: pytest.MonkeyPatch, dom: Domain) -> None:
+    """The process's id, lent to a thread, is copied by compaction as a thread's id: only
+    once the borrower's private handles are detached and the world stopped. The probe runs
+    where the world would be stopped: the borrower's handle is unbound and its id's copy not
+    made yet (a copy in ``Moves.sync`` under ``_plock`` alone would be made before it, racing
+    the borrower's statement on a free-threaded build)."""
+    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
+    for i in random.Random(5).sample(range(600), 560):
+        dom.remove("c", {"i": str(i)})
+        del cs[i]
+    keep = list(cs.values())
+    assert dom.synchronize(5)
+    bound, go = threading.Event(), threading.Event()
+
+    def borrower(_i: int) -> None:
+        for h in keep:
+            h.inc()
+        assert threads_of(dom).local.anchor.state.lent
+        bound.set()
+        go.wait()
+        for h in keep:
+            h.inc()
+
+    t = threading.Thread(target=borrower, args=(0,))
+    t.start()
+    bound.wait()
+    k, st = dom._lease.vcpu, threads_of(dom).borrower
+    assert k is not None and st is not None and st.vcpu == k and len(st.handles) == len(keep)
+    probes: list[tuple[bool, bool]] = []
+
+    def probe() -> None:  # runs in the quiescer: an exception would be swallowed there
+        gen = int(dom._root[D_MV_GEN])
+        done = int(dom._root[move_state_base(dom._max, k) + MS_DONE]) == gen
+        probes.append((any(type(p) in UNBOUND_CLASSES for p in st.handles), done))
+
+    real = _grace.stop_the_world
+    monkeypatch.setattr(_grace, "stop_the_world", lambda: (probe(), real()))
+    try:
+        r = dom.compact(timeout=10)
+    finally:
+        go.set()
+        t.join()
+    assert r.moved > 0 and r.pending_moves == 0
+    assert probes and probes[0] == (True, False)
+    assert all(h.value == 2 for h in keep)
+    assert dom.check().ok
+
+
+def test_a_borrower_that_ends_drops_out_of_live_gauges(dom: Domain) -> None:
+    """The process keeps its id when the thread it was lent to ends; that thread's part of a
+    live-mode gauge goes (as a thread's own id's does when given back), a sum gauge's stays."""
+    live, total = dom.gauge("inflight", mode="livesum"), dom.gauge("sum_of_parts")
+
+    def borrower(_i: int) -> None:
+        live.inc()
+        total.inc()
+        assert threads_of(dom).local.anchor.state.lent
+
+    run_threads(1, borrower)
+    dom._quiesce()
+    assert threads_of(dom).borrower is None and dom._lease.vcpu is not None
+    assert (live.value, total.value) == (0, 1)
+    live.inc()  # the next borrower starts from zero
+    assert (live.value, total.value) == (1, 1)
 
 
 def test_every_kind_counts_per_thread(dom: Domain) -> None:

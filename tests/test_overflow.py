@@ -195,6 +195,7 @@ def test_a_thread_on_the_overflow_id_is_handed_a_freed_id(
     o = open_holder(path, holders)  # its process lease: id 1
     assert (a.vcpu_id(), o.vcpu_id()) == (0, 1)
     c = o.counter("c")
+    c.inc()  # the main thread borrows the process's id 1 (ThreadLeases T3)
     go, step, seen = threading.Event(), threading.Event(), []
 
     def worker() -> None:
@@ -211,14 +212,15 @@ def test_a_thread_on_the_overflow_id_is_handed_a_freed_id(
     assert go.wait(HANG_GUARD)
     assert o._lease.threads is not None
     st = o._lease.threads.states
-    assert [s.vcpu for s in st] == [2] and a.stats().shared_id_operations == 1
+    assert [(s.vcpu, s.lent) for s in st] == [(1, True), (2, False)]
+    assert a.stats().shared_id_operations == 1
     a.release()
     o._quiesce()
-    assert [s.vcpu for s in st] == [0] and a.stats().handed_over == 1
+    assert [s.vcpu for s in st] == [1, 0] and a.stats().handed_over == 1
     step.set()
     t.join(HANG_GUARD)
     assert not t.is_alive()
-    assert c.value == 8
+    assert c.value == 9
     assert o.stats().shared_id_operations == 1  # the inc and add(4): on id 0, lock-free
     assert seen[0] != seen[1] and o._q[seen[0]] == 3 and o._q[seen[1]] == 5
 
