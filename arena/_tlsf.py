@@ -682,6 +682,33 @@ class Tlsf:
         w[W_USED] = used0 - n
         return n
 
+    def merged_extent(self, g: int, n: int) -> tuple[int, int]:
+        """``(start, stop)`` granules of the free block that freeing the used block of ``n``
+        granules at ``g`` would make, its free neighbours joined; ``(g, g)`` when no such
+        used block starts at ``g``. Reads the tags as :meth:`free` does, checked the same way
+        (:class:`CorruptIndex`), and writes nothing."""
+        if self.used_size(g) != n:
+            return g, g
+        w, t, top = self.words, self._tags, self.n_granules
+        start, stop = g, g + n
+        if stop < top:
+            nn = w[t + stop]
+            if not nn & TAG_USED:
+                if not 0 < nn <= top - stop or (nn > 1 and w[t + stop + nn - 1] != nn | TAG_END):
+                    raise CorruptIndex(f"granule {stop} after block {g}: tag {nn:#x} is not a "
+                                       "block's start")
+                stop += nn
+        if g:
+            ptag = w[t + g - 1]
+            if not ptag & TAG_USED:
+                pn = ptag & TAG_SIZE_MASK
+                if (not 0 < pn <= g or ptag != (pn | TAG_END if pn > 1 else pn)
+                        or w[t + g - pn] != pn):
+                    raise CorruptIndex(f"granule {g - 1} before block {g}: tag {ptag:#x} is "
+                                       "not a free block's end")
+                start = g - pn
+        return start, stop
+
     def set_owner(self, g: int, owner: int) -> None:
         """Record ``owner`` in the used block at ``g`` (both tags; one store each); clears
         TAG_CACHED."""
