@@ -358,8 +358,8 @@ class Tlsf:
             if fl >= FL_COUNT:
                 raise CorruptIndex(f"first-level bitmap {w[W_FL]:#x} names list {fl}")
             slmap = w[W_SL + fl]
-        sl = (slmap & -slmap).bit_length() - 1
-        if not 0 <= sl < SL_COUNT:
+        sl = (slmap & -slmap).bit_length() - 1  # >= 0: slmap is not 0
+        if sl >= SL_COUNT:
             raise CorruptIndex(f"second-level bitmap {fl} ({w[W_SL + fl]:#x}) names no list")
         hi = W_HEADS + (fl << SL_LOG2) + sl
         g = w[hi]
@@ -398,7 +398,6 @@ class Tlsf:
             w[hi] = r
             w[W_USED] = used0 + n
             return g
-        h2 = hi2 = fl2 = sl2 = 0
         if rest:
             if rest < SL_COUNT:  # mapping_insert(rest), inlined
                 fl2, sl2 = 0, rest
