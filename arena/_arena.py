@@ -47,8 +47,8 @@ quick lists of a private arena (found by the size in bytes; each list bounded by
 arena that asked for it) on lists bounded in bytes by ``cache_bytes``; ``cache_max`` bounds
 both. ``stats()``, ``check()``, ``close()`` and (shared arenas) the exit of the process give
 every cached block back to the allocator first, so the figures stay exact; an allocation that
-finds no run gives back the smallest cached block that holds it, else the cached blocks of a
-run they would coalesce into (with their free neighbours) that holds it, so nothing is refused
+finds no run gives back the smallest cached block that holds it, else every cached block when
+they would coalesce (with their free neighbours) into a run that holds it, so nothing is refused
 while cached memory could serve it; when no such run exists it is refused with every cache
 kept (its message gives the figures ``stats()`` would, computed without giving them back). A
 shared arena's cache is safe across
@@ -645,16 +645,13 @@ class Arena:
                     w[W_OP] = 0
                 if g < 0 and ag == 1 and self._cached_count():
                     g = self._refit(n)  # one cached block that holds n granules, given back
-                if g < 0 and self._cached_count() and self._give_back_run(n, ag):
-                    # The cached blocks that coalesce into a fit were given back: try again.
+                if g < 0 and self._cached_count() and self._drain_could_fit(n, ag):
+                    # Cached blocks coalesce into a fit: give them all back (the caches start
+                    # again from empty, so the next refusal has few to look at), try again.
+                    self._drain_caches()
                     w[W_OP] = self._pid
                     g = core.alloc_tagged(n, ag, self._used_tag)
                     w[W_OP] = 0
-                    if g < 0:  # another thread took one of them meanwhile: give back all
-                        self._drain_caches()
-                        w[W_OP] = self._pid
-                        g = core.alloc_tagged(n, ag, self._used_tag)
-                        w[W_OP] = 0
             except CorruptArena as exc:
                 raise self._damaged(exc) from None
             if g >= 0:
@@ -785,61 +782,35 @@ class Arena:
             raise InvalidArgument(f"align {align} is larger than the arena ({self.size} bytes)")
         return max(1, align >> self._gshift)
 
-    def _cached_runs(self) -> list[tuple[int, int, list[tuple[int, list[int], int]]]]:
-        """The free runs that giving back every cached block would make, as ``(start, stop,
-        members)`` in granules, ``members`` the cached blocks in the run as ``(offset, its
-        list, bytes it counts in _cached_bytes)``; nothing changes (lock held). Only runs that
-        hold a cached block: the others are free blocks the allocator already searched."""
+    def _cached_runs(self) -> list[tuple[int, int]]:
+        """The free runs that giving back every cached block would make, as ``(start, stop)``
+        granules; nothing changes (lock held). Only runs that hold a cached block: the others
+        are free blocks the allocator already searched."""
         gshift, core = self._gshift, self._core
-        parts: list[tuple[int, int, int, list[int], int]] = []
+        parts: list[tuple[int, int]] = []
         for k, quick in self._quick.items():
             for offset in list(quick):  # a copy: other threads pop without the lock
-                start, stop = core.merged_extent(offset >> gshift, k)
-                if stop > start:
-                    parts.append((start, stop, offset, quick, 0))
+                parts.append(core.merged_extent(offset >> gshift, k))
         for nbytes, cache in self._cache.items():
             for offset in list(cache):
-                start, stop = core.merged_extent(offset >> gshift, nbytes >> gshift)
-                if stop > start:
-                    parts.append((start, stop, offset, cache, nbytes))
-        parts.sort(key=lambda part: part[0])
-        runs: list[tuple[int, int, list[tuple[int, list[int], int]]]] = []
-        for start, stop, offset, where, nbytes in parts:
+                parts.append(core.merged_extent(offset >> gshift, nbytes >> gshift))
+        parts.sort()
+        runs: list[tuple[int, int]] = []
+        for start, stop in parts:
+            if stop <= start:
+                continue  # no longer a used block there (damaged): a drain skips it too
             if runs and start <= runs[-1][1]:  # adjacent, or sharing a free neighbour
-                run = runs[-1]
-                runs[-1] = (run[0], max(run[1], stop), run[2])
+                runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
             else:
-                runs.append((start, stop, []))
-            runs[-1][2].append((offset, where, nbytes))
+                runs.append((start, stop))
         return runs
 
-    def _give_back_run(self, n: int, ag: int) -> bool:
+    def _drain_could_fit(self, n: int, ag: int) -> bool:
         """After the allocator and :meth:`_refit` found no run of ``n`` granules aligned to
-        ``ag``: give back the cached blocks of the first run they would coalesce into that
-        holds it (lock held, ``W_OP`` clear) and return True; False, nothing changed, when no
-        such run exists, so a request that cannot be had keeps the caches warm (giving them
-        all back made every size cold after each refusal at a high fill)."""
-        gshift, core, w = self._gshift, self._core, self._words
-        fits = [members for start, stop, members in self._cached_runs()
-                if -start % ag + n <= stop - start]
-        if not fits:
-            return False
-        for offset, where, nbytes in fits[0]:
-            try:
-                where.remove(offset)
-            except ValueError:  # another thread took it
-                continue
-            self._cached_bytes -= nbytes
-            w[W_OP] = self._pid
-            try:
-                core.free(offset >> gshift)
-            except CorruptArena:
-                where.append(offset)  # still allocated: it stays cached
-                self._cached_bytes += nbytes
-                raise
-            w[W_OP] = 0
-            self._drained += 1
-        return True
+        ``ag``: whether giving every cached block back would make one (lock held, nothing
+        changed). When it would not, the request is refused with the caches kept: giving them
+        back anyway made every size cold after each refusal at a high fill."""
+        return any(-start % ag + n <= stop - start for start, stop in self._cached_runs())
 
     def _exhausted(self, size: int, align: int | None) -> ArenaExhausted:
         """The refusal, with the figures :meth:`stats` would give (cached blocks count as
@@ -855,7 +826,7 @@ class Arena:
                 raise self._damaged(exc) from None
         cached = sum(len(q) * k for k, q in self._quick.items()) << gshift
         cached += sum(len(c) * nbytes for nbytes, c in self._cache.items())
-        largest = max([largest, *((stop - start) << gshift for start, stop, _ in runs)])
+        largest = max([largest, *((stop - start) << gshift for start, stop in runs)])
         return ArenaExhausted(
             f"no free run for {size} bytes (align {align or self.block_size}): "
             f"{self.size - used + cached} bytes free, largest free run {largest} bytes, "

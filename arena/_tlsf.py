@@ -31,8 +31,10 @@ in particular a merge writes its new end tag after it, because that word may be 
 of a one-granule block being absorbed.
 
 Rule 2: everything else (end tags, lists, bitmaps, the used count) is derived. ``W_OP`` holds the
-pid of the operation in progress; the next lock holder that finds it non-zero calls
-:meth:`Tlsf.rebuild`, which recomputes the derived state from the start tags in one pass.
+pid of the operation in progress (the caller sets it; a private arena, which no other process
+outlives, sets it only once an operation raised or a fork cut one short: see
+``arena._arena``); the next lock holder that finds it non-zero calls :meth:`Tlsf.rebuild`,
+which recomputes the derived state from the start tags in one pass.
 
 Rule 3: a tag word is a start tag, an end tag (marked ``TAG_END``; a one-granule block has only
 its start tag) or zero. ``free`` zeroes the boundary words it absorbs *after* its commit (before
@@ -56,9 +58,11 @@ within the heap. A check that fails raises :class:`CorruptIndex` with the words 
 derived state is damaged: :meth:`Tlsf.rebuild` repairs it); broken start tags raise
 :class:`CorruptArena` (nothing can repair them).
 
-Cost: the common alloc and free are written out in one function each (a Python call costs as
-much as a handful of word reads), and a split or merge whose remainder stays on the list it was
-on relinks in place instead of unlinking and pushing again.
+Cost: the common alloc and free are written out in one function each, their neighbour checks,
+unlinks and pushes included (a Python call costs as much as a handful of word reads), and a
+split or merge whose remainder stays on the list it was on relinks in place instead of
+unlinking and pushing again (found from the top bits of the size: a list above level 0 holds
+the sizes whose top SL_LOG2 + 1 bits are the same).
 """
 
 from __future__ import annotations
@@ -320,8 +324,8 @@ class Tlsf:
     def alloc(self, n: int, align: int, owner: int) -> int:
         """Allocate ``n`` granules at a granule index that is a multiple of ``align``.
 
-        Returns the granule index, or -1 when no free run can hold the request. ``W_OP`` must
-        be set by the caller around the call. ``owner`` is a pid (0..TAG_OWNER_MAX).
+        Returns the granule index, or -1 when no free run can hold the request. The caller
+        marks ``W_OP`` (Rule 2). ``owner`` is a pid (0..TAG_OWNER_MAX).
         """
         if not 0 <= owner <= TAG_OWNER_MAX:
             raise ValueError(f"owner {owner} does not fit a tag")
