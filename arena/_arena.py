@@ -28,6 +28,16 @@ Invariants
    index or header word makes the operation raise :class:`BadArenaFile` with nothing changed
    (``W_OP`` is put back as it was), never IndexError/ValueError, never a store through it.
 
+Interrupted operations
+----------------------
+A shared arena sets ``W_OP`` to its pid around every allocator operation (a process killed
+inside one leaves it set). A private arena has no other process to outlive it, so its alloc and
+free leave ``W_OP`` alone unless the operation raises (KeyboardInterrupt, MemoryError: the
+handler's first store marks it; a refusal of damaged words changed nothing and leaves it
+clear), and a child after ``fork`` marks it when another thread of its parent held the lock
+at the fork (it may have been inside an operation). Either way the next holder finds ``W_OP``
+set and rebuilds, as after a death.
+
 Caches
 ------
 A freed block of up to ``cache_max`` bytes is kept, still allocated in the TLSF, on a per-size
@@ -37,8 +47,11 @@ quick lists of a private arena (found by the size in bytes; each list bounded by
 arena that asked for it) on lists bounded in bytes by ``cache_bytes``; ``cache_max`` bounds
 both. ``stats()``, ``check()``, ``close()`` and (shared arenas) the exit of the process give
 every cached block back to the allocator first, so the figures stay exact; an allocation that
-finds no run gives back the smallest cached block that holds it, else every cached block, so
-nothing is refused while cached memory could serve it. A shared arena's cache is safe across
+finds no run gives back the smallest cached block that holds it, else every cached block when
+they would coalesce (with their free neighbours) into a run that holds it, so nothing is refused
+while cached memory could serve it; when no such run exists it is refused with every cache
+kept (its message gives the figures ``stats()`` would, computed without giving them back). A
+shared arena's cache is safe across
 processes: a block enters it, under the lock, by setting TAG_CACHED in its start tag with this
 process as owner, and keeps the mark while this process hands it out and takes it back (so the
 warm pair makes no fcntl call and no store to a tag). A marked block is this process's alone:
@@ -610,21 +623,33 @@ class Arena:
                                 self._cached_bytes -= n << gshift
                             return self._new_handle(offset, size, self._cached_tag)
                         cached.append(offset)
-        w, core, pid = self._words, self._core, self._pid
+        w, core = self._words, self._core
         self._acquire()
         try:
             if w[W_OP]:  # a holder died or raised inside an operation: repair first
                 self._rebuild()
-            w[W_OP] = pid
             try:
-                g = core.alloc_tagged(n, ag, self._used_tag)
-                w[W_OP] = 0
+                if self._fd is None:
+                    # A private arena marks W_OP only when the operation raised (see
+                    # "Interrupted operations" in the module docstring).
+                    try:
+                        g = core.alloc_tagged(n, ag, self._used_tag)
+                    except CorruptArena:
+                        raise
+                    except BaseException:
+                        w[W_OP] = self._pid
+                        raise
+                else:
+                    w[W_OP] = self._pid
+                    g = core.alloc_tagged(n, ag, self._used_tag)
+                    w[W_OP] = 0
                 if g < 0 and ag == 1 and self._cached_count():
                     g = self._refit(n)  # one cached block that holds n granules, given back
-                if g < 0 and self._cached_count():
-                    # Cached blocks may coalesce into a fit: give them all back, try again.
+                if g < 0 and self._cached_count() and self._drain_could_fit(n, ag):
+                    # Cached blocks coalesce into a fit: give them all back (the caches start
+                    # again from empty, so the next refusal has few to look at), try again.
                     self._drain_caches()
-                    w[W_OP] = pid
+                    w[W_OP] = self._pid
                     g = core.alloc_tagged(n, ag, self._used_tag)
                     w[W_OP] = 0
             except CorruptArena as exc:
@@ -757,12 +782,55 @@ class Arena:
             raise InvalidArgument(f"align {align} is larger than the arena ({self.size} bytes)")
         return max(1, align >> self._gshift)
 
+    def _cached_runs(self) -> list[tuple[int, int]]:
+        """The free runs that giving back every cached block would make, as ``(start, stop)``
+        granules; nothing changes (lock held). Only runs that hold a cached block: the others
+        are free blocks the allocator already searched."""
+        gshift, core = self._gshift, self._core
+        parts: list[tuple[int, int]] = []
+        for k, quick in self._quick.items():
+            for offset in list(quick):  # a copy: other threads pop without the lock
+                parts.append(core.merged_extent(offset >> gshift, k))
+        for nbytes, cache in self._cache.items():
+            for offset in list(cache):
+                parts.append(core.merged_extent(offset >> gshift, nbytes >> gshift))
+        parts.sort()
+        runs: list[tuple[int, int]] = []
+        for start, stop in parts:
+            if stop <= start:
+                continue  # no longer a used block there (damaged): a drain skips it too
+            if runs and start <= runs[-1][1]:  # adjacent, or sharing a free neighbour
+                runs[-1] = (runs[-1][0], max(runs[-1][1], stop))
+            else:
+                runs.append((start, stop))
+        return runs
+
+    def _drain_could_fit(self, n: int, ag: int) -> bool:
+        """After the allocator and :meth:`_refit` found no run of ``n`` granules aligned to
+        ``ag``: whether giving every cached block back would make one (lock held, nothing
+        changed). When it would not, the request is refused with the caches kept: giving them
+        back anyway made every size cold after each refusal at a high fill."""
+        return any(-start % ag + n <= stop - start for start, stop in self._cached_runs())
+
     def _exhausted(self, size: int, align: int | None) -> ArenaExhausted:
-        st = self.stats()
+        """The refusal, with the figures :meth:`stats` would give (cached blocks count as
+        free, coalesced), computed without giving the cached blocks back."""
+        self._check_open()
+        gshift = self._gshift
+        with self._lock:
+            try:
+                used = self._core.used_count() << gshift
+                largest = self._core.largest_free() << gshift
+                runs = self._cached_runs()
+            except CorruptArena as exc:
+                raise self._damaged(exc) from None
+        cached = sum(len(q) * k for k, q in self._quick.items()) << gshift
+        cached += sum(len(c) * nbytes for nbytes, c in self._cache.items())
+        largest = max([largest, *((stop - start) << gshift for start, stop in runs)])
         return ArenaExhausted(
             f"no free run for {size} bytes (align {align or self.block_size}): "
-            f"{st.free_bytes} bytes free, largest free run {st.largest_free} bytes, "
-            f"arena {st.size} bytes; free blocks or create a larger arena")
+            f"{self.size - used + cached} bytes free, largest free run {largest} bytes, "
+            f"arena {self.size} bytes; free blocks or create a larger arena")
 
     def free(self, block: Block) -> None:
         """Return ``block`` to the arena; its view is released.
@@ -809,7 +877,30 @@ class Arena:
                     self._free_locked(offset >> self._gshift, nbytes >> self._gshift, block,
                                       True)
                     return
-        self._free_locked(offset >> self._gshift, (size + self._gmask) >> self._gshift, block)
+        if self._fd is not None:
+            self._free_locked(offset >> self._gshift, (size + self._gmask) >> self._gshift,
+                              block)
+            return
+        # A private arena: _free_locked's allocator path, written out here (one call less),
+        # W_OP marked only when the operation raised.
+        w = self._words
+        self._acquire()
+        try:
+            if w[W_OP]:  # a holder died or raised inside an operation: repair first
+                self._rebuild()
+            try:
+                freed = self._core.free(offset >> self._gshift,
+                                        (size + self._gmask) >> self._gshift)
+            except CorruptArena as exc:
+                raise self._damaged(exc) from None
+            except BaseException:
+                w[W_OP] = self._pid
+                raise
+            if not freed:
+                raise StaleBlock(f"{block!r} is no longer allocated in the arena")
+            w[W_FREES] = (w[W_FREES] + 1) & _MASK64  # add64, inlined
+        finally:
+            self._release()
 
     def _free_locked(self, g: int, n: int, block: Block, to_cache: bool = False) -> None:
         """Free through the allocator, or (``to_cache``) mark the block as this process's in
@@ -1071,10 +1162,18 @@ class Arena:
 
     def _after_fork_in_child(self) -> None:
         self._pid = os.getpid()
+        mutex = self._lock.thread_lock
+        held = not mutex.acquire(blocking=False)  # by a parent thread the child lacks
+        if not held:
+            mutex.release()  # free at the fork, or held by the thread that forked
         self._lock.set_fd(None)  # a fresh thread lock; no OFD lock until the fd is our own
         self._set_lock_path()
         if self._closed:
             return
+        if held and self._fd is None:
+            # A private arena marks W_OP only when an operation raises: an operation that
+            # another thread ran at the fork is marked here, so the child rebuilds first.
+            self._words[W_OP] = self._pid
         self._set_owner_tags()
         if self.shared:
             # The cached blocks are marked as the parent's, which still hands them out: drop

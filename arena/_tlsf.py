@@ -31,8 +31,10 @@ in particular a merge writes its new end tag after it, because that word may be 
 of a one-granule block being absorbed.
 
 Rule 2: everything else (end tags, lists, bitmaps, the used count) is derived. ``W_OP`` holds the
-pid of the operation in progress; the next lock holder that finds it non-zero calls
-:meth:`Tlsf.rebuild`, which recomputes the derived state from the start tags in one pass.
+pid of the operation in progress (the caller sets it; a private arena, which no other process
+outlives, sets it only once an operation raised or a fork cut one short: see
+``arena._arena``); the next lock holder that finds it non-zero calls :meth:`Tlsf.rebuild`,
+which recomputes the derived state from the start tags in one pass.
 
 Rule 3: a tag word is a start tag, an end tag (marked ``TAG_END``; a one-granule block has only
 its start tag) or zero. ``free`` zeroes the boundary words it absorbs *after* its commit (before
@@ -56,9 +58,11 @@ within the heap. A check that fails raises :class:`CorruptIndex` with the words 
 derived state is damaged: :meth:`Tlsf.rebuild` repairs it); broken start tags raise
 :class:`CorruptArena` (nothing can repair them).
 
-Cost: the common alloc and free are written out in one function each (a Python call costs as
-much as a handful of word reads), and a split or merge whose remainder stays on the list it was
-on relinks in place instead of unlinking and pushing again.
+Cost: the common alloc and free are written out in one function each, their neighbour checks,
+unlinks and pushes included (a Python call costs as much as a handful of word reads), and a
+split or merge whose remainder stays on the list it was on relinks in place instead of
+unlinking and pushing again (found from the top bits of the size: a list above level 0 holds
+the sizes whose top SL_LOG2 + 1 bits are the same).
 """
 
 from __future__ import annotations
@@ -320,8 +324,8 @@ class Tlsf:
     def alloc(self, n: int, align: int, owner: int) -> int:
         """Allocate ``n`` granules at a granule index that is a multiple of ``align``.
 
-        Returns the granule index, or -1 when no free run can hold the request. ``W_OP`` must
-        be set by the caller around the call. ``owner`` is a pid (0..TAG_OWNER_MAX).
+        Returns the granule index, or -1 when no free run can hold the request. The caller
+        marks ``W_OP`` (Rule 2). ``owner`` is a pid (0..TAG_OWNER_MAX).
         """
         if not 0 <= owner <= TAG_OWNER_MAX:
             raise ValueError(f"owner {owner} does not fit a tag")
@@ -358,61 +362,64 @@ class Tlsf:
             if fl >= FL_COUNT:
                 raise CorruptIndex(f"first-level bitmap {w[W_FL]:#x} names list {fl}")
             slmap = w[W_SL + fl]
-        sl = (slmap & -slmap).bit_length() - 1
-        if not 0 <= sl < SL_COUNT:
+        sl = (slmap & -slmap).bit_length() - 1  # >= 0: slmap is not 0
+        if sl >= SL_COUNT:
             raise CorruptIndex(f"second-level bitmap {fl} ({w[W_SL + fl]:#x}) names no list")
-        hi = W_HEADS + fl * SL_COUNT + sl
+        hi = W_HEADS + (fl << SL_LOG2) + sl
         g = w[hi]
         # Rule 4: the head is a free block of the heap, large enough, without a predecessor,
         # and its successor links back to it.
         if g >= top:
             raise CorruptIndex(f"list ({fl}, {sl}) is marked non-empty but its head is {g:#x}")
-        m = w[t + g]
-        if not n <= m <= top - g or (m > 1 and w[t + g + m - 1] != m | TAG_END):
+        tg = t + g
+        m = w[tg]
+        if not n <= m <= top - g or (m > 1 and w[tg + m - 1] != m | TAG_END):
             raise CorruptIndex(f"list ({fl}, {sl}) head {g}: tag {m:#x} is not a free block "
                                f"of at least {n} granules")
         heap, stride = self._heap, self._stride
         link = w[heap + g * stride]
-        nxt = link & _LOW32
-        if link >> 32 != NIL:
+        if link < _NIL_PREV:  # its prev half is not NIL
             raise CorruptIndex(f"list ({fl}, {sl}) head {g} has a predecessor")
+        nxt = link & _LOW32
         if nxt != NIL and not (nxt < top and 0 < w[t + nxt] <= top - nxt
                                and w[heap + nxt * stride] >> 32 == g):
             raise CorruptIndex(f"free block {g}: its next link {nxt:#x} is not a free block "
                                "that links back")
         rest = m - n
         r = g + n
+        if rest and fl and rest >> (fl - 1) == SL_COUNT + sl:
+            # The rest stays on this list (the list (fl, sl) holds the sizes whose top bits
+            # are 1 sl, fl >= 1): it takes g's place, with g's links (no bitmap change).
+            w[t + r] = rest
+            w[tg + m - 1] = rest | TAG_END  # rest >= SL_COUNT > 1
+            w[tg] = n | tag  # commit
+            if n > 1:
+                w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
+            w[heap + r * stride] = link
+            if nxt != NIL:
+                k = heap + nxt * stride
+                w[k] = (w[k] & _LOW32) | (r << 32)
+            w[hi] = r
+            w[W_USED] = used0 + n
+            return g
         if rest:
             if rest < SL_COUNT:  # mapping_insert(rest), inlined
                 fl2, sl2 = 0, rest
             else:
                 bl = rest.bit_length()
                 fl2, sl2 = bl - SL_LOG2, (rest >> (bl - SL_LOG2 - 1)) & (SL_COUNT - 1)
-            hi2 = W_HEADS + fl2 * SL_COUNT + sl2
-            if hi2 == hi:
-                # The rest stays on this list: it takes g's place (no bitmap change).
-                w[t + r] = rest
-                if rest > 1:
-                    w[t + g + m - 1] = rest | TAG_END
-                w[t + g] = n | tag  # commit
-                if n > 1:
-                    w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
-                w[heap + r * stride] = nxt | _NIL_PREV
-                if nxt != NIL:
-                    li = heap + nxt * stride
-                    w[li] = (w[li] & _LOW32) | (r << 32)
-                w[hi] = r
-                w[W_USED] = used0 + n
-                return int(g)
+            hi2 = W_HEADS + (fl2 << SL_LOG2) + sl2
             h2 = w[hi2]
-            if h2 != NIL and not (h2 < top and 0 < w[t + h2] <= top - h2
-                                  and w[heap + h2 * stride] >> 32 == NIL):
+            # The head the rest goes in front of: a free block without a predecessor, and
+            # not g itself (a damaged index that names g twice would link into the block).
+            if h2 != NIL and not (h2 < top and h2 != g and 0 < w[t + h2] <= top - h2
+                                  and w[heap + h2 * stride] >= _NIL_PREV):
                 raise CorruptIndex(f"list ({fl2}, {sl2}) has head {h2:#x}, not a free block "
                                    "without a predecessor")
         # Unlink g (it heads its list), then write the tags and push the rest.
         if nxt != NIL:
-            li = heap + nxt * stride
-            w[li] = (w[li] & _LOW32) | _NIL_PREV
+            k = heap + nxt * stride
+            w[k] = (w[k] & _LOW32) | _NIL_PREV
         w[hi] = nxt
         if nxt == NIL:
             slmap = w[W_SL + fl] & ~(1 << sl)
@@ -422,20 +429,20 @@ class Tlsf:
         if rest:
             w[t + r] = rest
             if rest > 1:
-                w[t + g + m - 1] = rest | TAG_END
-        w[t + g] = n | tag  # commit
+                w[tg + m - 1] = rest | TAG_END
+        w[tg] = n | tag  # commit
         if n > 1:
             w[t + r - 1] = n | (tag & ~TAG_CACHED) | TAG_END
         if rest:  # _push(r, hi2 - W_HEADS), inlined (its head h2 was checked above)
             w[heap + r * stride] = h2 | _NIL_PREV
             if h2 != NIL:
-                li = heap + h2 * stride
-                w[li] = (w[li] & _LOW32) | (r << 32)
+                k = heap + h2 * stride
+                w[k] = (w[k] & _LOW32) | (r << 32)
             w[hi2] = r
             w[W_SL + fl2] |= 1 << sl2
             w[W_FL] |= 1 << fl2
         w[W_USED] = used0 + n
-        return int(g)
+        return g
 
     def _alloc_from_own_list(self, n: int, tag: int, used0: int) -> int:
         """The good-fit search starts one list above ``n``'s own; when that found nothing,
@@ -517,39 +524,57 @@ class Tlsf:
         w, t, top = self.words, self._tags, self.n_granules
         if not 0 <= g < top:
             return 0
-        tag = w[t + g]
+        tg = t + g
+        tag = w[tg]
         size = tag & TAG_SIZE_MASK
         if (not tag & TAG_USED or tag & TAG_END or not size or (n and size != n)
                 or g + size > top
-                or (size > 1 and w[t + g + size - 1] != (tag & ~TAG_CACHED) | TAG_END)
+                or (size > 1 and w[tg + size - 1] != (tag & ~TAG_CACHED) | TAG_END)
                 or (bits >= 0 and tag & ~TAG_SIZE_MASK != bits)):
             return 0
         n = size
         used0 = w[W_USED]
         if used0 < n or used0 > top:
             raise CorruptIndex(f"used count {used0} cannot hold a used block of {n} granules")
-        start, total = g, n
+        heap, stride = self._heap, self._stride
         # The free neighbours, each checked (Rule 4) before anything is written; the list
         # index of a size (mapping_insert) is inlined for each.
         nxt = g + n
-        nn = nli = 0
+        nn = nli = ns = nq = n_next = n_prev = 0
         if nxt < top:
-            ntag = w[t + nxt]
-            if not ntag & TAG_USED:
-                nn = ntag
-                if not 0 < nn <= top - nxt or (nn > 1 and w[t + nxt + nn - 1] != nn | TAG_END):
-                    raise CorruptIndex(f"granule {nxt} after block {g}: tag {ntag:#x} is not "
+            nn = w[tg + n]
+            if nn & TAG_USED:
+                nn = 0
+            else:
+                if not 0 < nn <= top - nxt or (nn > 1 and w[tg + n + nn - 1] != nn | TAG_END):
+                    raise CorruptIndex(f"granule {nxt} after block {g}: tag {nn:#x} is not "
                                        "a block's start")
                 if nn < SL_COUNT:
                     nli = nn
-                else:
-                    bl = nn.bit_length()
-                    nli = (bl - SL_LOG2) * SL_COUNT + ((nn >> (bl - SL_LOG2 - 1)) & 15)
-                n_next, n_prev = self._check_node(nxt, nli)
-                total += nn
-        pn = pli = 0
+                else:  # its top SL_LOG2 + 1 bits nq name the list: fl = ns + 1, sl = nq - 16
+                    ns = nn.bit_length() - SL_LOG2 - 1
+                    nq = nn >> ns
+                    nli = (ns << SL_LOG2) + nq
+                # _check_node(nxt, nli), inlined: its neighbours link back to it.
+                link = w[heap + nxt * stride]
+                n_next, n_prev = link & _LOW32, link >> 32
+                if n_next != NIL and not (n_next < top and 0 < w[t + n_next] <= top - n_next
+                                          and w[heap + n_next * stride] >> 32 == nxt):
+                    raise CorruptIndex(f"free block {nxt}: its next link {n_next:#x} is not "
+                                       "a free block that links back")
+                if n_prev == NIL:
+                    if w[W_HEADS + nli] != nxt:
+                        raise CorruptIndex(f"free block {nxt} has no predecessor but does not "
+                                           f"head its list {divmod(nli, SL_COUNT)}")
+                elif not (n_prev < top and 0 < w[t + n_prev] <= top - n_prev
+                          and w[heap + n_prev * stride] & _LOW32 == nxt):
+                    raise CorruptIndex(f"free block {nxt}: its prev link {n_prev:#x} is not a "
+                                       "free block that links to it")
+        total = n + nn
+        pn = pli = ps = pq = 0
+        start = g
         if g:
-            ptag = w[t + g - 1]
+            ptag = w[tg - 1]
             if not ptag & TAG_USED:
                 pn = ptag & TAG_SIZE_MASK
                 start = g - pn
@@ -560,58 +585,132 @@ class Tlsf:
                 if pn < SL_COUNT:
                     pli = pn
                 else:
-                    bl = pn.bit_length()
-                    pli = (bl - SL_LOG2) * SL_COUNT + ((pn >> (bl - SL_LOG2 - 1)) & 15)
-                p_next, p_prev = self._check_node(start, pli)
+                    ps = pn.bit_length() - SL_LOG2 - 1
+                    pq = pn >> ps
+                    pli = (ps << SL_LOG2) + pq
                 total += pn
+        # Whether the merged block stays on its neighbour's list: level 0 holds one size a
+        # list (it never does); above, a list holds the sizes with the same top SL_LOG2 + 1
+        # bits.
+        if not pn:
+            if nn >= SL_COUNT and total >> ns == nq:
+                # Merged with the free block after: g takes its list place and its links
+                # (_replace inlined), so only the neighbours' words change.
+                w[tg] = total  # commit
+                w[tg + total - 1] = total | TAG_END
+                if n > 1:
+                    w[tg + n - 1] = 0
+                w[tg + n] = 0  # nn > 1: Rule 3, the old boundary is inside the block now
+                w[heap + g * stride] = link
+                if n_next != NIL:
+                    k = heap + n_next * stride
+                    w[k] = (w[k] & _LOW32) | (g << 32)
+                if n_prev != NIL:
+                    k = heap + n_prev * stride
+                    w[k] = (w[k] & _HIGH32) | g
+                else:
+                    w[W_HEADS + nli] = g
+                w[W_USED] = used0 - n
+                return n
+        elif not nn and pn >= SL_COUNT and total >> ps == pq:
+            # Merged into the free block before: its list place, links and start stay (so its
+            # links are not read).
+            w[t + start] = total  # commit
+            w[tg + n - 1] = total | TAG_END
+            if n > 1:
+                w[tg] = 0
+            w[tg - 1] = 0  # pn > 1: Rule 3, the old boundary is inside the block now
+            w[W_USED] = used0 - n
+            return n
+        p_next = p_prev = 0
+        if pn:
+            p_next, p_prev = self._check_node(start, pli)
         if total < SL_COUNT:
             tli = total
         else:
             bl = total.bit_length()
             tli = (bl - SL_LOG2) * SL_COUNT + ((total >> (bl - SL_LOG2 - 1)) & 15)
-        if pn and not nn and tli == pli:
-            # Merged into the free block before: its list place and start stay.
-            w[t + start] = total  # commit
-            w[t + g + n - 1] = total | TAG_END
-            if n > 1:
-                w[t + g] = 0
-            if pn > 1:
-                w[t + g - 1] = 0  # Rule 3: the old boundary is inside the block now
-            w[W_USED] = used0 - n
-            return int(n)
-        if nn and not pn and tli == nli:
-            # Merged with the free block after: g takes its list place.
-            w[t + g] = total  # commit
-            w[t + g + total - 1] = total | TAG_END
-            if n > 1:
-                w[t + g + n - 1] = 0
-            if nn > 1:
-                w[t + nxt] = 0
-            self._replace(nxt, g, n_next, n_prev, nli)
-            w[W_USED] = used0 - n
-            return int(n)
         th = w[W_HEADS + tli]  # _check_head(tli), inlined
         if th != NIL and not (th < top and 0 < w[t + th] <= top - th
-                              and w[self._heap + th * self._stride] >> 32 == NIL):
+                              and w[heap + th * stride] >> 32 == NIL):
             raise CorruptIndex(f"list {divmod(tli, SL_COUNT)} has head {th:#x}, not a free "
                                "block without a predecessor")
-        if nn:
-            self._unlink(nxt, nli, n_next, n_prev)
+        if nn:  # _unlink(nxt, nli, n_next, n_prev), inlined
+            if n_next != NIL:
+                k = heap + n_next * stride
+                w[k] = (w[k] & _LOW32) | (n_prev << 32)
+            if n_prev != NIL:
+                k = heap + n_prev * stride
+                w[k] = (w[k] & _HIGH32) | n_next
+            else:
+                w[W_HEADS + nli] = n_next
+                if n_next == NIL:
+                    fl = nli >> SL_LOG2
+                    slmap = w[W_SL + fl] & ~(1 << (nli & (SL_COUNT - 1)))
+                    w[W_SL + fl] = slmap
+                    if not slmap:
+                        w[W_FL] &= ~(1 << fl) & _MASK64
         if pn:
             if nn:  # the unlink above may have changed start's links: take them again
-                link = w[self._heap + start * self._stride]
+                link = w[heap + start * stride]
                 p_next, p_prev = link & _LOW32, link >> 32
             self._unlink(start, pli, p_next, p_prev)
         w[t + start] = total  # commit
         if total > 1:
             w[t + start + total - 1] = total | TAG_END
-        # Rule 3: the boundary words absorbed by the merge are now inside the block.
-        for c in (g - 1, g, g + n - 1, g + n):
-            if start < c < start + total - 1:
-                w[t + c] = 0
-        self._push(start, tli)
+        # Rule 3: the boundary words absorbed by the merge are now inside the block (those
+        # of g - 1, g, g + n - 1 and g + n strictly inside it; its end tag stays).
+        if pn:
+            if pn > 1:
+                w[tg - 1] = 0
+            if n > 1 or nn:
+                w[tg] = 0
+        if nn:
+            if n > 1:
+                w[tg + n - 1] = 0
+            if nn > 1:
+                w[tg + n] = 0
+        # _push(start, tli), inlined (its head th was checked above; taken again, as the
+        # unlinks may have changed it)
+        hi = W_HEADS + tli
+        th = w[hi]
+        w[heap + start * stride] = th | _NIL_PREV
+        if th != NIL:
+            k = heap + th * stride
+            w[k] = (w[k] & _LOW32) | (start << 32)
+        w[hi] = start
+        fl = tli >> SL_LOG2
+        w[W_SL + fl] |= 1 << (tli & (SL_COUNT - 1))
+        w[W_FL] |= 1 << fl
         w[W_USED] = used0 - n
-        return int(n)
+        return n
+
+    def merged_extent(self, g: int, n: int) -> tuple[int, int]:
+        """``(start, stop)`` granules of the free block that freeing the used block of ``n``
+        granules at ``g`` would make, its free neighbours joined; ``(g, g)`` when no such
+        used block starts at ``g``. Reads the tags as :meth:`free` does, checked the same way
+        (:class:`CorruptIndex`), and writes nothing."""
+        if self.used_size(g) != n:
+            return g, g
+        w, t, top = self.words, self._tags, self.n_granules
+        start, stop = g, g + n
+        if stop < top:
+            nn = w[t + stop]
+            if not nn & TAG_USED:
+                if not 0 < nn <= top - stop or (nn > 1 and w[t + stop + nn - 1] != nn | TAG_END):
+                    raise CorruptIndex(f"granule {stop} after block {g}: tag {nn:#x} is not a "
+                                       "block's start")
+                stop += nn
+        if g:
+            ptag = w[t + g - 1]
+            if not ptag & TAG_USED:
+                pn = ptag & TAG_SIZE_MASK
+                if (not 0 < pn <= g or ptag != (pn | TAG_END if pn > 1 else pn)
+                        or w[t + g - pn] != pn):
+                    raise CorruptIndex(f"granule {g - 1} before block {g}: tag {ptag:#x} is "
+                                       "not a free block's end")
+                start = g - pn
+        return start, stop
 
     def set_owner(self, g: int, owner: int) -> None:
         """Record ``owner`` in the used block at ``g`` (both tags; one store each); clears

@@ -496,6 +496,81 @@ def test_a_dirty_op_word_is_repaired_by_whoever_takes_the_lock_next(a: Arena) ->
     assert a.check().ok
 
 
+class _InterruptAt:
+    """The arena words, except that store number ``left`` raises KeyboardInterrupt."""
+
+    def __init__(self, words: memoryview, left: int) -> None:
+        self.words, self.left = words, left
+
+    def __getitem__(self, i: Any) -> Any:
+        return self.words[i]
+
+    def __setitem__(self, i: Any, value: Any) -> None:
+        if self.left == 0:
+            raise KeyboardInterrupt
+        self.left -= 1
+        self.words[i] = value
+
+
+@pytest.mark.parametrize("op", ["alloc", "free"])
+def test_a_private_operation_interrupted_at_any_store_is_repaired_next(op: str) -> None:
+    # A private arena leaves W_OP alone unless the operation raises: at every store of a
+    # split and of a merge, KeyboardInterrupt marks it and the next operation rebuilds.
+    for k in range(40):
+        with Arena(1 << 16, block_size=64, lock=False, cache_max=0) as a:
+            keep = [a.alloc(100) for _ in range(3)]
+            a.free(keep.pop(0))  # a free block before keep[0], which a free merges with
+            real = a._core.words
+            a._core.words = _InterruptAt(real, k)  # type: ignore[assignment]
+            try:
+                if op == "alloc":
+                    keep.append(a.alloc(3000))
+                else:
+                    a.free(keep.pop(0))
+            except KeyboardInterrupt:
+                interrupted = True
+            else:
+                interrupted = False
+            finally:
+                a._core.words = real
+            assert bool(a._words[W_OP]) == interrupted
+            more = a.alloc(64)  # rebuilds first when marked
+            assert a._words[W_OP] == 0 and a._words[W_RECOVERIES] == interrupted
+            a.check_invariants()
+            a.free(more)
+            if not interrupted:
+                break
+    assert not interrupted, "every store was tried"
+
+
+def test_a_fork_while_another_thread_holds_a_private_lock_rebuilds_in_the_child() -> None:
+    with Arena(1 << 16, block_size=64, lock=False) as a:
+        b = a.alloc(64)
+        held, done = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with a.locked_section():  # as if inside an operation at the fork
+                held.set()
+                done.wait(10)
+
+        t = threading.Thread(target=holder)
+        t.start()
+        held.wait(10)
+        try:
+            def child() -> tuple[bool, int, int]:
+                marked = bool(a._words[W_OP])
+                s = a.stats()  # takes the child's fresh lock: rebuilds first
+                return marked, s.recoveries, s.used_bytes
+
+            marked, recoveries, used = run_in_child(child)
+        finally:
+            done.set()
+            t.join()
+        assert (marked, recoveries, used) == (True, 1, 64)
+        assert a._words[W_OP] == 0 and a.stats().recoveries == 0  # the parent's is its own
+        a.free(b)
+
+
 def test_corrupt_tags_raise_bad_arena_file_and_release_the_lock(a: Arena) -> None:
     a.alloc(64)
     a._core.words[a._core._tags + 1] = 0  # a hole in the partition: not repairable

@@ -223,6 +223,36 @@ def test_a_full_shared_cache_frees_through_the_allocator(shared_file: Path) -> N
             a.alloc(2 << 20)
 
 
+def test_a_request_no_cached_block_can_serve_keeps_the_caches() -> None:
+    # 16 blocks of 1 KiB, every other one freed onto its quick list: none is next to another
+    # free block, so giving them back could make no run of 2 KiB.
+    with Arena(16 * KIB, block_size=64, lock=False) as a:
+        blocks = [a.alloc(KIB) for _ in range(16)]
+        for b in blocks[::2]:
+            a.free(b)
+        assert a._cached_count() == 8
+        with pytest.raises(ArenaExhausted) as info:
+            a.alloc(2 * KIB)
+        assert a._cached_count() == 8  # kept: the next alloc of 1 KiB is still a cache hit
+        assert "8192 bytes free, largest free run 1024 bytes" in str(info.value)
+        s = a.stats()  # gives them back: the message said what it finds
+        assert (s.free_bytes, s.largest_free, s.failed_allocations) == (8 * KIB, KIB, 1)
+
+
+def test_a_request_that_cached_blocks_can_serve_is_served() -> None:
+    # Blocks 0 and 1 are neighbours: given back, they coalesce into the 2 KiB asked for.
+    with Arena(16 * KIB, block_size=64, lock=False) as a:
+        blocks = [a.alloc(KIB) for _ in range(16)]
+        for i in (0, 1, 4, 8, 12):
+            a.free(blocks[i])
+        assert a._cached_count() == 5
+        two = a.alloc(2 * KIB)
+        assert two.offset == 0 and a._cached_count() == 0  # all given back first
+        s = a.stats()
+        assert s.failed_allocations == 0 and s.used_bytes == 16 * KIB - 3 * KIB
+        assert a.check().ok
+
+
 # -- typed views ----------------------------------------------------------------------------
 
 
