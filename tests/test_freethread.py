@@ -317,8 +317,13 @@ def test_a_lent_id_is_copied_after_the_stop_not_before(
         done = int(dom._root[move_state_base(dom._max, k) + MS_DONE]) == gen
         probes.append((any(type(p) in UNBOUND_CLASSES for p in st.handles), done))
 
-    real = _grace.stop_the_world
-    monkeypatch.setattr(_grace, "stop_the_world", lambda: (probe(), real()))
+    real = _lease.stop_the_world
+
+    def probe_then_stop() -> None:
+        probe()
+        real()
+
+    monkeypatch.setattr(_grace, "stop_the_world", probe_then_stop)
     try:
         r = dom.compact(timeout=10)
     finally:
