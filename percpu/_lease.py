@@ -202,6 +202,8 @@ class Lease:
                 self.vcpu = k
                 dom._holder.clear_ack()  # after the new id's acknowledgement (record)
                 dom._bindings.rebind_shared()
+                if self.threads is not None:
+                    self.threads.follow_lease(k)
                 moved += 1
             if self.threads is not None:
                 moved += self.threads.hand_over()
@@ -333,13 +335,15 @@ class ThreadLeases:
         first): a thread ended, so none of its updates is in flight.
     T3. The process's own lease (``Lease.vcpu``) holds the caches and raw objects, and is
         lent to one thread at a time (the first that needs an id while none borrows it,
-        ``ThreadState.lent``), so a process whose metrics one thread updates holds one id,
-        as on a GIL build. While it is lent its metric slots have that thread as their only
-        writer, and they are treated as a thread's id: their compaction copy waits for the
-        detach and the stop of the world (``Grace.acknowledge_threads``, never
-        ``Moves.sync``). When the borrower ends, the id stays the process's and its live-mode
-        gauges are zeroed (the thread's part drops out, as a thread's own id's does when it
-        is given back). Raw objects are never in a metric slot, so they race with no borrower.
+        ``ThreadState.lent``; the overflow id too, when the process shares it: the borrower
+        then follows the process's lease when it is handed an id), so a process whose
+        metrics one thread updates is one holder, as on a GIL build. While it is lent its
+        metric slots have that thread as their only writer, and they are treated as a
+        thread's id: their compaction copy waits for the detach and the stop of the world
+        (``Grace.acknowledge_threads``, never ``Moves.sync``). When the borrower ends, the
+        id stays the process's and its live-mode gauges are zeroed (the thread's part drops
+        out, as a thread's own id's does when it is given back). Raw objects are never in a
+        metric slot, so they race with no borrower.
     """
 
     def __init__(self, lease: Lease) -> None:
@@ -363,8 +367,8 @@ class ThreadLeases:
             if dom._lease.vcpu is None:
                 dom._lease.take()  # the process's own id first: its caches serve registration
             mine = dom._lease.vcpu
-            if mine is not None and mine < dom._max and self.borrower is None:
-                st.vcpu, st.lent, self.borrower = mine, True, st  # T3
+            if mine is not None and self.borrower is None:
+                st.vcpu, st.lent, self.borrower = mine, True, st  # T3 (maybe the overflow id)
             else:
                 st.vcpu, _path = self._lease.record(
                     dom._holder.choose(mine if mine is not None and mine < dom._max else None),
@@ -383,7 +387,7 @@ class ThreadLeases:
         bound = dom._max
         moved = 0
         for st in list(self.states):
-            if st.vcpu != bound:
+            if st.vcpu != bound or st.lent:  # a borrower follows the process's lease
                 continue
             mine = self._lease.vcpu
             k = dom._holder.choose(mine if mine is not None and mine < bound else None)
@@ -395,6 +399,16 @@ class ThreadLeases:
                 dom._bindings.forget_private(h)  # bound again on the thread's next update
             moved += 1
         return moved
+
+    def follow_lease(self, k: int) -> None:
+        """The process's lease moved from the overflow id to ``k`` (``Lease.hand_over``): its
+        borrower, if any, follows; its private handles are detached (the safe direction, as in
+        :meth:`hand_over`: every update on the overflow id ran under ``_plock``, held here)."""
+        st = self.borrower
+        if st is not None and st.vcpu == self._dom._max:
+            st.vcpu = k
+            for h in st.handles:
+                self._dom._bindings.forget_private(h)  # bound again on its next update
 
     def reap(self) -> None:
         """Give back the ids of threads that ended (``_plock`` held)."""
@@ -419,7 +433,7 @@ class ThreadLeases:
                 v.release()
         if st.lent:  # the process keeps its id (T3): only the thread's live part goes
             st.lent, self.borrower = False, None
-            if vcpu is not None and vcpu == self._lease.vcpu:
+            if vcpu is not None and vcpu == self._lease.vcpu and vcpu < dom._max:
                 with dom._lock:
                     self._lease._zero_live(vcpu)
         elif vcpu is not None and vcpu < dom._max:

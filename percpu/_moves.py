@@ -286,9 +286,14 @@ class Moves:
 
     def wait(self, deadline: float | None) -> bool:
         """Drive the batch in flight until it completes (True) or ``deadline`` passes."""
+        dom = self._dom
         while True:
-            self._dom._check_open()  # a close() from another thread ends the wait
-            with self._dom._plock, self._lock:
+            dom._check_open()  # a close() from another thread ends the wait
+            if dom._lease.threads is not None:
+                # Per-thread mode: our threads' ids (the lent one too) are copied at our
+                # quiescent point; the compactor makes one rather than wait for the quiescer.
+                dom._grace.acknowledge(probe=False)
+            with dom._plock, self._lock:
                 if self.advance():
                     return True
             if deadline is not None and time.monotonic() >= deadline:

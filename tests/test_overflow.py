@@ -225,6 +225,33 @@ def test_a_thread_on_the_overflow_id_is_handed_a_freed_id(
     assert seen[0] != seen[1] and o._q[seen[0]] == 3 and o._q[seen[1]] == 5
 
 
+def test_a_borrower_of_the_overflow_id_follows_the_process_lease(
+        shared: tuple[str, list[Domain]], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-thread mode: a process whose lease shares the overflow id lends it to its first
+    thread (one holder, not two: ``overflow_holders`` counts 1); when the process's lease is
+    handed a freed id, the borrower follows it there, its updates lock-free again."""
+    path, holders = shared
+    a = holders[0]
+    a.vcpu_id()
+    b = open_holder(path, holders)
+    monkeypatch.setattr(Lease, "per_thread", True)
+    o = open_holder(path, holders)
+    assert (a.vcpu_id(), b.vcpu_id(), o.vcpu_id()) == (0, 1, 2)  # o shares the overflow id
+    ms = metrics(o)
+    update(ms, 3)
+    threads = o._lease.threads
+    assert threads is not None and threads.borrower is not None
+    assert threads.borrower.vcpu == 2 and len(threads.states) == 1
+    assert o.stats().overflow_holders == 1
+    shared_ops = o.stats().shared_id_operations
+    b.release()
+    o._quiesce()
+    assert o._lease.vcpu == 1 and threads.borrower.vcpu == 1 and o.stats().handed_over == 1
+    update(ms, 4)
+    assert o.stats().shared_id_operations == shared_ops  # on id 1 now, lock-free
+    assert values(o) == (*expected(7)[:4], 4)  # the max gauge: the last set, 4
+
+
 def test_a_holder_with_raw_objects_keeps_the_overflow_id(
         shared: tuple[str, list[Domain]]) -> None:
     path, holders = shared

@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from _children import Child, run_in_child
+from _writer import writer
 from conftest import shm_dir
 
 import percpu
@@ -530,7 +531,9 @@ def test_a_locked_read_never_finishes_the_overflow_copy_under_an_overflow_writer
 
         victim = next(c for c in mine if d1._moves.current(c._ref) == c._ref and c._ref in
                       d1._moves.batch(int(d1._root[D_MV_GEN])).pairs)  # a moved metric's new ref
-        word = victim._index  # the overflow id's word of it, as an overflow writer adds to it
+        if dv._lease.threads is not None:
+            victim.add(0)  # per-thread mode: the quiescent point unbound its private handle
+        word = writer(victim)._index  # the overflow id's word of it, as a writer adds to it
         fd = dw.arena.fd
         assert fd is not None
         real_lock(fd, OVERFLOW_LOCK)  # the writer, inside its operation:
