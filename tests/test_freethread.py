@@ -11,8 +11,11 @@ release and compaction while threads count.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -271,6 +274,8 @@ def test_compaction_while_threads_count(dom: Domain) -> None:
     for t in ts:
         t.start()
     try:
+        while min(made) == 0 and all(t.is_alive() for t in ts):
+            time.sleep(0.001)  # both threads hold an id and pages: there is something to move
         r = dom.compact(timeout=10)
     finally:
         stop.set()
@@ -408,3 +413,27 @@ def test_unbound_then_rebound_private_handles(dom: Domain) -> None:
     assert type(p) in UNBOUND_CLASSES
     c.inc()
     assert private_of(c) is p and type(p) not in UNBOUND_CLASSES and c.value == 2
+
+
+def test_the_stop_waits_for_a_thread_running_in_c() -> None:
+    """``stop_the_world`` returns only once every other thread reached a safe point: a thread
+    inside one long C call (a ``deque`` draining a ``map`` of ``list.append`` over five
+    million items: C calling C, no eval-breaker check, never detached) is stopped after it,
+    never inside it. The call is seen to have begun (the list's length, read without
+    stopping anything) before the stop is asked for; once the stop returns, the list is
+    full. A stop that did not wait finds it part filled."""
+    n = 5_000_000
+    for _ in range(3):
+        out: list[None] = []
+
+        def fill(out: list[None] = out) -> None:
+            collections.deque(map(out.append, itertools.repeat(None, n)), maxlen=0)
+
+        t = threading.Thread(target=fill)
+        t.start()
+        while not out and t.is_alive():
+            pass  # the call has begun once the list has an item
+        _lease.stop_the_world()
+        seen = len(out)
+        t.join()
+        assert seen == n, seen
