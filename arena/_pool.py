@@ -48,7 +48,9 @@ GIL, so no other thread can observe it half done. This is the reasoning of trio'
 * The replenisher makes a batch with no pool lock held beyond its own ``_refill_lock`` (which
   ``get``/``put`` never touch), then ``extendleft`` publishes the whole batch at once, at the
   cold end of the deque (``get`` pops the end that ``put`` appends to: the most recently used,
-  cache-warm item goes out first).
+  cache-warm item goes out first). Puts that ran while the batch was being made may each
+  have seen room, so after publishing the replenisher lets the surplus go (``_trim``, counted
+  as dropped): overshoot is transient here too.
 * Statistics are per thread: each thread increments only its own list of counters (found by
   ``threading.get_ident()``), so there is no lost update even without the GIL; ``stats()`` sums
   them. Refill figures are written only under ``_refill_lock``. A ``stats()`` taken while other
@@ -648,6 +650,20 @@ class Pool(Generic[T]):
         return ForeignBlock(f"{_describe(item)} is not handed out by {self!r} (never handed "
                             "out, or already put back and released)")
 
+    def _trim(self) -> None:
+        """Puts that ran while a batch was being made filled the deque past ``size`` once
+        the batch was published (each put saw room, then the batch came): let the surplus go
+        from the batch's end, counted as dropped, so at most ``size`` stay ready. Called by
+        the replenisher, ``_refill_lock`` held."""
+        ready, mine = self._ready, self._tally()
+        while len(ready) > self._size:
+            try:
+                extra = ready.popleft()
+            except IndexError:
+                break
+            mine[_DROPPED] += 1
+            self._let_go(extra)
+
     def _let_go(self, item: T) -> None:
         """Forget ``item`` and release it (to its arena, or to the garbage collector)."""
         self._owned.pop(id(item), None)
@@ -760,6 +776,8 @@ class Pool(Generic[T]):
                     self._refills += 1
                     self._refilled += len(items)
                     made_total += len(items)
+                if len(ready) > self._size:
+                    self._trim()
                 if self._closed:
                     self._drain()
                 if failure is not None:

@@ -187,6 +187,9 @@ class Bindings:
                 dom._moves.follow(disp)
                 h._ref = disp._ref  # it follows its handle's slot (moves rebind ``by_ref``)
                 if isinstance(h, _Unbound) and not self.still_registered(h):
+                    # Removed while unbound: the handle users hold goes too (every thread's
+                    # next use and every read raise MetricRemoved, as for a GIL build's).
+                    self.drop(disp)
                     return self.forget_private(h, REMOVED_VARIANT)
                 _e, slot, size = dom._pagesets.check_ref(h._ref, slot_class(h))
                 page = dom._pagesets.page(split_ref(h._ref)[0], st.vcpu)

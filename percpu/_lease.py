@@ -419,7 +419,8 @@ class ThreadLeases:
                 v.release()
         if st.lent:  # the process keeps its id (T3): only the thread's live part goes
             st.lent, self.borrower = False, None
-            if vcpu is not None and vcpu == self._lease.vcpu and vcpu < dom._max:
+            # (release_all: the process gives the id back next; its next holder zeroes them)
+            if forget and vcpu is not None and vcpu == self._lease.vcpu and vcpu < dom._max:
                 with dom._lock:
                     self._lease._zero_live(vcpu)
         elif vcpu is not None and vcpu < dom._max:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _writer import writer
 from conftest import SharedDomainMachine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -591,13 +592,13 @@ def test_a_holder_that_never_quiesces_delays_reclamation_not_correctness(
     bc = {i: b.counter("c", {"i": str(i)}) for i in cs}
     for c in bc.values():
         c.add(1000)
-    old_index = {i: c._index for i, c in bc.items()}
+    old_index = {i: writer(c)._index for i, c in bc.items()}
     r = a.compact(timeout=0.05)
     assert r.pending_moves > 0 and r.batches == 0 and in_flight(a)
     st_ = a.stats()
     assert st_.pending_moves == r.pending_moves and st_.pending_move_seconds > 0
     # b has not rebound: it still writes its old copy, and every reader counts it.
-    moved = [i for i, c in bc.items() if c._index == old_index[i]]
+    moved = [i for i, c in bc.items() if writer(c)._index == old_index[i]]
     assert moved
     for i, c in bc.items():
         c.inc()
@@ -606,7 +607,9 @@ def test_a_holder_that_never_quiesces_delays_reclamation_not_correctness(
     assert all(snap[(("i", str(i)),)] == i + 1001 for i in cs)
     assert a.check().ok
     b._quiesce()  # b's quiescent point: rebinds, copies its values, acknowledges
-    assert any(c._index != old_index[i] for i, c in bc.items())
+    for c in bc.values():
+        c.add(0)  # per-thread mode: the quiescent point unbound the thread's handles
+    assert any(writer(c)._index != old_index[i] for i, c in bc.items())
     r = a.compact(timeout=5)
     assert r.pending_moves == 0 and not in_flight(a) and r.reclaimed_pages > 0
     for i, c in bc.items():

@@ -437,3 +437,31 @@ def test_the_stop_waits_for_a_thread_running_in_c() -> None:
         seen = len(out)
         t.join()
         assert seen == n, seen
+
+
+def test_a_metric_removed_before_a_thread_first_updates_it_is_gone_for_every_thread(
+        shared: tuple[str, list[Domain]]) -> None:
+    """Another holder removes a metric this process registered but no thread of it updated
+    yet. The first update finds it removed (MetricRemoved), and so does every later use of
+    the handle, a read included, in every thread (found by the domain state machine on
+    3.13t: the read of the handle users hold still answered)."""
+    path, holders = shared
+    a = holders[0]
+    c = a.counter("a")
+    b = Domain.open(path)
+    holders.append(b)
+    assert b.remove("a")
+    with pytest.raises(MetricRemoved):
+        c.inc()
+    with pytest.raises(MetricRemoved):
+        c.value  # noqa: B018
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            c.inc()
+        except MetricRemoved as exc:
+            errors.append(exc)
+
+    run_threads(1, lambda i: other())
+    assert len(errors) == 1
