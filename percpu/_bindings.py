@@ -244,12 +244,15 @@ class Bindings:
         moves = self._dom._moves
         for h, _st, _disp in list(self.private.values()):
             cls = type(h)
-            if cls in REMOVED_CLASSES:
+            if cls in REMOVED_CLASSES or cls in UNBOUND_CLASSES:
+                # An unbound one writes nothing, and its ``_ref`` may be a slot a compaction
+                # moved it from and another metric reused since: it binds again from its
+                # handle's current slot, which its handle's retirement covers (bind_private).
                 continue
             if h._ref in gone:
                 self.forget_private(h, REMOVED_VARIANT)
                 changed += 1
-            elif cls not in UNBOUND_CLASSES and moves.current(h._ref) != h._ref:
+            elif moves.current(h._ref) != h._ref:
                 detach(h, UNBOUND_VARIANT)  # binds again to its handle's new slot
                 changed += 1
         return changed

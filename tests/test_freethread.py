@@ -465,3 +465,32 @@ def test_a_metric_removed_before_a_thread_first_updates_it_is_gone_for_every_thr
 
     run_threads(1, lambda i: other())
     assert len(errors) == 1
+
+
+def test_a_reuse_of_the_slot_an_unbound_private_handle_left_does_not_retire_it(
+        shared: tuple[str, list[Domain]]) -> None:
+    """Compaction moves a metric: a thread's private handle of it is unbound and keeps the
+    old ref until its next update. Another metric that gets that old slot and is removed
+    must not retire it (found by the compaction state machine on 3.13t: a live metric's next
+    update raised MetricRemoved)."""
+    _path, holders = shared
+    d = holders[0]
+    cs = [d.counter("c", {"i": str(i)}) for i in range(600)]
+    for c in cs:
+        c.add(1)  # every pageset has this thread's page
+    x = cs[599]
+    x.add(4)
+    p = private_of(x)
+    old = p._ref
+    for c in cs[100:599]:
+        d.remove("c", dict(c.labels))
+    d._quiesce()
+    assert d.compact(timeout=10).pending_moves == 0
+    assert x._ref != old and type(p) in UNBOUND_CLASSES  # moved; the thread's copy unbound
+    again = next((n for n in (d.counter("n", {"i": str(i)}) for i in range(2000))
+                  if n._ref == old), None)
+    assert again is not None  # a new metric in the old slot
+    d.remove("n", dict(again.labels))
+    d._quiesce()
+    x.add(1)
+    assert x.value == 6
