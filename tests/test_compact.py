@@ -501,7 +501,8 @@ def test_threads_lose_no_update_while_the_compactor_rebinds() -> None:
                 for t in threads:
                     t.start()
                 try:
-                    time.sleep(0.02)
+                    while min(done) == 0 and all(t.is_alive() for t in threads):
+                        time.sleep(0.001)  # every thread counts: each id's pages exist
                     r = d.compact()
                     time.sleep(0.02)
                 finally:
