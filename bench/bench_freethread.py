@@ -1,7 +1,8 @@
 """Counter.inc on a free-threaded build against its floor, a lock + int and prometheus_client.
 
 Run with the interpreter under test (``python bench/bench_freethread.py``): ops/s with 1 and 2
-threads, each thread on its own handle lookups of one shared Counter. The *floor* is the bare
+threads, each thread on its own handle lookups of one shared Counter, or on the thread's own
+handle of it (``Counter.for_thread()``, taken once per thread). The *floor* is the bare
 hot-path statement on a per-thread memoryview (what no lookup can beat); ``lock + int`` is the
 usual hand-made counter. Figures are printed, never asserted (a shared CI machine's are noise).
 """
@@ -72,6 +73,7 @@ def main() -> None:
         "floor (own view, own object)": lambda: _Floor().inc,
         "lock + int (shared)": lambda: locked.inc,
         "percpu Counter.inc (shared handle)": lambda: c.inc,
+        "percpu c.for_thread().inc": lambda: c.for_thread().inc,
     }
     try:
         import prometheus_client

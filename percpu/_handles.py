@@ -64,7 +64,7 @@ import operator
 import sys
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, Self
 
 from ._errors import DomainClosed, InvalidArgument, InvalidType, MetricRemoved, PercpuError
 from ._layout import KIND_GAUGE, MODE_OF, split_ref
@@ -185,6 +185,16 @@ class _Handle:
     def __repr__(self) -> str:
         labels = ",".join(f'{k}="{v}"' for k, v in self.labels)
         return f"<{type(self).__name__} {self.name}{{{labels}}}>"
+
+    def for_thread(self) -> Self:
+        """The handle of this metric that the calling thread updates: on a free-threaded
+        build (one lease per thread) the thread's own handle, bound to the thread's id and
+        view, so a hot loop skips the per-thread lookup and touches no object that another
+        thread touches; on a GIL build (one lease per process) this handle itself. Use it
+        only in the thread that asked for it (another thread's updates through it would land
+        on this thread's id); it follows removal, release and compaction like any handle,
+        and raises MetricRemoved once its thread has ended."""
+        return self
 
     def _store_failed(self, what: str, n: int) -> NoReturn:
         """A store raised ValueError (nothing was written): say why. Called from the
@@ -738,7 +748,17 @@ def _mine(h: _Handle) -> Any:
         return h._domain._private(h)
 
 
-class ThreadCounter(Counter):
+class _PerThread:
+    """What every per-thread-mode handle class adds: :meth:`_Handle.for_thread` gives the
+    calling thread's private handle."""
+
+    __slots__ = ()
+
+    def for_thread(self) -> Any:
+        return _mine(self)  # type: ignore[arg-type]
+
+
+class ThreadCounter(_PerThread, Counter):
     """A Counter in per-thread mode: each thread updates its own private handle, bound to
     the thread's own id and view, found in the handle's ``threading.local`` (no lock)."""
 
@@ -760,7 +780,7 @@ class ThreadCounter(Counter):
         _mine(self).add(n)
 
 
-class ThreadGauge(Gauge):
+class ThreadGauge(_PerThread, Gauge):
     """A Gauge in per-thread mode (see :class:`ThreadCounter`)."""
 
     __slots__ = ()
@@ -800,7 +820,7 @@ class ThreadGauge(Gauge):
         _mine(self).set(v)
 
 
-class ThreadStampedGauge(StampedGauge):
+class ThreadStampedGauge(_PerThread, StampedGauge):
     """A max/min/mostrecent Gauge in per-thread mode: each thread is a holder."""
 
     __slots__ = ()
@@ -814,7 +834,7 @@ class ThreadStampedGauge(StampedGauge):
         _mine(self).add(n)
 
 
-class ThreadSummary(Summary):
+class ThreadSummary(_PerThread, Summary):
     """A Summary in per-thread mode."""
 
     __slots__ = ()
@@ -824,7 +844,7 @@ class ThreadSummary(Summary):
         _mine(self).observe(x)
 
 
-class ThreadHistogram(Histogram):
+class ThreadHistogram(_PerThread, Histogram):
     """A Histogram in per-thread mode."""
 
     __slots__ = ()

@@ -494,3 +494,39 @@ def test_a_reuse_of_the_slot_an_unbound_private_handle_left_does_not_retire_it(
     d._quiesce()
     x.add(1)
     assert x.value == 6
+
+
+def test_for_thread_gives_the_threads_own_handle(dom: Domain) -> None:
+    """``for_thread()`` is the handle the calling thread's updates go through: its own id
+    and view; updates through it count like the shared handle's, and it follows removal."""
+    c = dom.counter("requests_total")
+    g = dom.gauge("g", mode="livesum")
+    seen: list[tuple[Any, Any]] = []
+    both = threading.Barrier(2)
+
+    def worker(_i: int) -> None:
+        mine = c.for_thread()
+        assert mine is c.for_thread() and mine is private_of(c)  # made once, kept
+        for _ in range(1000):
+            mine.inc()
+        g.for_thread().add(2)
+        seen.append((mine._cells, threads_of(dom).local.anchor.state.vcpu))
+        both.wait()
+
+    run_threads(2, worker)
+    dom._quiesce()  # the ended threads' ids go back (or at the next lease taken)
+    assert c.value == 2000 and g.value == 0  # both threads ended: live parts dropped
+    (cells_a, id_a), (cells_b, id_b) = seen
+    assert cells_a is not cells_b and id_a != id_b
+    mine = c.for_thread()
+    dom.remove("requests_total")
+    with pytest.raises(MetricRemoved):
+        mine.inc()
+
+
+def test_for_thread_is_the_handle_itself_with_one_lease_per_process(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_lease.Lease, "per_thread", False)
+    with Domain(SIZE, max_vcpus=4, lock=False) as d:
+        for h in (d.counter("c"), d.gauge("g"), d.summary("s"), d.histogram("h", buckets=[1])):
+            assert h.for_thread() is h
