@@ -352,13 +352,10 @@ class ThreadLeases:
             dom._check_open()
             if dom._lease.vcpu is None:
                 dom._lease.take()  # the process's own id first: its caches serve registration
-            mine = dom._lease.vcpu
-            if mine is not None and self.borrower is None:
-                st.vcpu, st.lent, self.borrower = mine, True, st  # T3 (maybe the overflow id)
+            if dom._lease.vcpu is not None and self.borrower is None:
+                st.vcpu, st.lent, self.borrower = dom._lease.vcpu, True, st  # T3 (maybe overflow)
             else:
-                st.vcpu, _path = self._lease.record(
-                    dom._holder.choose(mine if mine is not None and mine < dom._max else None),
-                    thread=True)
+                st.vcpu, _path = self._lease.record(self._choose(), thread=True)
             st.q, st.d = dom._q[:], dom._d[:]
             self.states.append(st)
         return st
@@ -375,14 +372,12 @@ class ThreadLeases:
         for st in list(self.states):
             if st.vcpu != bound or st.lent:  # a borrower follows the process's lease
                 continue
-            mine = self._lease.vcpu
-            k = dom._holder.choose(mine if mine is not None and mine < bound else None)
+            k = self._choose()
             if k is None:
                 break
             st.vcpu, _path = self._lease.record(k, thread=True)
             record_hand_over(dom._root, bound)
-            for h in st.handles:
-                dom._bindings.forget_private(h)  # bound again on the thread's next update
+            self._unbind(st)
             moved += 1
         return moved
 
@@ -393,8 +388,20 @@ class ThreadLeases:
         st = self.borrower
         if st is not None and st.vcpu == self._dom._max:
             st.vcpu = k
-            for h in st.handles:
-                self._dom._bindings.forget_private(h)  # bound again on its next update
+            self._unbind(st)
+
+    def _choose(self) -> int | None:
+        """The lowest id a thread of ours can lease now (not the process's own, which is only
+        ever lent); None: every id is taken."""
+        mine = self._lease.vcpu
+        return self._dom._holder.choose(mine if mine is not None and mine < self._dom._max
+                                        else None)
+
+    def _unbind(self, st: ThreadState) -> None:
+        """Unbind ``st``'s private handles: each binds again, to the thread's id and views of
+        the moment, on its next update (``Bindings.bind_private``)."""
+        for h in st.handles:
+            self._dom._bindings.forget_private(h)
 
     def reap(self) -> None:
         """Give back the ids of threads that ended (``_plock`` held)."""
@@ -436,8 +443,7 @@ class ThreadLeases:
         self.reap()
         states = list(self.states)
         for st in states:
-            for h in st.handles:
-                self._dom._bindings.forget_private(h)  # bound again on its next update
+            self._unbind(st)
         if states:
             stop_the_world()
         for st in states:
