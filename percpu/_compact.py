@@ -49,10 +49,12 @@ The protocol (one batch at a time; every step under the domain lock unless said 
    process's quiescer, after ``try_lock`` on ``k``'s lease byte, so nobody takes ``k`` meanwhile
    (this is how a dead holder's values move; quiescers join in only once the batch is older
    than ``DRIVE_AFTER``, when its compactor seems gone); (iv) for the overflow id, shared by
-   several holders under the overflow lock: whoever holds that lock, once every live overflow
-   holder has acknowledged (rebound). One move of one id (:func:`copy_moves`): journal (old value
-   ``v``, new value ``w``, step), ``new = w + v``, ``old = 0``, step cleared, all bracketed by
-   ``L_SEQ[k]`` odd ... even, then ``MS_DONE[k] = gen``. The journal-to-store sequence is
+   several holders under the overflow lock: whoever holds that lock, once every live holder
+   has acknowledged (rebound): not only the overflow holders, since in per-thread mode a
+   thread shares the overflow id under its process's acknowledgement of its own id. One
+   move of one id (:func:`copy_moves`): journal (old value ``v``, new value ``w``, step),
+   ``new = w + v``, ``old = 0``, step cleared, all bracketed by ``L_SEQ[k]`` odd ... even,
+   then ``MS_DONE[k] = gen``. The journal-to-store sequence is
    straight-line code (no call, no backward jump): no other thread of the process runs between
    reading ``w`` and storing ``w + v``. A holder killed mid-copy leaves the journal and an odd
    ``L_SEQ``; the next owner redoes that step with absolute stores (idempotent) and carries on.

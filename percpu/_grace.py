@@ -112,6 +112,8 @@ class Grace:
         (``Lease.hand_over``: a quiescent point is where a holder may change ids)."""
         dom = self._dom
         with dom._plock, self._lock:
+            if dom._lease.threads is not None:
+                dom._lease.threads.reap()  # an ended borrower's id is the process's again
             dom._moves.sync()  # compaction first: then handles are keyed by their current ref
             r = self._root
             epoch = self.epoch()

@@ -118,7 +118,7 @@ class Lease:
                 epoch = dom._grace.epoch()
                 if vcpu is None:
                     vcpu = bound
-                    if not thread:  # a thread's updates there run under _plock: our ack
+                    if not thread:  # a thread there is covered by our own id's ack
                         holder.set_ack(epoch)
                 else:
                     if thread:

@@ -647,9 +647,14 @@ class Moves:
                 self.adopt(k)  # nobody holds k (its holder died or left): step 4 iii
             finally:
                 self._holder.unlock_lease(k)
+        if self._dom._lease.threads is not None and self._dom._grace.ack < epoch:
+            waiting = True  # our threads' private handles follow it at our acknowledgement
         if self._holder.oldest_ack(epoch) < epoch:
             waiting = True  # an overflow holder has not rebound yet
-        elif self._max in need and int(
+        # A holder's threads may share the overflow id under the acknowledgement of the
+        # holder's own id (per-thread mode: no overflow lock says so), so the overflow id is
+        # copied only once every live holder has acknowledged the batch.
+        if not waiting and self._max in need and int(
                 r[move_state_base(self._max, self._max) + MS_DONE]) != gen:
             if self._holder.try_overflow():
                 try:

@@ -530,3 +530,68 @@ def test_for_thread_is_the_handle_itself_with_one_lease_per_process(
     with Domain(SIZE, max_vcpus=4, lock=False) as d:
         for h in (d.counter("c"), d.gauge("g"), d.summary("s"), d.histogram("h", buckets=[1])):
             assert h.for_thread() is h
+
+
+def test_the_overflow_id_is_copied_only_once_every_holder_has_acknowledged(
+        no_quiescer: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A thread may share the overflow id while its process holds an id of its own: no
+    overflow acknowledgement lock says so, only the process's acknowledgement of its own id
+    covers it. Another holder's compaction must therefore wait for every live holder's
+    acknowledgement before it copies the overflow id: copied earlier, the thread's updates
+    land in the old slot until its process acknowledges, and are lost when the batch ends.
+    Forced: the process never acknowledges while the other holder compacts (no quiescer),
+    then its overflow thread counts, then it acknowledges and the batch completes."""
+    path = str(tmp_path_factory.mktemp("overflow-copy", numbered=True) / "domain")
+    d = Domain.create(path, SIZE, max_vcpus=1)  # id 0 and the overflow id
+    e = Domain.open(path)  # another holder (its own descriptor and locks): the compactor
+    try:
+        cs = {i: d.counter("c", {"i": str(i)}) for i in range(600)}
+        for i in random.Random(7).sample(range(600), 560):
+            d.remove("c", {"i": str(i)})
+            del cs[i]
+        keep = list(cs.values())
+        assert d.synchronize(5)
+        lent, shared, go, done = (threading.Event() for _ in range(4))
+        states: dict[str, Any] = {}
+
+        def borrower() -> None:  # takes the process's id 0 (lent): the next thread overflows
+            for h in keep:
+                h.inc()
+            states["lent"] = threads_of(d).local.anchor.state
+            lent.set()
+            done.wait(10)
+
+        def on_overflow() -> None:
+            lent.wait(10)
+            for h in keep:
+                h.inc()
+            states["shared"] = threads_of(d).local.anchor.state
+            shared.set()
+            go.wait(10)
+            for h in keep:
+                h.inc()  # bound to the old slots still: d has not acknowledged the batch
+
+        ts = [threading.Thread(target=borrower), threading.Thread(target=on_overflow)]
+        for t in ts:
+            t.start()
+        try:
+            assert shared.wait(10)
+            assert states["lent"].lent and states["shared"].vcpu == d._max
+            assert d._lease.vcpu == 0 and d._holder.ack_byte is None  # no overflow ack lock
+            first = e.compact(timeout=0.3)  # d never acknowledges meanwhile
+            assert first.pending_moves > 0
+            go.set()
+            ts[1].join(10)
+        finally:
+            go.set()
+            done.set()
+            for t in ts:
+                t.join(10)
+        assert d.synchronize(5)  # d acknowledges: its overflow thread's handles follow
+        final = e.compact(timeout=5)
+        assert final.pending_moves == 0 and first.moved + final.moved > 0
+        assert [h.value for h in keep] == [3] * len(keep)  # 1 + 2 incs, none lost
+        assert d.check().ok
+    finally:
+        e.close()
+        d.close()
