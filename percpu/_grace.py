@@ -129,7 +129,7 @@ class Grace:
             vcpu = dom._lease.vcpu
             if vcpu is not None and vcpu < self._max:
                 r[lease_base(self._max, vcpu) + L_ACK] = epoch
-            elif vcpu == self._max:
+            if dom._lease.on_overflow():  # our lease, or a thread's (_lease invariant 8)
                 dom._holder.set_ack(epoch)
             if self._pending.count():
                 self.reclaim()

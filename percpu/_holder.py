@@ -66,13 +66,6 @@ class HolderLocks:
         return choose_lowest(self._max, lambda k: k not in skip and k != exclude
                              and try_lock(fd, LEASE_LOCK_BASE + k))
 
-    def drop(self, vcpu: int) -> None:
-        """Give up ``vcpu`` (our lease lock, or our overflow acknowledgement)."""
-        if vcpu < self._max:
-            self.unlock_lease(vcpu)
-        else:
-            self.clear_ack()
-
     def try_lease(self, k: int) -> bool:
         """Take id ``k``'s lease lock without waiting (to copy a dead holder's values); never
         an id one of our threads holds (it writes that id)."""

@@ -32,6 +32,12 @@ Invariants
    live-mode gauge (``livesum``, ``livemax``...) of that id from zero, before it binds a
    handle: the previous holder's part dropped out of the value when it left, and must not
    come back on top of the new holder's.
+8. This process holds an overflow acknowledgement lock (``HolderLocks.set_ack``) exactly
+   while one of its holders shares the overflow id: its lease or, in per-thread mode, a
+   thread's, even when the process's own lease is on an id of its own. Every other holder
+   then sees the overflow id live (live-mode gauges count its part) and waits for this
+   process's acknowledgement before it copies that id's values in a compaction (the
+   thread's private handles follow a batch at this process's quiescent point).
 5. A forked child holds none of its parent's locks (the arena reopened its file): it starts
    with no id and every handle unbound; a private domain's copy is the child's alone.
 """
@@ -118,8 +124,8 @@ class Lease:
                 epoch = dom._grace.epoch()
                 if vcpu is None:
                     vcpu = bound
-                    if not thread:  # a thread there is covered by our own id's ack
-                        holder.set_ack(epoch)
+                    if not thread or holder.ack_byte is None:
+                        holder.set_ack(epoch)  # invariant 8 (acknowledge() follows at once)
                 else:
                     if thread:
                         holder.threads.add(vcpu)
@@ -134,8 +140,8 @@ class Lease:
             if vcpu is not None and vcpu < bound:
                 holder.threads.discard(vcpu)
                 holder.unlock_lease(vcpu)
-            elif vcpu is not None and not thread:
-                holder.clear_ack()
+            elif vcpu is not None:
+                self.drop_overflow_ack()
             raise
         return vcpu, path
 
@@ -165,13 +171,21 @@ class Lease:
         self.vcpu = None
         with dom._lock:
             record_release(dom._root, dom._max, vcpu)  # pid 0 before the lock goes
-        dom._holder.drop(vcpu)
+        if vcpu < dom._max:
+            dom._holder.unlock_lease(vcpu)
+        self.drop_overflow_ack()
         return quiescer
 
     def lent(self) -> bool:
         """True when the process's id is lent to one of its threads (``ThreadLeases`` T3):
         its compaction copy is then a thread's, made after the world was stopped."""
         return self.threads is not None and self.threads.borrower is not None
+
+    def drop_overflow_ack(self) -> None:
+        """Give up the overflow acknowledgement lock once no holder of this process (its
+        lease, a thread's) shares the overflow id any more (invariant 8)."""
+        if not self.on_overflow():
+            self._dom._holder.clear_ack()
 
     def on_overflow(self) -> bool:
         """True when this process's lease or one of its threads' shares the overflow id (a
@@ -198,13 +212,14 @@ class Lease:
                 _k, self.last_path = self.record(k, thread=False)
                 record_hand_over(dom._root, bound)
                 self.vcpu = k
-                dom._holder.clear_ack()  # after the new id's acknowledgement (record)
                 dom._bindings.rebind_shared()
                 if self.threads is not None:
                     self.threads.follow_lease(k)
                 moved += 1
             if self.threads is not None:
                 moved += self.threads.hand_over()
+            if moved:
+                self.drop_overflow_ack()  # after the new ids' acknowledgements (record)
         finally:
             self._handing = False
         return moved
@@ -435,6 +450,8 @@ class ThreadLeases:
                 record_release(dom._root, dom._max, vcpu)
             dom._holder.threads.discard(vcpu)
             dom._holder.unlock_lease(vcpu)
+        elif vcpu is not None:
+            self._lease.drop_overflow_ack()
 
     def release_all(self) -> None:
         """Every thread's id back (``Domain.release``, ``close``): each thread takes one again

@@ -651,9 +651,10 @@ class Moves:
             waiting = True  # our threads' private handles follow it at our acknowledgement
         if self._holder.oldest_ack(epoch) < epoch:
             waiting = True  # an overflow holder has not rebound yet
-        # A holder's threads may share the overflow id under the acknowledgement of the
-        # holder's own id (per-thread mode: no overflow lock says so), so the overflow id is
-        # copied only once every live holder has acknowledged the batch.
+        # The overflow id is copied only once every live holder has acknowledged the batch,
+        # not only its overflow holders: in per-thread mode a holder's threads may share it
+        # while the holder's own lease is on an id of its own (its overflow lock says so,
+        # ``_lease`` invariant 8; this wait costs nothing, the batch completes only then).
         if not waiting and self._max in need and int(
                 r[move_state_base(self._max, self._max) + MS_DONE]) != gen:
             if self._holder.try_overflow():

@@ -41,7 +41,8 @@ class Reads:
         mine = dom._lease.vcpu
         with dom._lock:
             live = set(dom._holder.live(mine))
-            if mine == dom._max or dom._holder.other_overflow_holders(dom._grace.epoch()):
+            if dom._lease.on_overflow() or dom._holder.other_overflow_holders(
+                    dom._grace.epoch()):  # on_overflow: a thread of ours may share it
                 live.add(dom._max)
         return frozenset(live)
 

@@ -534,13 +534,14 @@ def test_for_thread_is_the_handle_itself_with_one_lease_per_process(
 
 def test_the_overflow_id_is_copied_only_once_every_holder_has_acknowledged(
         no_quiescer: None, tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A thread may share the overflow id while its process holds an id of its own: no
-    overflow acknowledgement lock says so, only the process's acknowledgement of its own id
-    covers it. Another holder's compaction must therefore wait for every live holder's
-    acknowledgement before it copies the overflow id: copied earlier, the thread's updates
-    land in the old slot until its process acknowledges, and are lost when the batch ends.
-    Forced: the process never acknowledges while the other holder compacts (no quiescer),
-    then its overflow thread counts, then it acknowledges and the batch completes."""
+    """A thread may share the overflow id while its process holds an id of its own; its
+    private handles follow a batch at its process's acknowledgement. Another holder's
+    compaction must wait for that acknowledgement before it copies the overflow id: copied
+    earlier (as the first version did: the process held no overflow acknowledgement lock,
+    and the copy waited only for those), the thread's updates land in the old slot until its
+    process acknowledges, and are lost when the batch ends. Forced: the process does not
+    acknowledge while the other holder compacts (no quiescer), then its overflow thread
+    counts, then it acknowledges and the batch completes."""
     path = str(tmp_path_factory.mktemp("overflow-copy", numbered=True) / "domain")
     d = Domain.create(path, SIZE, max_vcpus=1)  # id 0 and the overflow id
     e = Domain.open(path)  # another holder (its own descriptor and locks): the compactor
@@ -577,7 +578,7 @@ def test_the_overflow_id_is_copied_only_once_every_holder_has_acknowledged(
         try:
             assert shared.wait(10)
             assert states["lent"].lent and states["shared"].vcpu == d._max
-            assert d._lease.vcpu == 0 and d._holder.ack_byte is None  # no overflow ack lock
+            assert d._lease.vcpu == 0
             first = e.compact(timeout=0.3)  # d never acknowledges meanwhile
             assert first.pending_moves > 0
             go.set()
@@ -592,6 +593,53 @@ def test_the_overflow_id_is_copied_only_once_every_holder_has_acknowledged(
         assert final.pending_moves == 0 and first.moved + final.moved > 0
         assert [h.value for h in keep] == [3] * len(keep)  # 1 + 2 incs, none lost
         assert d.check().ok
+    finally:
+        e.close()
+        d.close()
+
+
+def test_a_thread_on_the_overflow_id_makes_its_process_an_overflow_holder(
+        no_quiescer: None, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """While one of its threads shares the overflow id, a process holds an overflow
+    acknowledgement lock as a process on the overflow id does, even though its own lease is
+    on an id of its own: every other holder then sees the overflow id live (a live-mode
+    gauge counts that thread's part) and waits for its acknowledgement. Once no holder of
+    the process shares it any more, the lock goes."""
+    path = str(tmp_path_factory.mktemp("overflow-live", numbered=True) / "domain")
+    d = Domain.create(path, SIZE, max_vcpus=1)
+    e = Domain.open(path)
+    try:
+        g = d.gauge("inflight", mode="livesum")
+        lent, shared, done = threading.Event(), threading.Event(), threading.Event()
+
+        def borrower() -> None:
+            g.inc()
+            lent.set()
+            done.wait(10)
+
+        def on_overflow() -> None:
+            lent.wait(10)
+            g.inc()
+            shared.set()
+            done.wait(10)
+
+        ts = [threading.Thread(target=borrower), threading.Thread(target=on_overflow)]
+        for t in ts:
+            t.start()
+        try:
+            assert shared.wait(10)
+            assert g.value == 2  # the overflow part counts, here and in the other holder
+            assert [m.value for m in e.snapshot() if m.name == "inflight"] == [2]
+            assert e._lease.vcpu is None  # (e holds no lease: it is not on the overflow id)
+            assert d._lease.vcpu == 0 and d._holder.ack_byte is not None
+            assert e._holder.other_overflow_holders(e._grace.epoch())
+        finally:
+            done.set()
+            for t in ts:
+                t.join(10)
+        d._quiesce()  # the ended threads are reaped: nobody of d shares the overflow id
+        assert d._holder.ack_byte is None
+        assert not e._holder.other_overflow_holders(e._grace.epoch())
     finally:
         e.close()
         d.close()
