@@ -11,10 +11,12 @@ Per-thread mode (no GIL: ``_lease.ThreadLeases``). Holding ``_plock`` no longer 
 other threads out of their hot-path statements, so a thread's id is acknowledged (and its
 compaction copy made) only after its private handles of the slots concerned were detached
 *and the world was stopped once* (``_lease.stop_the_world``): a thread is stopped only at an
-eval-breaker check or while detached in C, and the statement ``cells[index] += n`` has
-neither between its load of ``cells`` and its store (it calls no Python code and makes no
-backward jump; the C it runs, memoryview indexing and int arithmetic, never detaches). So
-once the world has been stopped, no update that loaded an old binding is still in flight.
+eval-breaker check or while detached in C, and an update has neither between its load of
+``cells`` and its store: ``cells`` is the last attribute it loads (an attribute load may
+block on 3.13t's type-cache lock, and detach while it waits), then it calls no Python code,
+makes no backward jump and runs only C that never detaches (memoryview indexing, int and
+float arithmetic; ``_handles``, "The hot path"). So once the world has been stopped, no
+update that loaded an old binding is still in flight.
 What does *not* stop a thread there: ``_plock``, the domain lock, a ``sleep`` or any time
 passing (a descheduled thread may sit between the load and the store for any time: the stop
 waits for it). ``docs/free-threading.md`` has the whole argument and its tests.

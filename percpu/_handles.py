@@ -2,8 +2,9 @@
 
 The hot path
 ------------
-``Counter.inc`` is one statement, ``self._cells[self._index] += 1``: ``_cells`` is a memoryview
-(format ``'q'``) over the domain's whole arena, ``_index`` the word of this holder's copy. No
+``Counter.inc`` is ``i = self._index``, then one statement, ``self._cells[i] += 1``: ``_cells``
+is a memoryview (format ``'q'``) over the domain's whole arena, ``_index`` the word of this
+holder's copy. No
 lock, no syscall, no arena allocation, nothing that can page-fault (the arena is prefaulted and
 locked). The int objects it makes for values above 256 come from CPython's small-object
 allocator, which reuses the block the previous value just gave back: no new memory after the
@@ -18,11 +19,22 @@ statement atomic (below): an int *subclass* could run Python code (``__radd__``)
 of the read-modify-write.
 
 Atomicity on a GIL build: CPython 3.11 checks for a thread switch only at function entry,
-backward jumps and calls. The statement loads two attributes, indexes a memoryview (C), adds
+backward jumps and calls. The update loads two attributes, indexes a memoryview (C), adds
 two exact ints (C) and stores (C): no check inside it, so no other thread of this process runs
 between the load and the store of the slot. Other processes never write this slot: it belongs
-to this process's vcpu id. On a free-threaded build that argument fails; the domain then gives
-every handle the locked variant (see ``SHARED_VARIANT``).
+to this process's vcpu id.
+
+On a free-threaded build each thread updates a private handle of its own (``THREAD_VARIANT``,
+``_lease.ThreadLeases``), which other threads only ever detach, and a grace period stops the
+world after detaching (``_grace``): a thread is stopped at an eval-breaker check, or counted
+as stopped while it is detached, blocked in C. An attribute load can block: 3.13t looks
+attributes up in a type cache, and a miss takes a lock that a waiting thread detaches for.
+So every update loads the view last, after ``_index`` and any other attribute (a method that
+stores two views loads ``_floats`` before ``_cells`` and tests ``_cells`` alone: detaching
+stores ``_cells`` first), and nothing but C (memoryview indexing, int or float arithmetic)
+runs between that load and the last store. A thread that blocks before the load finds the
+handle detached; one past it holds no lock and reaches no eval-breaker check before its
+store, so the stop waits for it.
 
 Failure leaves the slot as it was: a refused argument raises before the statement, and a store
 that would leave int64 raises ``ValueError`` inside the memoryview before writing anything; it
@@ -218,8 +230,9 @@ class Counter(_Handle):
 
     def inc(self) -> None:
         """Add one (the hot path: one straight-line statement)."""
+        i = self._index  # before _cells: nothing but C between loading the view and the store
         try:
-            self._cells[self._index] += 1
+            self._cells[i] += 1
         except ValueError:
             self._store_failed("Counter.inc", 1)
 
@@ -229,10 +242,12 @@ class Counter(_Handle):
         if n.__class__ is not int or n < 0:
             n, x = _amount(n, "Counter.add", signed=False)
             if x:
-                self._floats[self._index + 1] += x
+                i = self._index
+                self._floats[i + 1] += x
                 return
+        i = self._index
         try:
-            self._cells[self._index] += n
+            self._cells[i] += n
         except ValueError:
             self._store_failed("Counter.add", n)
 
@@ -260,15 +275,17 @@ class Gauge(_Handle):
 
     def inc(self) -> None:
         """Add one."""
+        i = self._index
         try:
-            self._cells[self._index] += 1
+            self._cells[i] += 1
         except ValueError:
             self._store_failed("Gauge.inc", 1)
 
     def dec(self) -> None:
         """Subtract one."""
+        i = self._index
         try:
-            self._cells[self._index] -= 1
+            self._cells[i] -= 1
         except ValueError:
             self._store_failed("Gauge.dec", -1)
 
@@ -277,10 +294,12 @@ class Gauge(_Handle):
         if n.__class__ is not int:
             n, x = _amount(n, "Gauge.add", signed=True)
             if x:
-                self._floats[self._index + 1] += x
+                i = self._index
+                self._floats[i + 1] += x
                 return
+        i = self._index
         try:
-            self._cells[self._index] += n
+            self._cells[i] += n
         except ValueError:
             self._store_failed("Gauge.add", n)
 
@@ -289,10 +308,12 @@ class Gauge(_Handle):
         if n.__class__ is not int:
             n, x = _amount(n, "Gauge.sub", signed=True)
             if x:
-                self._floats[self._index + 1] -= x
+                i = self._index
+                self._floats[i + 1] -= x
                 return
+        i = self._index
         try:
-            self._cells[self._index] -= n
+            self._cells[i] -= n
         except ValueError:
             self._store_failed("Gauge.sub", n)
 
@@ -310,12 +331,11 @@ class Gauge(_Handle):
             n, x = _amount(v, "Gauge.set", signed=True)
             if not INT64_MIN <= n <= INT64_MAX:
                 raise InvalidArgument(f"Gauge.set({n}) is outside int64")
-        c = self._cells
+        i, f, c = self._index, self._floats, self._cells  # _cells last (module docstring)
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, n, x))
             return
-        i = self._index
-        self._floats[i + 1] = x
+        f[i + 1] = x
         c[i] = n
 
     def set_to_current_time(self) -> None:
@@ -362,24 +382,22 @@ class StampedGauge(Gauge):
         """Set this holder's value to ``v`` (a finite int or float), stamped now."""
         x = v if v.__class__ is float and not v - v else _observation(v, "Gauge.set")
         stamp = _time_ns()
-        c = self._cells
+        i, f, c = self._index, self._floats, self._cells  # _cells last (module docstring)
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _store_pair(q, d, i, stamp, x))
             return
-        i = self._index
-        self._floats[i + 1] = x
+        f[i + 1] = x
         c[i] = stamp
 
     def add(self, n: int | float) -> None:
         """Add ``n`` to this holder's value, stamped now."""
         x = n if n.__class__ is float and not n - n else _observation(n, "Gauge.add")
         stamp = _time_ns()
-        c = self._cells
+        i, f, c = self._index, self._floats, self._cells  # _cells last (module docstring)
         if c.__class__ is SlowCells:
             self._domain._slow_store(self, lambda q, d, i: _add_stamped(q, d, i, stamp, x))
             return
-        i = self._index
-        self._floats[i + 1] += x
+        f[i + 1] += x
         c[i] = stamp
 
     def sub(self, n: int | float) -> None:
@@ -420,8 +438,12 @@ class Summary(_Handle):
         cls = x.__class__
         if cls is not float or x - x:  # x - x is NaN (truthy) for NaN and infinities
             x = _observation(x)
-        self._floats[self._index + 1] += x
-        self._cells[self._index] += 1
+        i, f, c = self._index, self._floats, self._cells  # _cells last (module docstring)
+        if c.__class__ is SlowCells:
+            self._domain._slow_update(self, 1, x)  # sum and count, where it is bound
+            return
+        f[i + 1] += x
+        c[i] += 1
 
     def time(self) -> Block:
         """A context manager and decorator that observes the block's duration in seconds."""
@@ -464,13 +486,12 @@ class Histogram(_Handle):
         # The bucket (``le = bounds[b]``, or +Inf) is found before the words are loaded: a
         # thread switch may follow a call, never the loads and the stores below.
         b = _bisect_left(self._bounds, x)
-        c = self._cells
+        i, nb, f, c = self._index, self._nb, self._floats, self._cells  # _cells last
         if c.__class__ is SlowCells:
-            self._domain._slow_store(self, lambda q, d, i: _observe(q, d, i, b, self._nb, x))
+            self._domain._slow_store(self, lambda q, d, i: _observe(q, d, i, b, nb, x))
             return
-        i = self._index
         c[i + b] += 1
-        self._floats[i + self._nb + 1] += x
+        f[i + nb + 1] += x
 
     def time(self) -> Block:
         """A context manager and decorator that observes the block's duration in seconds."""
@@ -770,8 +791,9 @@ class ThreadCounter(_PerThread, Counter):
             p = self._tl.h
         except AttributeError:
             p = self._domain._private(self)
+        i = p._index
         try:
-            p._cells[p._index] += 1
+            p._cells[i] += 1
         except ValueError:
             p._store_failed("Counter.inc", 1)
 
@@ -791,8 +813,9 @@ class ThreadGauge(_PerThread, Gauge):
             p = self._tl.h
         except AttributeError:
             p = self._domain._private(self)
+        i = p._index
         try:
-            p._cells[p._index] += 1
+            p._cells[i] += 1
         except ValueError:
             p._store_failed("Gauge.inc", 1)
 
@@ -802,8 +825,9 @@ class ThreadGauge(_PerThread, Gauge):
             p = self._tl.h
         except AttributeError:
             p = self._domain._private(self)
+        i = p._index
         try:
-            p._cells[p._index] -= 1
+            p._cells[i] -= 1
         except ValueError:
             p._store_failed("Gauge.dec", -1)
 

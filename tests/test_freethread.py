@@ -24,7 +24,7 @@ import pytest
 import percpu
 from percpu import Domain, MetricRemoved, _grace, _lease
 from percpu._bindings import REMOVED_CLASSES, UNBOUND_CLASSES
-from percpu._handles import ThreadCounter
+from percpu._handles import ThreadCounter, _Handle
 from percpu._layout import D_MV_GEN, L_ACK, MS_DONE, lease_base, move_state_base
 
 SIZE = 8 << 20
@@ -643,3 +643,53 @@ def test_a_thread_on_the_overflow_id_makes_its_process_an_overflow_holder(
     finally:
         e.close()
         d.close()
+
+
+def test_an_update_blocked_loading_its_index_finds_its_handle_detached(
+        monkeypatch: pytest.MonkeyPatch, dom: Domain) -> None:
+    """An attribute load may block on a free-threaded build (a type-cache miss takes a lock,
+    and a thread detaches while it waits: a stop of the world counts it as stopped). So an
+    update loads ``_index`` before the view: blocked there, it has loaded nothing a grace
+    period could make stale. Forced: ``_index`` becomes a property that blocks the counting
+    thread once, while this thread compacts (detach, stop, copy, completion); the update
+    then stores. Loading the view first (the first version) stores into the freed old slot:
+    that add is lost."""
+    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
+    for i in random.Random(11).sample(range(600), 560):
+        dom.remove("c", {"i": str(i)})
+        del cs[i]
+    keep = list(cs.values())
+    assert dom.synchronize(5)
+    member = _Handle.__dict__["_index"]
+    armed, blocked, go = threading.Event(), threading.Event(), threading.Event()
+    counter_thread: list[threading.Thread] = []
+
+    def load(h: _Handle) -> int:
+        if armed.is_set() and threading.current_thread() is counter_thread[0]:
+            armed.clear()
+            blocked.set()
+            go.wait(10)  # blocked in C (a lock), as a type-cache miss may leave it
+        value: int = member.__get__(h, type(h))
+        return value
+
+    def count() -> None:
+        for h in keep:
+            h.inc()
+        armed.set()
+        keep[0].inc()  # blocks loading its index, once
+        for h in keep[1:]:
+            h.inc()
+
+    monkeypatch.setattr(_Handle, "_index", property(load, member.__set__))
+    t = threading.Thread(target=count)
+    counter_thread.append(t)
+    t.start()
+    try:
+        assert blocked.wait(10)
+        r = dom.compact(timeout=10)
+    finally:
+        go.set()
+        t.join(10)
+    assert r.moved > 0 and r.pending_moves == 0
+    assert [h.value for h in keep] == [2] * len(keep)
+    assert dom.check().ok
