@@ -71,6 +71,17 @@ def threads_of(d: Domain) -> _lease.ThreadLeases:
     return threads
 
 
+def sparse_counters(d: Domain, seed: int) -> list[Any]:
+    """40 counters left of 600 (560 removed at random), the grace period over: sparse
+    pagesets, so that a compaction has slots to move."""
+    cs = {i: d.counter("c", {"i": str(i)}) for i in range(600)}
+    for i in random.Random(seed).sample(range(600), 560):
+        d.remove("c", {"i": str(i)})
+        del cs[i]
+    assert d.synchronize(5)
+    return list(cs.values())
+
+
 def test_each_thread_gets_its_own_id_and_view(dom: Domain) -> None:
     c = dom.counter("requests_total")
     assert type(c) is ThreadCounter
@@ -255,12 +266,7 @@ def test_release_while_threads_count(dom: Domain) -> None:
 
 
 def test_compaction_while_threads_count(dom: Domain) -> None:
-    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
-    rng = random.Random(3)
-    for i in rng.sample(range(600), 560):
-        dom.remove("c", {"i": str(i)})
-        del cs[i]
-    keep = list(cs.values())
+    keep = sparse_counters(dom, 3)
     stop = threading.Event()
     made = [0, 0]
 
@@ -293,12 +299,7 @@ def test_a_lent_id_is_copied_after_the_stop_not_before(
     where the world would be stopped: the borrower's handle is unbound and its id's copy not
     made yet (a copy in ``Moves.sync`` under ``_plock`` alone would be made before it, racing
     the borrower's statement on a free-threaded build)."""
-    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
-    for i in random.Random(5).sample(range(600), 560):
-        dom.remove("c", {"i": str(i)})
-        del cs[i]
-    keep = list(cs.values())
-    assert dom.synchronize(5)
+    keep = sparse_counters(dom, 5)
     bound, go = threading.Event(), threading.Event()
 
     def borrower(_i: int) -> None:
@@ -546,12 +547,7 @@ def test_the_overflow_id_is_copied_only_once_every_holder_has_acknowledged(
     d = Domain.create(path, SIZE, max_vcpus=1)  # id 0 and the overflow id
     e = Domain.open(path)  # another holder (its own descriptor and locks): the compactor
     try:
-        cs = {i: d.counter("c", {"i": str(i)}) for i in range(600)}
-        for i in random.Random(7).sample(range(600), 560):
-            d.remove("c", {"i": str(i)})
-            del cs[i]
-        keep = list(cs.values())
-        assert d.synchronize(5)
+        keep = sparse_counters(d, 7)
         lent, shared, go, done = (threading.Event() for _ in range(4))
         states: dict[str, Any] = {}
 
@@ -654,12 +650,7 @@ def test_an_update_blocked_loading_its_index_finds_its_handle_detached(
     thread once, while this thread compacts (detach, stop, copy, completion); the update
     then stores. Loading the view first (the first version) stores into the freed old slot:
     that add is lost."""
-    cs = {i: dom.counter("c", {"i": str(i)}) for i in range(600)}
-    for i in random.Random(11).sample(range(600), 560):
-        dom.remove("c", {"i": str(i)})
-        del cs[i]
-    keep = list(cs.values())
-    assert dom.synchronize(5)
+    keep = sparse_counters(dom, 11)
     member = _Handle.__dict__["_index"]
     armed, blocked, go = threading.Event(), threading.Event(), threading.Event()
     counter_thread: list[threading.Thread] = []
