@@ -242,12 +242,15 @@ class Bindings:
         ``_plock`` and the domain lock held."""
         changed = 0
         moves = self._dom._moves
-        for h, _st, _disp in list(self.private.values()):
+        for h, _st, disp in list(self.private.values()):
             cls = type(h)
             if cls in REMOVED_CLASSES or cls in UNBOUND_CLASSES:
                 # An unbound one writes nothing, and its ``_ref`` may be a slot a compaction
                 # moved it from and another metric reused since: it binds again from its
                 # handle's current slot, which its handle's retirement covers (bind_private).
+                # Its handle retired, it is forgotten now rather than when its thread ends.
+                if cls in UNBOUND_CLASSES and type(disp) in REMOVED_CLASSES:
+                    self.forget_private(h, REMOVED_VARIANT)
                 continue
             if h._ref in gone:
                 self.forget_private(h, REMOVED_VARIANT)

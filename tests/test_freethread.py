@@ -684,3 +684,38 @@ def test_an_update_blocked_loading_its_index_finds_its_handle_detached(
     assert r.moved > 0 and r.pending_moves == 0
     assert [h.value for h in keep] == [2] * len(keep)
     assert dom.check().ok
+
+
+def test_an_unbound_private_handle_goes_with_its_removed_metric(dom: Domain) -> None:
+    """A thread's private handle left unbound (a release) by a metric removed meanwhile is
+    forgotten at the next grace period, not kept until its thread ends (a thread that lives
+    long and sees many metrics come and go would keep one per metric)."""
+    cs = [dom.counter("gone", {"i": str(i)}) for i in range(50)]
+    keep = dom.counter("kept")
+    counted, done = threading.Event(), threading.Event()
+
+    def worker() -> None:
+        for c in cs:
+            c.inc()
+        keep.inc()
+        counted.set()
+        done.wait(10)
+        keep.inc()  # the thread lives on, and counts again
+
+    t = threading.Thread(target=worker)
+    t.start()
+    try:
+        assert counted.wait(10)
+        privates = dom._bindings.private
+        assert len(privates) == 51
+        dom.release()  # every private handle unbound
+        for c in cs:
+            dom.remove("gone", dict(c.labels))
+        dom._quiesce()
+        assert len(privates) == 1  # the kept metric's
+    finally:
+        done.set()
+        t.join(10)
+    assert keep.value == 2
+    with pytest.raises(MetricRemoved):
+        cs[0].inc()
