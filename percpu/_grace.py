@@ -150,8 +150,7 @@ class Grace:
         acknowledge ``epoch`` for it. ``_plock`` and the domain lock held: no private handle
         binds again before its id's copy is done."""
         dom = self._dom
-        threads = dom._lease.threads
-        threads.reap()
+        threads = dom._lease.threads  # ended threads were reaped first (acknowledge)
         if dom._bindings.quiesce_private(gone):
             stop_the_world()
         r = self._root

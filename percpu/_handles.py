@@ -239,13 +239,12 @@ class Counter(_Handle):
     def add(self, n: int | float) -> None:
         """Add ``n >= 0``: an int (not a bool), or a finite float. Anything else raises and
         changes nothing."""
+        i = self._index  # before the views (module docstring)
         if n.__class__ is not int or n < 0:
             n, x = _amount(n, "Counter.add", signed=False)
             if x:
-                i = self._index
                 self._floats[i + 1] += x
                 return
-        i = self._index
         try:
             self._cells[i] += n
         except ValueError:
@@ -291,13 +290,12 @@ class Gauge(_Handle):
 
     def add(self, n: int | float) -> None:
         """Add ``n``: an int of any sign (not a bool) or a finite float."""
+        i = self._index  # before the views (module docstring)
         if n.__class__ is not int:
             n, x = _amount(n, "Gauge.add", signed=True)
             if x:
-                i = self._index
                 self._floats[i + 1] += x
                 return
-        i = self._index
         try:
             self._cells[i] += n
         except ValueError:
@@ -305,13 +303,12 @@ class Gauge(_Handle):
 
     def sub(self, n: int | float) -> None:
         """Subtract ``n``: an int of any sign (not a bool) or a finite float."""
+        i = self._index  # before the views (module docstring)
         if n.__class__ is not int:
             n, x = _amount(n, "Gauge.sub", signed=True)
             if x:
-                i = self._index
                 self._floats[i + 1] -= x
                 return
-        i = self._index
         try:
             self._cells[i] -= n
         except ValueError:
